@@ -69,3 +69,5 @@ else:
         Backend(name="cpu_ext", priority=10, devices=("cpu",), available=False,
                 why_unavailable=f"compiled extension not loaded ({EXT_ERROR})")
     )
+
+from . import _gpu_backends  # noqa: E402,F401  (registers the triton / cuda backends)

@@ -42,6 +42,8 @@ OPS = (
     "masked_conv2d",
     "superpose",
     "mask_dots",
+    "masked_linear_grouped",
+    "masked_linear_seeded",
 )
 
 
@@ -202,6 +204,12 @@ _SCHEMAS = {
     ),
     "superpose": "superpose(Tensor weight, Tensor bank, Tensor alpha) -> Tensor",
     "mask_dots": "mask_dots(Tensor v, Tensor bank) -> Tensor",
+    "masked_linear_grouped": (
+        "masked_linear_grouped(Tensor x, Tensor weight, Tensor bank, Tensor task_ids, Tensor? bias) -> Tensor"
+    ),
+    "masked_linear_seeded": (
+        "masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor"
+    ),
 }
 for _schema in _SCHEMAS.values():
     _lib.define(_schema)
@@ -275,6 +283,16 @@ def _mask_dots(v, bank):
     return _run("mask_dots", v.device.type, v.dtype, v, bank)
 
 
+@_impl("masked_linear_grouped")
+def _masked_linear_grouped(x, weight, bank, task_ids, bias):
+    return _run("masked_linear_grouped", x.device.type, x.dtype, x, weight, bank, task_ids, bias)
+
+
+@_impl("masked_linear_seeded")
+def _masked_linear_seeded(x, mask_words, seed, layer, scale, bias):
+    return _run("masked_linear_seeded", x.device.type, x.dtype, x, mask_words, seed, layer, scale, bias)
+
+
 # ---- fake kernels: shapes only --------------------------------------------------------
 @torch.library.register_fake("supsup_fast::pack_masks")
 def _pack_masks_fake(masks):
@@ -336,6 +354,16 @@ def _superpose_fake(weight, bank, alpha):
 def _mask_dots_fake(v, bank):
     lead = () if v.dim() == 2 else (v.shape[0],)
     return v.new_empty((*lead, bank.shape[0]))
+
+
+@torch.library.register_fake("supsup_fast::masked_linear_grouped")
+def _masked_linear_grouped_fake(x, weight, bank, task_ids, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("supsup_fast::masked_linear_seeded")
+def _masked_linear_seeded_fake(x, mask_words, seed, layer, scale, bias):
+    return x.new_empty((*x.shape[:-1], mask_words.shape[0]))
 
 
 # ---- autograd -------------------------------------------------------------------------
@@ -447,6 +475,51 @@ def _mask_dots_bwd(ctx, grad):
     return torch.stack([_op.superpose(ones, bank, g.to(v.dtype)) for g in grad.unbind(0)]), None
 
 
+def _setup_grouped(ctx, inputs, output):
+    x, weight, bank, task_ids, bias = inputs
+    ctx.save_for_backward(weight, bank, task_ids)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_grouped_bwd(ctx, grad):
+    weight, bank, task_ids = ctx.saved_tensors
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = grad.new_zeros(grad.shape[0], weight.shape[1])
+        for t in torch.unique(task_ids).tolist():
+            rows = task_ids == t
+            gx[rows] = _op.masked_linear_grad_input(grad[rows], weight, bank[t])
+    if ctx.has_bias and ctx.needs_input_grad[4]:
+        gb = _bias_grad(grad)
+    return gx, None, None, None, gb
+
+
+def _setup_seeded(ctx, inputs, output):
+    x, mask_words, seed, layer, scale, bias = inputs
+    ctx.save_for_backward(mask_words)
+    ctx.conf = (seed, layer, scale, x.shape[-1], x.dtype)
+    ctx.has_bias = bias is not None
+
+
+def _masked_linear_seeded_bwd(ctx, grad):
+    (mask_words,) = ctx.saved_tensors
+    seed, layer, scale, k, dtype = ctx.conf
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        signs = ref.signed_constant_signs(seed, layer, mask_words.shape[0] * k, grad.device)
+        weight = torch.where(signs, scale, -scale).to(dtype).reshape(mask_words.shape[0], k)
+        gx = _op.masked_linear_grad_input(grad, weight, mask_words)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        gb = _bias_grad(grad)
+    return gx, None, None, None, None, gb
+
+
+torch.library.register_autograd(
+    "supsup_fast::masked_linear_grouped", _masked_linear_grouped_bwd, setup_context=_setup_grouped
+)
+torch.library.register_autograd(
+    "supsup_fast::masked_linear_seeded", _masked_linear_seeded_bwd, setup_context=_setup_seeded
+)
 torch.library.register_autograd("supsup_fast::apply_mask", _apply_mask_bwd, setup_context=_setup_apply_mask)
 torch.library.register_autograd("supsup_fast::apply_mask_st", _apply_mask_st_bwd, setup_context=_setup_apply_mask)
 torch.library.register_autograd("supsup_fast::masked_linear", _masked_linear_bwd, setup_context=_setup_linear)
@@ -578,6 +651,31 @@ def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     _check_words("bank", bank, v.shape[-2], v.shape[-1], 1)
     _check_same_device(v=v, bank=bank)
     return _op.mask_dots(v, bank)
+
+
+def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
+    """Row ``i`` of ``x [M, K]`` through task ``task_ids[i]``'s mask (serving many tasks in one batch)."""
+    _check_float("x", x)
+    _require(x.dim() == 2, f"masked_linear_grouped needs x of shape [M, K], got {tuple(x.shape)}")
+    _require(x.dtype == weight.dtype, f"x dtype {x.dtype} != weight dtype {weight.dtype}")
+    _require(weight.dim() == 2 and x.shape[1] == weight.shape[1],
+             f"x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K")
+    _check_words("bank", bank, weight.shape[0], weight.shape[1], 1)
+    _require(task_ids.dtype in (torch.int32, torch.int64) and task_ids.shape == (x.shape[0],),
+             f"task_ids must be int32/int64 of shape [{x.shape[0]}], got {task_ids.dtype} {tuple(task_ids.shape)}")
+    if task_ids.numel():
+        lo, hi = int(task_ids.min()), int(task_ids.max())
+        _require(lo >= 0 and hi < bank.shape[0], f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
+    _check_same_device(x=x, weight=weight, bank=bank, task_ids=task_ids, bias=bias)
+    return _op.masked_linear_grouped(x, weight, bank, task_ids.to(torch.int64), bias)
+
+
+def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bias=None):
+    """``masked_linear`` with the signed-constant weight ``+-scale`` regenerated from ``(seed, layer)``."""
+    _check_float("x", x)
+    _check_words("mask_words", mask_words, mask_words.shape[0] if mask_words.dim() else 0, x.shape[-1], 0)
+    _check_same_device(x=x, mask_words=mask_words, bias=bias)
+    return _op.masked_linear_seeded(x, mask_words, int(seed), int(layer), float(scale), bias)
 
 
 def masked_linear_grad_input(grad_out, weight, mask_words):

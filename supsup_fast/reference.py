@@ -81,6 +81,23 @@ def masked_conv2d(x, weight, mask_words, bias=None, stride=(1, 1), padding=(0, 0
     return F.conv2d(x, apply_mask(weight, mask_words), bias, stride, padding, dilation, groups)
 
 
+def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
+    """Row ``i`` of ``x [M, K]`` uses task ``task_ids[i]``'s mask: ``y_i = x_i (W * M_{t_i})^T + b``."""
+    y = x.new_zeros(x.shape[0], weight.shape[0])
+    for t in torch.unique(task_ids).tolist():
+        rows = task_ids == t
+        y[rows] = masked_linear(x[rows], weight, bank[t], bias)
+    return y
+
+
+def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
+    """``masked_linear`` whose weight is the signed constant ``+-scale`` regenerated from ``(seed, layer)``."""
+    n, k = mask_words.shape[0], x.shape[-1]
+    signs = signed_constant_signs(seed, layer, n * k, x.device).reshape(n, k)
+    weight = torch.where(signs, scale, -scale).to(x.dtype)
+    return masked_linear(x, weight, mask_words, bias)
+
+
 # --------------------------------------------------------------------------------------
 # Superposition of many tasks' masks
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Registration of the GPU backends (Triton kernels and the CUDA extension)."""
