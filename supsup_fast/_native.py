@@ -7,6 +7,7 @@ missing, one warning is given and the reference path serves.
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
@@ -21,7 +22,7 @@ EXT_ERROR: str | None = None
 try:
     if os.environ.get(ENV_NO_EXT, "") not in ("", "0"):
         raise ImportError(f"{ENV_NO_EXT} is set")
-    from . import _C  # noqa: F401
+    _C = importlib.import_module("supsup_fast._C")
 except ImportError as e:  # pragma: no cover - exercised by installs without a compiler
     _C = None
     EXT_ERROR = str(e)
