@@ -71,9 +71,10 @@ def masked_linear_grad_input(grad_out, weight, mask_words):
 
 def masked_weight_grad(grad_out, x, weight):
     """Straight-through score gradient ``dL/dS = (dL/dy^T x) * W`` over all leading dims."""
-    g = grad_out.reshape(-1, grad_out.shape[-1]).to(torch.float32)
-    xx = x.reshape(-1, x.shape[-1]).to(torch.float32)
-    return ((g.t() @ xx) * weight.to(torch.float32)).to(weight.dtype)
+    acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    g = grad_out.reshape(-1, grad_out.shape[-1]).to(acc_dtype)
+    xx = x.reshape(-1, x.shape[-1]).to(acc_dtype)
+    return ((g.t() @ xx) * weight.to(acc_dtype)).to(weight.dtype)
 
 
 def masked_conv2d(x, weight, mask_words, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
