@@ -1,0 +1,122 @@
+"""Straight-through binarisers: real-valued scores ``S`` -> a 0/1 supermask ``M``.
+
+Both return a float mask (``S``'s dtype) whose backward is the straight-through estimator:
+the gradient reaching ``M`` is passed on as if ``M`` were the identity of its input.
+
+* :func:`threshold_mask` -- ``M = [S >= 0]``; ``dM/dS = 1``.
+* :func:`topk_mask` -- edge-popup: keep the ``density`` fraction of weights with the largest
+  ``|S|``. The selection is a function of ``|S|``, so the straight-through estimator passes the
+  gradient to ``|S|`` and the chain rule multiplies it by ``sign(S)``: ``dM/dS = sign(S)``.
+  This is deliberate (the official code computes the same via ``scores.abs()``): a gradient
+  step that should keep a weight must grow ``|S|`` whatever the score's sign. Passing the
+  gradient to ``S`` unchanged would push a negative score towards zero -- out of the top-k --
+  exactly when the loss asks for the weight. (``sign(0) = 0``: a score of exactly zero gets no
+  gradient; Kaiming-uniform scores are never exactly zero.)
+
+How the layers use them (one packed-mask op per layer, yet exact STE gradients)::
+
+    mask  = topk_mask(scores, density)            # float 0/1, carries dM/dS
+    words = ops.pack_masks(mask.detach())         # the bits the kernel reads
+    y     = ops.masked_linear(x, W, words, b, scores=mask)
+
+``ops.masked_linear``'s gradient for its ``scores`` argument is ``(dL/dy^T x) * W``, which is
+exactly ``dL/dM`` for ``y = x (W*M)^T``; autograd then carries it through the binariser to ``S``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import SupsupError
+
+
+def kept_count(numel: int, density: float) -> int:
+    """How many weights top-k keeps: ``numel - floor((1 - density) * numel)`` (edge-popup's count).
+
+    At least one weight is kept for any ``density > 0``; ``density = 1`` keeps all.
+    """
+    if not (0.0 < density <= 1.0):
+        raise SupsupError(f"density is the fraction of weights kept and must be in (0, 1], got {density}")
+    return int(numel) - int((1.0 - float(density)) * int(numel))
+
+
+#: Below this many weights (and on accelerators, and under torch.compile) plain ``torch.topk`` selects.
+_RADIX_MIN_NUMEL = 1 << 16
+_RADIX_BINS = 2048
+
+
+def _largest_k(a: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of the flat tensor ``a``.
+
+    ``torch.topk`` with ``k ~ n/2`` costs ~60 ns per element on CPU. For large CPU tensors one
+    bucketing pass finds the bucket holding the k-th largest value; everything above it is kept
+    and ``topk`` runs only inside that bucket. The selected set is the same (up to ties).
+    """
+    n = a.numel()
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=a.device)
+    simple = a.device.type != "cpu" or n < _RADIX_MIN_NUMEL or torch.compiler.is_compiling()
+    lo, hi = (None, None) if simple else (a.min(), a.max())
+    if simple or not bool(hi > lo):
+        out = torch.zeros(n, dtype=torch.bool, device=a.device)
+        return out.scatter_(0, torch.topk(a, k, sorted=False).indices, True)
+    nb = _RADIX_BINS
+    bucket = ((a - lo) * (nb / (hi - lo))).to(torch.int64).clamp_max_(nb - 1)  # a >= lo: truncation floors
+    at_or_above = torch.bincount(bucket, minlength=nb).flip(0).cumsum(0)  # [j]: count in buckets >= nb-1-j
+    edge = nb - 1 - int(torch.searchsorted(at_or_above, k))  # the bucket holding the k-th largest
+    out = bucket > edge
+    rest = k - int(out.sum())
+    if rest > 0:
+        cand = (bucket == edge).nonzero().squeeze(1)
+        out[cand[torch.topk(a[cand], rest, sorted=False).indices]] = True
+    return out
+
+
+class _TopKStraightThrough(torch.autograd.Function):
+    """Forward: 1 on the ``k`` largest entries of ``magnitude``; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, magnitude: torch.Tensor, k: int) -> torch.Tensor:
+        return _largest_k(magnitude.reshape(-1), k).to(magnitude.dtype).reshape(magnitude.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+class _ThresholdStraightThrough(torch.autograd.Function):
+    """Forward: ``[S >= 0]``; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        return (scores >= 0).to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def topk_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Edge-popup mask: 1 on the ``kept_count(numel, density)`` entries with the largest ``|S|``.
+
+    Straight-through with ``dM/dS = sign(S)`` (see the module docstring).
+    """
+    if not scores.is_floating_point():
+        raise SupsupError(f"scores must be a floating tensor, got {scores.dtype}")
+    return _TopKStraightThrough.apply(scores.abs(), kept_count(scores.numel(), density))
+
+
+def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
+    """Threshold mask ``M = [S >= 0]``, straight-through with ``dM/dS = 1``."""
+    if not scores.is_floating_point():
+        raise SupsupError(f"scores must be a floating tensor, got {scores.dtype}")
+    return _ThresholdStraightThrough.apply(scores)
+
+
+def binarise(scores: torch.Tensor, binariser: str, density: float = 1.0) -> torch.Tensor:
+    """Dispatch on a :class:`~supsup_fast.config.SupsupConfig` binariser name."""
+    if binariser == "topk":
+        return topk_mask(scores, density)
+    if binariser == "threshold":
+        return threshold_mask(scores)
+    raise SupsupError(f"unknown binariser {binariser!r}; expected 'topk' or 'threshold'")

@@ -1,0 +1,435 @@
+"""Drop-in masked layers: a frozen base weight, a bank of 1-bit task masks, and scores for one task.
+
+A :class:`MaskedLinear` / :class:`MaskedConv2d` holds
+
+* ``weight`` -- the frozen base weight (a buffer). With ``base="signed_constant"`` it is
+  regenerated from ``(config.seed, layer_id)`` on construction and is not saved (a
+  ``base_id = [seed, layer_id]`` buffer is saved instead and checked on load); with
+  ``base="pretrained"`` it is the wrapped layer's weight and is saved.
+* ``bank`` -- int32 ``[T, N, ceil(K/32)]``: the packed masks of the ``T`` frozen tasks
+  (:mod:`supsup_fast.format`). Exactly ``T * N * ceil(K/32) * 4`` bytes are saved; in memory
+  the bank grows geometrically so freezing task ``T`` costs ``O(N K / 32)``, not ``O(T N K / 32)``.
+* ``scores`` -- an ``nn.Parameter`` of the weight's shape, allocated only while a task is in
+  training (``begin_task`` ... ``freeze_task``); ``None`` otherwise. No float tensor per task is
+  ever kept.
+
+``forward`` by mode (see :mod:`supsup_fast.nn.base`):
+
+* ``"train"``: ``M = binarise(scores)`` (straight-through, :mod:`supsup_fast.binarize`), packed,
+  and applied by the packed-mask op, which routes ``dL/dM = (dL/dy^T x) * W`` back into ``M``;
+* ``"task"``: ``ops.masked_linear`` / ``ops.masked_conv2d`` with ``bank[task_id]``;
+* ``"superpose"``: ``W_eff = ops.superpose(weight, bank, alpha)``, then ``F.linear`` / ``F.conv2d``,
+  so ``d loss / d alpha`` flows through ``superpose``'s autograd (``mask_dots``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..binarize import binarise, kept_count
+from ..config import SupsupConfig
+from ..errors import SupsupError
+from ..format import gemm_shape, unpack, words_per_row
+from .base import TaskModule, _as_task_id
+
+from ..base_weights import signed_constant as _signed_constant
+
+
+class MaskedLayerBase(TaskModule):
+    """State and task protocol shared by :class:`MaskedLinear` and :class:`MaskedConv2d`.
+
+    Attributes:
+        density: fraction kept by the top-k binariser for this layer (set per layer by
+            :func:`~supsup_fast.convert.convert_` under an Erdős–Rényi schedule).
+        binariser: ``"topk"`` or ``"threshold"``.
+        layer_id: the key of this layer's signed-constant base weight.
+    """
+
+    def __init__(
+        self,
+        weight_shape: Sequence[int],
+        config: Optional[SupsupConfig],
+        layer_id: int,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ) -> None:
+        config = SupsupConfig() if config is None else config
+        if not isinstance(config, SupsupConfig):
+            raise SupsupError(f"config must be a SupsupConfig, got {type(config).__name__}")
+        super().__init__(config.max_tasks, device)
+        shape = tuple(int(s) for s in weight_shape)
+        if min(shape) <= 0:
+            raise SupsupError(f"{type(self).__name__}: every weight dimension must be positive, got shape {shape}")
+        self.config = config
+        self.layer_id = int(layer_id)
+        self.binariser = config.binariser
+        self.density = config.density
+        self.score_init = config.score_init
+        n, k = gemm_shape(shape)
+
+        if weight is None:
+            if config.base == "pretrained":
+                raise SupsupError(f"{type(self).__name__}: base='pretrained' needs the wrapped layer's weight")
+            dtype = torch.float32 if dtype is None else dtype
+            w = _signed_constant(config.seed, self.layer_id, shape, config.gain, dtype, device)
+            self.register_buffer("weight", w, persistent=False)
+            self.register_buffer("base_id", torch.tensor([config.seed, self.layer_id], dtype=torch.int64,
+                                                         device=device))
+        else:
+            if tuple(weight.shape) != shape:
+                raise SupsupError(f"{type(self).__name__}: weight has shape {tuple(weight.shape)}, expected {shape}")
+            if not weight.is_floating_point():
+                raise SupsupError(f"{type(self).__name__}: weight must be floating, got {weight.dtype}")
+            # an explicit weight is a pretrained base whatever config.base says: it is saved
+            self.register_buffer("weight", weight.detach().clone(), persistent=True)
+        if bias is not None:
+            if tuple(bias.shape) != (n,):
+                raise SupsupError(f"{type(self).__name__}: bias has shape {tuple(bias.shape)}, expected ({n},)")
+            bias = bias.detach().clone().to(self.weight.dtype)
+        self.register_buffer("bias", bias)
+        self.register_buffer("bank", torch.zeros((0, n, words_per_row(k)), dtype=torch.int32,
+                                                 device=self.weight.device))
+        self._bank_store: Optional[torch.Tensor] = None  # geometric-growth storage behind `bank`
+        self.register_parameter("scores", None)
+        # running mean of frozen tasks' scores ("transfer" init); allocated at the first freeze
+        self.register_buffer("score_mean", None)
+        self._score_mean_count = 0
+
+    # ---- sizes -------------------------------------------------------------------------
+    @property
+    def gemm_shape(self) -> tuple[int, int]:
+        """``(N, K)``: the GEMM view of the weight the masks cover."""
+        return gemm_shape(self.weight.shape)
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.bank.shape[0])
+
+    @property
+    def in_training(self) -> bool:
+        return self.scores is not None
+
+    def mask_nbytes(self) -> int:
+        """Bytes of stored mask bits: ``num_tasks * N * ceil(K/32) * 4``."""
+        return self.bank.numel() * self.bank.element_size()
+
+    def _reference_tensor(self) -> torch.Tensor:
+        return self.weight
+
+    # ---- task protocol -----------------------------------------------------------------
+    def begin_task(self, task: Optional[int] = None) -> int:
+        """Allocate scores for a new task (id ``num_tasks``), or reopen frozen task ``task``.
+
+        A reopened task's scores are drawn so the binariser reproduces its stored mask exactly;
+        :meth:`freeze_task` then overwrites it in place. Returns the task id; mode becomes ``"train"``.
+        """
+        t = self._task_to_open(task)
+        w = self.weight
+        bound = 1.0 / math.sqrt(self.gemm_shape[1])
+        if t < self.num_tasks:
+            scores = self._scores_reproducing(self.task_mask(t), bound)
+        elif self.score_init == "transfer" and self.score_mean is not None:
+            scores = self.score_mean.to(w.dtype).clone()
+        else:
+            scores = torch.empty_like(w).uniform_(-bound, bound)
+        self.scores = nn.Parameter(scores)
+        self.mode, self.task_id, self.open_task = "train", t, t
+        return t
+
+    def _scores_reproducing(self, mask: torch.Tensor, bound: float) -> torch.Tensor:
+        u = torch.rand(mask.shape, dtype=self.weight.dtype, device=self.weight.device) * bound
+        if self.binariser == "threshold":
+            return torch.where(mask, u, u - bound)  # kept >= 0 > dropped
+        if int(mask.sum()) != kept_count(mask.numel(), self.density):
+            raise SupsupError(
+                f"{type(self).__name__}: cannot reopen the task: its mask keeps {int(mask.sum())} weights but top-k "
+                f"at density {self.density} keeps {kept_count(mask.numel(), self.density)}"
+            )
+        sign = torch.where(torch.rand_like(u) < 0.5, -1.0, 1.0).to(u.dtype)
+        return sign * torch.where(mask, bound + u, 0.5 * (bound - u))  # kept |S| >= bound > dropped |S|
+
+    @torch.no_grad()
+    def current_mask(self) -> torch.Tensor:
+        """The binarised mask of the task in training (float 0/1, weight shape, no gradient)."""
+        if self.scores is None:
+            raise SupsupError(f"{type(self).__name__}: no task is in training; call begin_task() first")
+        return binarise(self.scores.detach(), self.binariser, self.density)
+
+    @torch.no_grad()
+    def freeze_task(self) -> int:
+        """Pack the task in training into the bank, drop its scores; returns its id; mode becomes ``"task"``.
+
+        A new task is appended (and, with ``score_init="transfer"``, folded into the running mean of
+        scores); a reopened task overwrites its bits in place and leaves the running mean alone.
+        """
+        self._check_freeze()
+        t = self.open_task
+        n = self.gemm_shape[0]
+        words = ops.pack_masks(self.current_mask().reshape(n, -1))
+        if t < self.num_tasks:
+            self.bank[t] = words
+        else:
+            self._append(words)
+            if self.score_init == "transfer":
+                s = self.scores.detach().float()
+                if self.score_mean is None:
+                    self.score_mean = s.clone()
+                else:
+                    self.score_mean += (s - self.score_mean) / (self._score_mean_count + 1)
+                self._score_mean_count += 1
+        self.scores = None
+        self.mode, self.task_id, self.open_task = "task", t, None
+        return t
+
+    def _append(self, words: torch.Tensor) -> None:
+        t, bank, store = self.num_tasks, self.bank, self._bank_store
+        stale = (
+            store is None
+            or store.device != bank.device
+            or t >= store.shape[0]
+            or (t > 0 and bank.data_ptr() != store.data_ptr())  # bank was replaced (.to(), load)
+        )
+        if stale:
+            cap = max(4, 2 * (t + 1))
+            if self.max_tasks is not None:
+                cap = max(t + 1, min(cap, self.max_tasks))
+            store = torch.empty((cap,) + tuple(bank.shape[1:]), dtype=bank.dtype, device=bank.device)
+            store[:t] = bank
+            self._bank_store = store
+        store[t] = words
+        self.bank = store[: t + 1]
+
+    @torch.no_grad()
+    def task_mask(self, t: int) -> torch.Tensor:
+        """Frozen task ``t``'s mask as a bool tensor of the weight's shape."""
+        t = _as_task_id(t)
+        if not 0 <= t < self.num_tasks:
+            raise SupsupError(f"{type(self).__name__}: task id {t} out of range: num_tasks={self.num_tasks}")
+        return unpack(self.bank[t], self.weight.shape)
+
+    # ---- forward -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.mode
+        if mode == "task":
+            return self._forward_words(x, self.bank.index_select(0, self.task_index).squeeze(0))
+        if mode == "superpose":
+            return self._forward_dense(x, ops.superpose(self.weight, self.bank, self.alpha))
+        scores = self.scores
+        if scores is None:
+            raise SupsupError(f"{type(self).__name__}: no task selected: call begin_task() or set_task(t)")
+        mask = binarise(scores, self.binariser, self.density)
+        words = ops.pack_masks(mask.detach().reshape(self.weight.shape[0], -1))
+        return self._forward_train(x, words, mask)
+
+    def _forward_words(self, x, words):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward_dense(self, x, weight):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _forward_train(self, x, words, mask):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- state dict: the bank (and the open task's scores) follow the saved sizes ---------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "bank"
+        bank = destination.get(key)
+        if bank is not None and bank.untyped_storage().nbytes() != bank.numel() * bank.element_size():
+            destination[key] = bank.clone()  # save T tasks, not the growth capacity behind them
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        name = type(self).__name__
+        key = prefix + "base_id"
+        if key in state_dict and getattr(self, "base_id", None) is not None:
+            if not torch.equal(state_dict[key].cpu(), self.base_id.cpu()):
+                saved = state_dict[key].tolist()
+                raise SupsupError(
+                    f"{name} at '{prefix}': the state dict was saved over the signed-constant base "
+                    f"[seed, layer_id]={saved}, this layer regenerates {self.base_id.tolist()}"
+                )
+        key = prefix + "bank"
+        if key in state_dict:
+            bank = state_dict[key]
+            want = tuple(self.bank.shape[1:])
+            if bank.dtype != torch.int32 or bank.dim() != 3 or tuple(bank.shape[1:]) != want:
+                raise SupsupError(
+                    f"{name} at '{prefix}': saved bank is {bank.dtype} {tuple(bank.shape)}, expected int32 "
+                    f"[T, {want[0]}, {want[1]}] for weight {tuple(self.weight.shape)}"
+                )
+            if self.max_tasks is not None and bank.shape[0] > self.max_tasks:
+                raise SupsupError(f"{name} at '{prefix}': saved bank holds {bank.shape[0]} tasks, "
+                                  f"more than max_tasks={self.max_tasks}")
+            self.bank = torch.empty(bank.shape, dtype=torch.int32, device=self.bank.device)
+            self._bank_store = None
+        w = self.weight
+        key = prefix + "scores"
+        if key in state_dict and self.scores is None:
+            self.scores = nn.Parameter(torch.empty_like(w))
+        elif key not in state_dict and self.scores is not None:
+            self.scores = None
+        key = prefix + "score_mean"
+        if key in state_dict and self.score_mean is None:
+            self.score_mean = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # the transfer mean's count is the number of tasks that fed it
+        self._score_mean_count = self.num_tasks if self.score_mean is not None else 0
+        self._mode_after_load()
+
+    def extra_repr(self) -> str:
+        base = "pretrained" if getattr(self, "base_id", None) is None else f"signed_constant(layer_id={self.layer_id})"
+        dens = f", density={self.density:.4g}" if self.binariser == "topk" else ""
+        return (f"{self._shape_repr()}, tasks={self.num_tasks}, mode={self.mode!r}, task_id={self.task_id}, "
+                f"binariser={self.binariser!r}{dens}, base={base}, bias={self.bias is not None}")
+
+    def _shape_repr(self) -> str:  # pragma: no cover - overridden
+        return ""
+
+
+class MaskedLinear(MaskedLayerBase):
+    """``nn.Linear`` with a supermask per task: ``y = x (W * M_t)^T (+ b)``; ``W`` frozen."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        config: Optional[SupsupConfig] = None,
+        layer_id: int = 0,
+        weight: Optional[torch.Tensor] = None,
+        bias_value: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ) -> None:
+        if bias and bias_value is None:
+            raise SupsupError("MaskedLinear(bias=True) keeps a frozen bias and needs its value (bias_value=...); "
+                              "SupSup layers have no trainable bias")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        super().__init__((out_features, in_features), config, layer_id, weight,
+                         bias_value if bias else None, dtype, device)
+
+    @classmethod
+    def from_module(cls, module: nn.Linear, config: Optional[SupsupConfig] = None, layer_id: int = 0) -> "MaskedLinear":
+        """A masked twin of ``module``: same shape, dtype and device; its weight kept only for ``base='pretrained'``."""
+        if not isinstance(module, nn.Linear):
+            raise SupsupError(f"MaskedLinear.from_module needs an nn.Linear, got {type(module).__name__}")
+        config = SupsupConfig() if config is None else config
+        keep_bias = config.keep_bias and module.bias is not None
+        return cls(
+            module.in_features, module.out_features, bias=keep_bias, config=config, layer_id=layer_id,
+            weight=module.weight if config.base == "pretrained" else None,
+            bias_value=module.bias if keep_bias else None,
+            dtype=module.weight.dtype, device=module.weight.device,
+        )
+
+    def _forward_words(self, x, words):
+        return ops.masked_linear(x, self.weight, words, self.bias)
+
+    def _forward_dense(self, x, weight):
+        return F.linear(x, weight, self.bias)
+
+    def _forward_train(self, x, words, mask):
+        # `mask` stands in for the scores: the op's score gradient (dL/dy^T x) * W is exactly dL/dM
+        return ops.masked_linear(x, self.weight, words, self.bias, scores=mask)
+
+    def _shape_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, str):
+        raise SupsupError(f"MaskedConv2d: {name}={v!r} is not supported; give explicit integers")
+    if isinstance(v, int):
+        return (int(v), int(v))
+    v = tuple(int(a) for a in v)
+    if len(v) != 2:
+        raise SupsupError(f"MaskedConv2d: {name} must be an int or a pair, got {v}")
+    return v
+
+
+class MaskedConv2d(MaskedLayerBase):
+    """``nn.Conv2d`` with a supermask per task over the ``[O, I/g * kh * kw]`` view of ``W``."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = False,
+        config: Optional[SupsupConfig] = None,
+        layer_id: int = 0,
+        weight: Optional[torch.Tensor] = None,
+        bias_value: Optional[torch.Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+    ) -> None:
+        if bias and bias_value is None:
+            raise SupsupError("MaskedConv2d(bias=True) keeps a frozen bias and needs its value (bias_value=...); "
+                              "SupSup layers have no trainable bias")
+        groups = int(groups)
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise SupsupError(f"MaskedConv2d: groups={groups} must divide in_channels={in_channels} "
+                              f"and out_channels={out_channels}")
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), groups
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.padding = _pair(padding, "padding")
+        self.dilation = _pair(dilation, "dilation")
+        shape = (out_channels, in_channels // groups) + self.kernel_size
+        super().__init__(shape, config, layer_id, weight, bias_value if bias else None, dtype, device)
+
+    @classmethod
+    def from_module(cls, module: nn.Conv2d, config: Optional[SupsupConfig] = None,
+                    layer_id: int = 0) -> "MaskedConv2d":
+        """A masked twin of ``module`` (zero padding only); its weight kept only for ``base='pretrained'``."""
+        if not isinstance(module, nn.Conv2d):
+            raise SupsupError(f"MaskedConv2d.from_module needs an nn.Conv2d, got {type(module).__name__}")
+        if module.padding_mode != "zeros":
+            raise SupsupError(f"MaskedConv2d supports padding_mode='zeros' only, got {module.padding_mode!r}")
+        padding = module.padding
+        if isinstance(padding, str):  # 'valid' / 'same' resolved for the stride-1 case nn.Conv2d allows
+            if padding == "valid":
+                padding = (0, 0)
+            else:
+                padding = tuple(d * (k - 1) // 2 for d, k in zip(module.dilation, module.kernel_size))
+                if any((d * (k - 1)) % 2 for d, k in zip(module.dilation, module.kernel_size)):
+                    raise SupsupError("MaskedConv2d: padding='same' with an even effective kernel pads "
+                                      "asymmetrically; not supported")
+        config = SupsupConfig() if config is None else config
+        keep_bias = config.keep_bias and module.bias is not None
+        return cls(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, padding, module.dilation,
+            module.groups, bias=keep_bias, config=config, layer_id=layer_id,
+            weight=module.weight if config.base == "pretrained" else None,
+            bias_value=module.bias if keep_bias else None,
+            dtype=module.weight.dtype, device=module.weight.device,
+        )
+
+    def _forward_words(self, x, words):
+        return ops.masked_conv2d(x, self.weight, words, self.bias, self.stride, self.padding, self.dilation,
+                                 self.groups)
+
+    def _forward_dense(self, x, weight):
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _forward_train(self, x, words, mask):
+        # W * M from the bits, with the straight-through gradient dL/dM = dL/dW_eff * W routed into `mask`
+        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=mask))
+
+    def _shape_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}")
