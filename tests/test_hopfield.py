@@ -1,0 +1,211 @@
+"""HopSupSup: Hopfield storage of unit masks, recall, and gradient-descent recovery."""
+
+import pytest
+import torch
+
+from supsup_fast import hopfield as H
+from supsup_fast import reference
+from supsup_fast.errors import SupsupError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tests run many tiny ops; extra threads only add contention on a busy CI machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _patterns(n, d, seed):
+    return torch.rand(n, d, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def _flip(masks, fraction, seed):
+    return masks ^ (torch.rand(masks.shape, generator=torch.Generator().manual_seed(seed)) < fraction)
+
+
+def _direct(rule, masks, d):
+    """The learning rules written element by element, in float64, straight from their definitions."""
+    w = torch.zeros(d, d, dtype=torch.float64)
+    for m in masks:
+        x = m.double() * 2 - 1
+        new = w.clone()
+        for i in range(d):
+            for j in range(d):
+                if rule == "hebbian":
+                    new[i, j] = w[i, j] + (x[i] * x[j] - float(i == j)) / d
+                elif rule == "simplified":
+                    h = w @ x
+                    new[i, j] = w[i, j] + (x[i] * x[j] - float(i == j) - x[i] * h[j] - h[i] * x[j]) / d
+                elif i != j:  # Storkey 1997: local fields exclude units i and j; diagonal stays 0
+                    h_ij = sum(w[i, k] * x[k] for k in range(d) if k not in (i, j))
+                    h_ji = sum(w[j, k] * x[k] for k in range(d) if k not in (i, j))
+                    new[i, j] = w[i, j] + (x[i] * x[j] - x[i] * h_ji - h_ij * x[j]) / d
+        w = new
+    return w
+
+
+@pytest.mark.parametrize("rule", ["storkey", "simplified", "hebbian"])
+@pytest.mark.parametrize("d,n", [(5, 3), (9, 6)])
+def test_rules_match_their_definitions(rule, d, n):
+    masks = _patterns(n, d, seed=d + n)
+    store = H.HopfieldMaskStore(d, rule)
+    store.store_all(masks.to(torch.uint8) if d == 5 else masks)  # 0/1 ints and bools both accepted
+    torch.testing.assert_close(store.psi.double(), _direct(rule, masks, d), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(store.psi, store.psi.T)
+    assert int(store.num_stored) == n
+    torch.testing.assert_close(store.pattern_mean(), (masks.float() * 2 - 1).mean(0))
+
+
+def test_energy_is_the_quadratic_form_and_stored_patterns_are_low():
+    d = 64
+    masks = _patterns(4, d, seed=1)
+    store = H.HopfieldMaskStore(d)
+    store.store_all(masks)
+    s = torch.randn(3, d, dtype=torch.float64)
+    expected = torch.stack([-0.5 * v @ store.psi.double() @ v for v in s])
+    torch.testing.assert_close(store.energy(s).double(), expected, rtol=1e-5, atol=1e-5)
+    stored = store.energy(H.to_pattern(masks))
+    random = store.energy(H.to_pattern(_patterns(50, d, seed=2)))
+    assert stored.max() < random.min()
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_below_capacity_patterns_are_fixed_points_and_attract_noisy_probes(mode):
+    d, n = 256, 10
+    masks = _patterns(n, d, seed=3)
+    store = H.HopfieldMaskStore(d)
+    store.store_all(masks)
+    assert n < store.capacity_hint()
+    assert torch.equal(store.recall(masks, steps=1, mode=mode), masks)  # fixed points
+    for frac, seed in ((0.1, 4), (0.2, 5)):
+        probes = _flip(masks, frac, seed)
+        assert (probes != masks).sum(-1).float().mean() > frac * d * 0.7
+        out = store.recall(probes, steps=20, mode=mode)
+        assert (out != masks).sum(-1).max() <= 1
+    single = store.recall(_flip(masks[3], 0.15, 6), mode=mode)
+    assert single.shape == (d,) and torch.equal(single, masks[3])
+
+
+def test_async_recall_never_raises_energy():
+    d = 128
+    store = H.HopfieldMaskStore(d)
+    store.store_all(_patterns(30, d, seed=7))
+    probe = _patterns(1, d, seed=8)[0]
+    energies = [float(store.energy(H.to_pattern(probe)))]
+    for _ in range(5):
+        probe = store.recall(probe, steps=1, mode="async")
+        energies.append(float(store.energy(H.to_pattern(probe))))
+    assert all(b <= a + 1e-4 for a, b in zip(energies, energies[1:]))
+
+
+def test_retrieval_degrades_above_capacity_and_storkey_beats_hebbian():
+    d = 256
+
+    def mean_error(rule, n):
+        masks = _patterns(n, d, seed=9)
+        store = H.HopfieldMaskStore(d, rule)
+        store.store_all(masks)
+        out = store.recall(_flip(masks, 0.15, 10), steps=20, mode="sync")
+        return float((out != masks).sum(-1).float().mean())
+
+    assert mean_error("storkey", 10) == 0
+    assert mean_error("storkey", 120) > 20  # far above d / sqrt(2 ln d) ~ 76
+    assert mean_error("hebbian", 40) > 10 * max(mean_error("storkey", 40), 0.1)
+
+
+def _noisy_preference(target, fraction, seed):
+    """An objective that prefers a corrupted copy of ``target``: its own optimum is wrong in ``fraction`` bits."""
+    hint = H.to_pattern(_flip(target, fraction, seed))
+
+    def objective(mask):
+        return -((2 * mask - 1) * hint).mean()
+
+    return objective, hint
+
+
+@pytest.mark.parametrize("binarizer", ["ste", "sigmoid"])
+def test_recover_cleans_a_noisy_objective_into_the_stored_mask(binarizer):
+    d = 256
+    masks = _patterns(6, d, seed=11)
+    store = H.HopfieldMaskStore(d)
+    store.store_all(masks)
+    for t in range(len(masks)):
+        objective, hint = _noisy_preference(masks[t], 0.2, seed=100 + t)
+        got = H.recover(store, objective, steps=30, gamma=0.5, lr=5.0, init="zeros", binarizer=binarizer)
+        assert got.dtype == torch.bool and got.shape == (d,)
+        assert int((got != masks[t]).sum()) == 0
+    # Without the Hopfield term the same descent lands on the objective's corrupted optimum.
+    alone = H.recover(store, objective, steps=30, gamma=0.0, lr=5.0, init="zeros", binarizer=binarizer)
+    assert torch.equal(alone, hint > 0) and int((alone != masks[-1]).sum()) > 0.1 * d
+
+
+def test_recover_validates_input():
+    store = H.HopfieldMaskStore(8)
+    with pytest.raises(SupsupError):
+        H.recover(store, lambda m: m.sum(), binarizer="tanh")
+    with pytest.raises(SupsupError):
+        H.recover(store, lambda m: m, steps=3)  # not a scalar
+    with pytest.raises(SupsupError):
+        H.recover(store, lambda m: m.sum(), init=torch.zeros(7))
+    with pytest.raises(SupsupError):
+        store.store(torch.tensor([0, 1, 2, 0, 0, 0, 0, 0]))
+    with pytest.raises(SupsupError):
+        store.store(torch.ones(9, dtype=torch.bool))
+    with pytest.raises(SupsupError):
+        H.HopfieldMaskStore(8, rule="oja")
+
+
+def test_hidden_masked_mlp_gates_units():
+    model = H.HiddenMaskedMLP((20, 16, 12, 3), seed=4, norm="none")
+    assert model.d == 28
+    x = torch.randn(5, 20)
+    ones, zeros = torch.ones(28), torch.zeros(28)
+    w0, w1, w2 = model.weight0, model.weight1, model.weight2
+    ref = torch.relu(torch.relu(x @ w0.T) @ w1.T) @ w2.T
+    torch.testing.assert_close(model(x, ones), ref)
+    assert torch.count_nonzero(model(x, zeros)) == 0
+    m = torch.ones(28)
+    m[16:] = 0  # all second-layer units off
+    assert torch.count_nonzero(model(x, m)) == 0
+    torch.testing.assert_close(w0, reference.signed_constant(4, 0, (16, 20)))
+    with pytest.raises(SupsupError):
+        model(x, torch.ones(27))
+
+
+def test_entropy_recovery_of_a_trained_unit_mask_on_split_mnist():
+    """Masks for two SplitMNIST tasks (digits 0/1 and 6/7) on a 784-64-64-2 network are
+    stored; the 0/1 mask, whose outputs are clearly the most confident on its data, is
+    recovered from unlabelled test batches alone and scores like the exact mask."""
+    from supsup_fast import data
+
+    bench = data.SplitMNIST(data.mnist_5k(), flatten=True)
+    model = H.HiddenMaskedMLP((784, 64, 64, 2), seed=0)
+    tasks = (0, 3)
+    masks = [H.train_unit_mask(model, bench.infinite_batches(t, 128), steps=150, lr=0.05) for t in tasks]
+    store = H.HopfieldMaskStore(model.d)
+    store.store_all(masks)
+    batches = bench.infinite_batches(0, 64, seed=1, split="test")
+
+    def objective(mask):
+        return reference.entropy(model(next(batches)[0], mask))
+
+    recovered = H.recover(store, objective, steps=30, gamma=1.5e-2)
+    report = H.recovery_report(masks[:1], [recovered],
+                               lambda t, m: H.mask_accuracy(model, m, bench.test_loader(tasks[t], 500)))
+    row = report["tasks"][0]
+    assert row["exact_acc"] > 0.9, report
+    assert row["hamming"] <= 2 < int((masks[0] != masks[1]).sum()), report
+    assert row["recovered_acc"] >= row["exact_acc"] - 0.02, report
+
+
+def test_recovery_report():
+    exact = [torch.tensor([1, 0, 1, 1], dtype=torch.bool), torch.tensor([0, 0, 1, 0], dtype=torch.bool)]
+    rec = [torch.tensor([1, 0, 1, 1]), torch.tensor([1, 1, 1, 0])]
+    r = H.recovery_report(exact, rec, lambda t, m: float(m.sum()))
+    assert [row["hamming"] for row in r["tasks"]] == [0, 2]
+    assert r["exact_recoveries"] == 1 and r["mean_hamming"] == 1.0
+    assert r["tasks"][1]["exact_acc"] == 1.0 and r["tasks"][1]["recovered_acc"] == 3.0
+    with pytest.raises(SupsupError):
+        H.recovery_report(exact, rec[:1])
