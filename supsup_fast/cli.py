@@ -105,6 +105,41 @@ def _add_run(sub) -> None:
     pr.set_defaults(func=_cmd_run)
 
 
+def _cmd_hopfield(args) -> int:
+    from .errors import SupsupError
+    from .experiment import hopsupsup_table, run_hopsupsup
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        results = run_hopsupsup(hidden=args.hidden, train_steps=args.train_steps, recover_steps=args.recover_steps,
+                                gamma=args.gamma, rule=args.rule, seed=args.seed, out_dir=args.out,
+                                progress=not args.no_progress)
+    except SupsupError as e:
+        print(f"supsup-fast hopfield: error: {e}", file=sys.stderr)
+        return 2
+    print(hopsupsup_table(results))
+    print(f"\nresults: {args.out}/hopfield_results.json")
+    return 0
+
+
+def _add_hopfield(sub) -> None:
+    ph = sub.add_parser("hopfield", help="HopSupSup: unit masks stored in a fixed-size Hopfield network (SplitMNIST-5k)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ph.add_argument("--hidden", type=_positive_int, nargs="+", default=[256, 256], help="hidden layer sizes")
+    ph.add_argument("--train-steps", type=_positive_int, default=300, help="training batches per task mask")
+    ph.add_argument("--recover-steps", type=_positive_int, default=30, help="gradient steps of recovery")
+    ph.add_argument("--gamma", type=float, default=1.5e-2, help="weight of the Hopfield energy in recovery")
+    ph.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default="storkey")
+    ph.add_argument("--threads", type=_positive_int, default=None)
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--out", default="supsup_runs/hopfield")
+    ph.add_argument("--no-progress", action="store_true")
+    ph.set_defaults(func=_cmd_hopfield)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="supsup-fast", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--require-ext", action="store_true", help="exit 1 when the compiled extension is not loaded")
     pi.set_defaults(func=_cmd_info)
     _add_run(sub)
+    _add_hopfield(sub)
     return p
 
 

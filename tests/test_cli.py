@@ -72,3 +72,16 @@ def test_info_reports_backends(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["backends"]["reference"] == "available"
     assert set(info["ops"]) >= {"masked_linear@cpu", "mask_dots@cpu", "superpose@cpu"}
+
+
+def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys):
+    out = tmp_path / "hop"
+    rc = main(["hopfield", "--hidden", "32", "32", "--train-steps", "40", "--recover-steps", "8", "--no-progress",
+               "--out", str(out)])
+    assert rc == 0
+    assert "exact recoveries" in capsys.readouterr().out
+    res = json.loads((out / "hopfield_results.json").read_text())
+    rows = res["report"]["tasks"]
+    assert [r["task"] for r in rows] == [0, 1, 2, 3, 4] and res["d"] == 64
+    assert all(0 <= r["hamming"] <= 64 and 0.0 <= r["recovered_acc"] <= 1.0 for r in rows)
+    assert res["report"]["mean_exact_acc"] > 0.6  # 40 steps on two-digit tasks: far above chance (0.5)
