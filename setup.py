@@ -52,16 +52,22 @@ def _extensions():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-fopenmp", "-std=c++17", *_cpu_arch_flags()]
+    # ATen headers from torch 2.14 on require C++20; older ones build with C++17
+    std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
+    cxx = ["-O3", "-fopenmp", std, *_cpu_arch_flags()]
+    include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and not os.environ.get("SUPSUP_FAST_NO_CUDA")
     if with_cuda:
         cu = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         define_macros.append(("SUPSUP_WITH_CUDA", "1"))
+        # pip-installed CUDA wheels ship headers (cusparse.h, ...) that a bare toolkit may lack
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
         ext = ce.CUDAExtension(
             "supsup_fast._C", sources + cu, define_macros=define_macros,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-lineinfo"]},
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", std, "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -69,7 +75,7 @@ def _extensions():
             _warn("torch has CUDA but nvcc/CUDA_HOME was not found: building the CPU kernels only")
         ext = ce.CppExtension(
             "supsup_fast._C", sources, define_macros=define_macros,
-            include_dirs=[os.path.join(ROOT, "csrc")],
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
         )
 

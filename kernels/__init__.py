@@ -1,1 +1,12 @@
-"""Triton kernels and their launchers (installed as ``supsup_fast.kernels``)."""
+"""Triton kernels and their launchers (installed as ``supsup_fast.kernels``).
+
+* :mod:`.masked_matmul` — fused masked GEMM / split-K forward, ``dX``, the score gradient, the
+  grouped (per-row task) and the seeded (weight regenerated from a hash) matmuls;
+* :mod:`.mask_ops` — pack / unpack, ``W*M``, superposition, mask dot products, signed constants,
+  and ``masked_conv2d`` (``W*M`` pass + cuDNN);
+* :mod:`._common` — in-register mask-bit unpacking, the hash, autotuning configs.
+
+Importing this package imports nothing from Triton, so it works where Triton is missing; the
+submodules need ``triton``. Set ``TRITON_INTERPRET=1`` before importing them to run the kernels
+on CPU tensors.
+"""
