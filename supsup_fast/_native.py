@@ -59,6 +59,8 @@ def _cpu_ext_impls() -> dict:
         "masked_conv2d": masked_conv2d,
         "superpose": C.superpose.default,
         "mask_dots": C.mask_dots.default,
+        "masked_linear_grouped": C.masked_linear_grouped.default,
+        "masked_linear_seeded": C.masked_linear_seeded.default,
     }
     return impls
 

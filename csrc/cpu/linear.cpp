@@ -1,0 +1,330 @@
+// Masked linear layers: forward, the two backward products, per-row task groups, and the
+// variant whose signed-constant weight is regenerated from the hash instead of read.
+//
+// Few rows (a GEMV-like shape) are memory-bound: a fused kernel reads each weight and its mask
+// bit once and never writes W*M. Many rows are compute-bound: one fused W*M pass feeds the
+// platform GEMM, which beats anything hand-written here.
+#include "cpu/bits.h"
+#include "cpu/ops.h"
+
+#include <vector>
+
+namespace supsup {
+
+namespace {
+
+// Up to this many rows the fused fp32 kernels beat "W*M, then GEMM" (measured on AVX2 cores):
+// the forward reuses each masked weight vector across 4 rows in registers, dX only across 2.
+constexpr int64_t kFusedMaxRows = 16;
+constexpr int64_t kFusedGradMaxRows = 8;
+
+at::Tensor flat_rows(const at::Tensor& t) {
+  const int64_t last = t.dim() ? t.size(-1) : 1;
+  return t.reshape({-1, last}).contiguous();
+}
+
+std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
+  auto s = t.sizes().vec();
+  s.back() = last;
+  return s;
+}
+
+#if SUPSUP_AVX2
+// out[m * ldo] = <x_m, w * bits> + b for MB rows of x ([MB, k], row stride k), one output.
+template <int MB>
+inline void fused_dot(const float* x, int64_t k, const float* w, const uint32_t* words, float* out, int64_t ldo,
+                      float b) {
+  const BitLanes L;
+  __m256 acc[MB];
+  for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+  const int64_t full = k / kWordBits;
+  for (int64_t wi = 0; wi < full; ++wi) {
+    const __m256i wv = _mm256_set1_epi32(static_cast<int>(words[wi]));
+    const int64_t o = wi * kWordBits;
+    for (int q = 0; q < 4; ++q) {
+      const __m256 mw = masked8(_mm256_loadu_ps(w + o + 8 * q), L.sel(wv, q));
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * k + o + 8 * q), mw, acc[m]);
+    }
+  }
+  float tail[MB] = {};
+  if (full * kWordBits < k) {
+    const uint32_t word = words[full];
+    for (int64_t i = full * kWordBits; i < k; ++i) {
+      if (!((word >> (i - full * kWordBits)) & 1u)) continue;
+      for (int m = 0; m < MB; ++m) tail[m] += x[m * k + i] * w[i];
+    }
+  }
+  for (int m = 0; m < MB; ++m) out[m * ldo] = hsum(acc[m]) + tail[m] + b;
+}
+
+// y [M, N] = x [M, k] (W*M)^T + b for small M, parallel over outputs.
+void fused_forward(const float* x, int64_t m_rows, int64_t k, const float* w, const uint32_t* bits, int64_t n,
+                   const float* bias, float* y) {
+  const int64_t nw = words_per_row(k);
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(k * m_rows, 1));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t j = n0; j < n1; ++j) {
+      const float* wr = w + j * k;
+      const uint32_t* br = bits + j * nw;
+      const float b = bias ? bias[j] : 0.f;
+      int64_t m = 0;
+      for (; m + 4 <= m_rows; m += 4) fused_dot<4>(x + m * k, k, wr, br, y + m * n + j, n, b);
+      switch (m_rows - m) {
+        case 3: fused_dot<3>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
+        case 2: fused_dot<2>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
+        case 1: fused_dot<1>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
+        default: break;
+      }
+    }
+  });
+}
+
+// dx [M, k] = dy [M, n] (W*M) for small M, parallel over 32-column word strips.
+template <int MB>
+inline void fused_strip(const float* dy, int64_t n, const float* w, const uint32_t* bits, int64_t k, int64_t wi,
+                        float* dx) {
+  const BitLanes L;
+  const int64_t nw = words_per_row(k), o = wi * kWordBits;
+  __m256 acc[MB][4];
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) acc[m][q] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256i wv = _mm256_set1_epi32(static_cast<int>(bits[j * nw + wi]));
+    const float* wr = w + j * k + o;
+    __m256 g[MB];
+    for (int m = 0; m < MB; ++m) g[m] = _mm256_set1_ps(dy[m * n + j]);
+    for (int q = 0; q < 4; ++q) {
+      const __m256 mw = masked8(_mm256_loadu_ps(wr + 8 * q), L.sel(wv, q));
+      for (int m = 0; m < MB; ++m) acc[m][q] = _mm256_fmadd_ps(g[m], mw, acc[m][q]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    for (int q = 0; q < 4; ++q) _mm256_storeu_ps(dx + m * k + o + 8 * q, acc[m][q]);
+}
+
+void fused_grad_input(const float* dy, int64_t m_rows, int64_t n, const float* w, const uint32_t* bits, int64_t k,
+                      float* dx) {
+  const int64_t nw = words_per_row(k), full = k / kWordBits;
+  at::parallel_for(0, nw, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t wi = w0; wi < w1; ++wi) {
+      if (wi < full) {
+        int64_t m = 0;
+        for (; m + 2 <= m_rows; m += 2) fused_strip<2>(dy + m * n, n, w, bits, k, wi, dx + m * k);
+        if (m < m_rows) fused_strip<1>(dy + m * n, n, w, bits, k, wi, dx + m * k);
+        continue;
+      }
+      // the partial last strip: scalar, never reading past column k
+      const int64_t o = wi * kWordBits;
+      for (int64_t m = 0; m < m_rows; ++m) {
+        float acc[kWordBits] = {};
+        for (int64_t j = 0; j < n; ++j) {
+          const uint32_t word = bits[j * nw + wi];
+          const float g = dy[m * n + j];
+          for (int64_t i = o; i < k; ++i)
+            if ((word >> (i - o)) & 1u) acc[i - o] += g * w[j * k + i];
+        }
+        for (int64_t i = o; i < k; ++i) dx[m * k + i] = acc[i - o];
+      }
+    }
+  });
+}
+#endif
+
+void check_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
+                  const std::optional<at::Tensor>& bias, const char* op) {
+  check_float(x, op, "x");
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", x.scalar_type(), " != weight dtype ",
+              weight.scalar_type());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == weight.size(1), op, ": x has shape ", x.sizes(),
+              "; its last dim must be K=", weight.size(1));
+  check_words(mask_words, weight.size(0), weight.size(1), 0, op, "mask_words");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias shape ", bias->sizes(), " != (",
+                weight.size(0), ",)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype ",
+                x.scalar_type());
+  }
+}
+
+// Signs of one row of the signed constant (+c / -c), unmasked.
+template <typename T>
+void seeded_row(int64_t row, int64_t k, uint32_t key, T pos, T neg, T* out) {
+  const int64_t base = row * k;
+  for (int64_t i = 0; i < k; ++i) out[i] = hash_sign(base + i, key) ? pos : neg;
+}
+
+}  // namespace
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
+                         const std::optional<at::Tensor>& bias) {
+  check_linear(x, weight, mask_words, bias, "masked_linear");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t m_rows = k ? x.numel() / k : (x.dim() ? x.numel() : 1);
+#if SUPSUP_AVX2
+  if (x.scalar_type() == at::kFloat && m_rows <= kFusedMaxRows && k > 0) {
+    const at::Tensor xx = flat_rows(x), w = weight.contiguous(), mw = mask_words.contiguous();
+    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    at::Tensor y = at::empty({xx.size(0), n}, x.options());
+    fused_forward(xx.data_ptr<float>(), xx.size(0), k, w.data_ptr<float>(), word_ptr(mw), n,
+                  b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
+    return y.reshape(with_last(x, n));
+  }
+#endif
+  return at::linear(x, apply_mask(weight, mask_words), bias);
+}
+
+at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
+                                    const at::Tensor& mask_words) {
+  const char* op = "masked_linear_grad_input";
+  check_float(grad_out, op, "grad_out");
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got shape ", weight.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
+              " != weight dtype ", weight.scalar_type());
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == weight.size(0), op, ": grad_out has shape ",
+              grad_out.sizes(), "; its last dim must be N=", weight.size(0));
+  check_words(mask_words, weight.size(0), weight.size(1), 0, op, "mask_words");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const int64_t m_rows = n ? grad_out.numel() / n : 0;
+#if SUPSUP_AVX2
+  if (grad_out.scalar_type() == at::kFloat && m_rows <= kFusedGradMaxRows && n > 0 && k > 0) {
+    const at::Tensor g = flat_rows(grad_out), w = weight.contiguous(), mw = mask_words.contiguous();
+    at::Tensor dx = at::empty({g.size(0), k}, grad_out.options());
+    fused_grad_input(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k, dx.data_ptr<float>());
+    return dx.reshape(with_last(grad_out, k));
+  }
+#endif
+  return at::matmul(grad_out, apply_mask(weight, mask_words));
+}
+
+at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "masked_weight_grad";
+  check_float(grad_out, op, "grad_out");
+  check_float(x, op, "x");
+  check_float(weight, op, "weight");
+  TORCH_CHECK(weight.dim() >= 1, op, ": weight needs at least 1 dim [N, ...]");
+  const int64_t n = weight.size(0), k = n ? weight.numel() / n : 0;
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == n, op, ": grad_out has shape ", grad_out.sizes(),
+              "; its last dim must be N=", n);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x has shape ", x.sizes(), "; its last dim must be K=", k);
+  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(n, 1) == x.numel() / std::max<int64_t>(k, 1), op,
+              ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " have different numbers of rows");
+  // float32 accumulation (float64 for float64), as the reference does for low precision
+  const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor g = grad_out.reshape({-1, n}).to(acc), xx = x.reshape({-1, k}).to(acc);
+  const at::Tensor dense = at::mm(g.t(), xx).contiguous();  // [N, K]
+  const at::Tensor w = weight.contiguous();
+  at::Tensor out = at::empty(w.sizes(), w.options());
+  // epilogue: multiply by W and cast in one parallel pass over the GEMM result
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_grad", [&] {
+    using A = acc_t<scalar_t>;
+    const A* d = dense.data_ptr<A>();
+    const scalar_t* ws = w.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]));
+    });
+  });
+  return out;
+}
+
+at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bank,
+                                 const at::Tensor& task_ids, const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear_grouped";
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got shape ", weight.sizes());
+  check_words(bank, weight.size(0), weight.size(1), 1, op, "bank");
+  TORCH_CHECK(task_ids.scalar_type() == at::kLong || task_ids.scalar_type() == at::kInt, op,
+              ": task_ids must be int32/int64, got ", task_ids.scalar_type());
+  TORCH_CHECK(task_ids.dim() == 1 && task_ids.size(0) == x.size(0), op, ": task_ids has shape ", task_ids.sizes(),
+              ", expected [", x.size(0), "]");
+  const int64_t m_rows = x.size(0), n = weight.size(0), t_count = bank.size(0);
+  const at::Tensor ids = task_ids.to(at::kLong).contiguous();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  // bucket rows by task (counting sort, stable)
+  std::vector<int64_t> count(t_count + 1, 0);
+  for (int64_t i = 0; i < m_rows; ++i) {
+    TORCH_CHECK(id[i] >= 0 && id[i] < t_count, op, ": task id ", id[i], " at row ", i, " is out of range [0, ",
+                t_count, ")");
+    ++count[id[i] + 1];
+  }
+  for (int64_t t = 0; t < t_count; ++t) count[t + 1] += count[t];
+  at::Tensor order = at::empty({m_rows}, ids.options());
+  int64_t* ord = order.data_ptr<int64_t>();
+  {
+    std::vector<int64_t> next(count.begin(), count.end() - 1);
+    for (int64_t i = 0; i < m_rows; ++i) ord[next[id[i]]++] = i;
+  }
+  at::Tensor y = at::empty({m_rows, n}, x.options());
+  if (m_rows == 0) return y;
+  for (int64_t t = 0; t < t_count; ++t) {
+    const int64_t r0 = count[t], r1 = count[t + 1];
+    if (r0 == r1) continue;
+    const at::Tensor rows = order.slice(0, r0, r1);
+    const at::Tensor yg = masked_linear(x.index_select(0, rows), weight, bank.select(0, t), bias);
+    y.index_copy_(0, rows, yg);
+  }
+  return y;
+}
+
+at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
+                                double scale, const std::optional<at::Tensor>& bias) {
+  const char* op = "masked_linear_seeded";
+  check_float(x, op, "x");
+  TORCH_CHECK(x.dim() >= 1, op, ": x needs at least 1 dim [..., K]");
+  TORCH_CHECK(mask_words.dim() == 2, op, ": mask_words must be [N, W], got shape ", mask_words.sizes());
+  const int64_t n = mask_words.size(0), k = x.size(-1);
+  check_words(mask_words, n, k, 0, op, "mask_words");
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias shape ", bias->sizes(), " != (", n, ",)");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), op, ": bias dtype ", bias->scalar_type(), " != x dtype ",
+                x.scalar_type());
+  }
+  const uint32_t key = layer_key(seed, layer);
+  const float c = static_cast<float>(scale);  // the reference builds +-scale in float32
+  const at::Tensor mw = mask_words.contiguous();
+  const uint32_t* bits = word_ptr(mw);
+  const int64_t nw = mw.size(1);
+  const int64_t m_rows = k ? x.numel() / k : 0;
+#if SUPSUP_AVX2
+  if (x.scalar_type() == at::kFloat && m_rows <= kFusedMaxRows && k > 0 && n > 0) {
+    // one regenerated weight row at a time (in L1), never the whole weight
+    const at::Tensor xx = flat_rows(x);
+    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    at::Tensor y = at::empty({xx.size(0), n}, x.options());
+    const float* xp = xx.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    const int64_t mr = xx.size(0);
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / k), [&](int64_t n0, int64_t n1) {
+      std::vector<float> row(k);
+      for (int64_t j = n0; j < n1; ++j) {
+        seeded_row<float>(j, k, key, c, -c, row.data());
+        const float bj = bp ? bp[j] : 0.f;
+        int64_t m = 0;
+        for (; m + 4 <= mr; m += 4) fused_dot<4>(xp + m * k, k, row.data(), bits + j * nw, yp + m * n + j, n, bj);
+        for (; m < mr; ++m) fused_dot<1>(xp + m * k, k, row.data(), bits + j * nw, yp + m * n + j, n, bj);
+      }
+    });
+    return y.reshape(with_last(x, n));
+  }
+#endif
+  at::Tensor w = at::empty({n, k}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "masked_linear_seeded", [&] {
+    scalar_t* wp = w.data_ptr<scalar_t>();
+    const scalar_t pos = static_cast<scalar_t>(c), neg = static_cast<scalar_t>(-c);
+    at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t n0, int64_t n1) {
+      std::vector<scalar_t> row(k);
+      for (int64_t j = n0; j < n1; ++j) {
+        seeded_row<scalar_t>(j, k, key, pos, neg, row.data());
+        mask_row<scalar_t>(row.data(), bits + j * nw, k, wp + j * k);
+      }
+    });
+  });
+  return at::linear(x, w, bias);
+}
+
+}  // namespace supsup

@@ -1,0 +1,28 @@
+// The CPU kernels of the supsup_fast_C ops (registered in register.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace supsup {
+
+at::Tensor pack_masks(const at::Tensor& masks);
+at::Tensor unpack_masks(const at::Tensor& words, int64_t k, at::ScalarType dtype);
+at::Tensor apply_mask(const at::Tensor& weight, const at::Tensor& mask_words);
+void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, double scale);
+
+at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
+                         const std::optional<at::Tensor>& bias);
+at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
+                                    const at::Tensor& mask_words);
+at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight);
+at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bank,
+                                 const at::Tensor& task_ids, const std::optional<at::Tensor>& bias);
+at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
+                                double scale, const std::optional<at::Tensor>& bias);
+
+at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at::Tensor& alpha);
+at::Tensor mask_dots(const at::Tensor& v, const at::Tensor& bank);
+
+}  // namespace supsup

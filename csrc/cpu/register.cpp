@@ -1,0 +1,18 @@
+// CPU kernels of the supsup_fast_C ops.
+#include <torch/library.h>
+
+#include "cpu/ops.h"
+
+TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
+  m.impl("pack_masks", &supsup::pack_masks);
+  m.impl("unpack_masks", &supsup::unpack_masks);
+  m.impl("apply_mask", &supsup::apply_mask);
+  m.impl("masked_linear", &supsup::masked_linear);
+  m.impl("masked_linear_grad_input", &supsup::masked_linear_grad_input);
+  m.impl("masked_weight_grad", &supsup::masked_weight_grad);
+  m.impl("superpose", &supsup::superpose);
+  m.impl("mask_dots", &supsup::mask_dots);
+  m.impl("masked_linear_grouped", &supsup::masked_linear_grouped);
+  m.impl("masked_linear_seeded", &supsup::masked_linear_seeded);
+  m.impl("signed_constant_fill_", &supsup::signed_constant_fill_);
+}
