@@ -49,6 +49,14 @@ def _cpu_ext_impls() -> dict:
         # one fused W*M pass, then the platform's convolution (oneDNN on CPU)
         return F.conv2d(x, C.apply_mask(weight, mask_words), bias, stride, padding, dilation, groups)
 
+    def masked_linear_grouped_grad_input(grad_out, weight, bank, task_ids):
+        # rows bucketed by task, each bucket through the fused masked dX kernel
+        gx = grad_out.new_zeros(grad_out.shape[0], weight.shape[1])
+        for t in torch.unique(task_ids).tolist():
+            rows = task_ids == t
+            gx[rows] = C.masked_linear_grad_input(grad_out[rows], weight, bank[t])
+        return gx
+
     impls = {
         "pack_masks": C.pack_masks.default,
         "unpack_masks": C.unpack_masks.default,
@@ -60,6 +68,7 @@ def _cpu_ext_impls() -> dict:
         "superpose": C.superpose.default,
         "mask_dots": C.mask_dots.default,
         "masked_linear_grouped": C.masked_linear_grouped.default,
+        "masked_linear_grouped_grad_input": masked_linear_grouped_grad_input,
         "masked_linear_seeded": C.masked_linear_seeded.default,
     }
     return impls

@@ -43,6 +43,7 @@ OPS = (
     "superpose",
     "mask_dots",
     "masked_linear_grouped",
+    "masked_linear_grouped_grad_input",
     "masked_linear_seeded",
 )
 
@@ -207,6 +208,9 @@ _SCHEMAS = {
     "masked_linear_grouped": (
         "masked_linear_grouped(Tensor x, Tensor weight, Tensor bank, Tensor task_ids, Tensor? bias) -> Tensor"
     ),
+    "masked_linear_grouped_grad_input": (
+        "masked_linear_grouped_grad_input(Tensor grad_out, Tensor weight, Tensor bank, Tensor task_ids) -> Tensor"
+    ),
     "masked_linear_seeded": (
         "masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor"
     ),
@@ -288,6 +292,12 @@ def _masked_linear_grouped(x, weight, bank, task_ids, bias):
     return _run("masked_linear_grouped", x.device.type, x.dtype, x, weight, bank, task_ids, bias)
 
 
+@_impl("masked_linear_grouped_grad_input")
+def _masked_linear_grouped_grad_input(grad_out, weight, bank, task_ids):
+    return _run("masked_linear_grouped_grad_input", grad_out.device.type, grad_out.dtype, grad_out, weight, bank,
+                task_ids)
+
+
 @_impl("masked_linear_seeded")
 def _masked_linear_seeded(x, mask_words, seed, layer, scale, bias):
     return _run("masked_linear_seeded", x.device.type, x.dtype, x, mask_words, seed, layer, scale, bias)
@@ -359,6 +369,11 @@ def _mask_dots_fake(v, bank):
 @torch.library.register_fake("supsup_fast::masked_linear_grouped")
 def _masked_linear_grouped_fake(x, weight, bank, task_ids, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("supsup_fast::masked_linear_grouped_grad_input")
+def _masked_linear_grouped_grad_input_fake(grad_out, weight, bank, task_ids):
+    return grad_out.new_empty((grad_out.shape[0], weight.shape[1]))
 
 
 @torch.library.register_fake("supsup_fast::masked_linear_seeded")
@@ -457,7 +472,9 @@ def _superpose_bwd(ctx, grad):
     if ctx.needs_input_grad[0]:
         gw = _op.superpose(grad.contiguous(), bank, alpha)
     if ctx.needs_input_grad[2]:
-        v = (grad * weight).reshape(weight.shape[0], -1)
+        # half-precision weights: form v and its dots in float32, alpha's gradient sums many terms
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        v = (grad.to(acc) * weight.to(acc)).reshape(weight.shape[0], -1)
         ga = _op.mask_dots(v, bank).to(alpha.dtype)
     return gw, None, ga
 
@@ -485,10 +502,7 @@ def _masked_linear_grouped_bwd(ctx, grad):
     weight, bank, task_ids = ctx.saved_tensors
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        gx = grad.new_zeros(grad.shape[0], weight.shape[1])
-        for t in torch.unique(task_ids).tolist():
-            rows = task_ids == t
-            gx[rows] = _op.masked_linear_grad_input(grad[rows], weight, bank[t])
+        gx = _op.masked_linear_grouped_grad_input(grad, weight, bank, task_ids)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _bias_grad(grad)
     return gx, None, None, None, gb
@@ -514,6 +528,51 @@ def _masked_linear_seeded_bwd(ctx, grad):
     return gx, None, None, None, None, gb
 
 
+def _setup_grad_input(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _masked_linear_grad_input_bwd(ctx, gg):
+    # grad_out @ (W*M) is linear in grad_out: its vector-Jacobian product is gg @ (W*M)^T
+    grad_out, weight, mask_words = ctx.saved_tensors
+    return _op.masked_linear(gg, weight, mask_words, None), None, None
+
+
+def _setup_weight_grad(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _masked_weight_grad_bwd(ctx, gg):
+    # (g^T x) * W is bilinear in (g, x): d/dg = x (gg*W)^T, d/dx = g (gg*W)
+    grad_out, x, weight = ctx.saved_tensors
+    v = gg * weight
+    gg_out = gx = None
+    if ctx.needs_input_grad[0]:
+        gg_out = (_flat(x) @ v.t().to(x.dtype)).reshape(grad_out.shape)
+    if ctx.needs_input_grad[1]:
+        gx = (_flat(grad_out) @ v.to(grad_out.dtype)).reshape(x.shape)
+    return gg_out, gx, None
+
+
+def _setup_grouped_grad_input(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _masked_linear_grouped_grad_input_bwd(ctx, gg):
+    grad_out, weight, bank, task_ids = ctx.saved_tensors
+    return _op.masked_linear_grouped(gg, weight, bank, task_ids, None), None, None, None
+
+
+torch.library.register_autograd(
+    "supsup_fast::masked_linear_grouped_grad_input", _masked_linear_grouped_grad_input_bwd,
+    setup_context=_setup_grouped_grad_input,
+)
+torch.library.register_autograd(
+    "supsup_fast::masked_linear_grad_input", _masked_linear_grad_input_bwd, setup_context=_setup_grad_input
+)
+torch.library.register_autograd(
+    "supsup_fast::masked_weight_grad", _masked_weight_grad_bwd, setup_context=_setup_weight_grad
+)
 torch.library.register_autograd(
     "supsup_fast::masked_linear_grouped", _masked_linear_grouped_bwd, setup_context=_setup_grouped
 )

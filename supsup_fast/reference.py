@@ -91,6 +91,15 @@ def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
     return y
 
 
+def masked_linear_grouped_grad_input(grad_out, weight, bank, task_ids):
+    """``dL/dx_i = dL/dy_i (W * M_{t_i})``: the input gradient of :func:`masked_linear_grouped`."""
+    gx = grad_out.new_zeros(grad_out.shape[0], weight.shape[1])
+    for t in torch.unique(task_ids).tolist():
+        rows = task_ids == t
+        gx[rows] = masked_linear_grad_input(grad_out[rows], weight, bank[t])
+    return gx
+
+
 def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
     """``masked_linear`` whose weight is the signed constant ``+-scale`` regenerated from ``(seed, layer)``."""
     n, k = mask_words.shape[0], x.shape[-1]

@@ -330,6 +330,7 @@ def _samples():
         "superpose": (w, bank, alpha),
         "mask_dots": (w, bank),
         "masked_linear_grouped": (x, w, bank, ids, bias),
+        "masked_linear_grouped_grad_input": (g, w, bank, ids),
         "masked_linear_seeded": (x, words, 3, 4, 0.5, bias),
     }
 
@@ -337,19 +338,16 @@ def _samples():
 @pytest.mark.parametrize("name", sorted(_samples()))
 def test_opcheck_public_ops(name):
     args = _samples()[name]
-    differentiable = name not in ("pack_masks", "unpack_masks", "masked_linear_grad_input", "masked_weight_grad")
+    differentiable = name not in ("pack_masks", "unpack_masks")
     grad_args = tuple(
         _leaf(a) if differentiable and isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args
     )
-    utils = torch.library._OPCHECK_DEFAULT_UTILS
-    if name == "masked_linear_grouped":
-        # its backward buckets rows with torch.unique: data-dependent shapes, no dynamic AOT trace
-        utils = tuple(u for u in utils if u != "test_aot_dispatch_dynamic")
-    torch.library.opcheck(getattr(torch.ops.supsup_fast, name), grad_args, test_utils=utils)
+    torch.library.opcheck(getattr(torch.ops.supsup_fast, name), grad_args)
 
 
 @needs_ext
-@pytest.mark.parametrize("name", sorted(set(_samples()) - {"apply_mask_st", "masked_linear_st", "masked_conv2d"}))
+@pytest.mark.parametrize("name", sorted(set(_samples()) - {"apply_mask_st", "masked_linear_st", "masked_conv2d",
+                                                          "masked_linear_grouped_grad_input"}))
 def test_opcheck_native_ops(name):
     # the private ops have no fake kernels of their own (the public ops carry them)
     torch.library.opcheck(getattr(torch.ops.supsup_fast_C, name), _samples()[name],
