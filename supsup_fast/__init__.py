@@ -23,6 +23,8 @@ from .convert import (
     task_parameters,
 )
 
+from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -31,4 +33,5 @@ __all__ = [
     "MaskedLayerBase", "MaskedLinear", "MaskedConv2d", "TaskBatchNorm",
     "convert_", "masked_layers", "begin_task", "freeze_task", "set_task", "set_superposition",
     "num_tasks", "task_parameters", "mask_nbytes",
+    "checkpoint", "data", "hopfield", "inference", "models", "nns", "training",
 ]
