@@ -25,7 +25,7 @@ def _cmd_run(args) -> int:
     cfg = ExperimentConfig(
         benchmark=args.benchmark, data=args.data, data_root=args.data_root, arch=args.arch, outputs=args.outputs,
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
-        lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method,
+        lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method, compare_methods=args.compare_methods,
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
         seed=args.seed, out_dir=args.out, progress=not args.no_progress, save_bank=not args.no_bank,
@@ -53,6 +53,10 @@ def _positive_int(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {v}")
     return v
+
+
+def _rows(text: str):
+    return None if text == "all" else _positive_int(text)
 
 
 def _add_run(sub) -> None:
@@ -90,7 +94,9 @@ def _add_run(sub) -> None:
                    help="g: the G objective on superfluous neurons; entropy: output entropy")
     g.add_argument("--batch-mode", choices=inference.BATCH_MODES, default="per_example",
                    help="per_example: every image inferred on its own; batch: one task per test batch")
-    g.add_argument("--rows", type=_positive_int, default=1, help="batch mode: rows of each batch used to infer")
+    g.add_argument("--rows", type=_rows, default=1, help="batch mode: rows of each batch used to infer ('all': every row)")
+    g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
+                   help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--eval-images", type=_positive_int, default=100, help="test images per task for task inference")
     g.add_argument("--test-batch-size", type=_positive_int, default=128)
     g.add_argument("--checkpoints", type=_positive_int, nargs="*", default=None,

@@ -57,9 +57,10 @@ class ExperimentConfig:
     density: float = 0.5
     scenario: str = "GNu"
     method: str = "one_shot"
+    compare_methods: list = field(default_factory=list)
     objective: str = "g"
     batch_mode: str = "per_example"
-    rows: int = 1
+    rows: Optional[int] = 1
     eval_images: int = 100
     test_batch_size: int = 128
     checkpoints: list = field(default_factory=list)
@@ -80,10 +81,15 @@ class ExperimentConfig:
         need(self.data in SOURCES, f"--data must be one of {SOURCES}, got {self.data!r}")
         need(self.arch in models.ARCHITECTURES, f"--arch must be one of {sorted(models.ARCHITECTURES)}")
         need(self.scenario in SCENARIOS, f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
-        need(self.method in inference.METHODS, f"--method must be one of {inference.METHODS}")
+        for m in [self.method, *self.compare_methods]:
+            need(m in inference.METHODS, f"--method must be one of {inference.METHODS}, got {m!r}")
+        need(not self.compare_methods or self.scenario in ("GNs", "GNu"),
+             "--compare-methods needs a task-inference scenario (GNs or GNu)")
         need(self.objective in inference.OBJECTIVES, f"--objective must be one of {inference.OBJECTIVES}")
         need(self.batch_mode in inference.BATCH_MODES, f"--batch-mode must be one of {inference.BATCH_MODES}")
-        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "rows", "outputs"):
+        need(self.rows is None or (isinstance(self.rows, int) and self.rows >= 1),
+             f"--rows must be a positive integer or 'all', got {self.rows!r}")
+        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         need(0.0 < self.lr < 10.0, f"--lr must be in (0, 10), got {self.lr}")
@@ -146,15 +152,16 @@ def default_checkpoints(tasks: int) -> list[int]:
     return sorted(set(points + [tasks]))
 
 
-def _infer_kwargs(cfg: ExperimentConfig, num_real: int) -> dict:
-    return dict(method=cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
+def _infer_kwargs(cfg: ExperimentConfig, num_real: int, method: Optional[str] = None) -> dict:
+    return dict(method=method or cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
                 batch_mode=cfg.batch_mode, rows=cfg.rows)
 
 
-def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, progress: bool) -> dict:
+def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, progress: bool,
+                           method: Optional[str] = None) -> dict:
     """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks."""
     num_real = bench.num_classes
-    kwargs = _infer_kwargs(cfg, num_real)
+    kwargs = _infer_kwargs(cfg, num_real, method)
     confusion = torch.zeros(tasks, tasks, dtype=torch.int64)
     correct = count = 0
     seconds = 0.0
@@ -174,7 +181,7 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
             count += x.shape[0]
             confusion[t] += torch.bincount(ids.cpu().clamp_max(tasks - 1), minlength=tasks)
     task_acc = float(confusion.diag().sum()) / max(count, 1)
-    return {"tasks": tasks, "accuracy": correct / max(count, 1), "task_inference_accuracy": task_acc,
+    return {"tasks": tasks, "method": kwargs["method"], "accuracy": correct / max(count, 1), "task_inference_accuracy": task_acc,
             "images": count, "inferences": inferences, "seconds": seconds,
             "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist()}
 
@@ -196,6 +203,8 @@ def _train_labelled(model, bench, cfg, results, progress):
                                     "train_seconds": stats["seconds"]})
         if cfg.scenario != "GG" and (t + 1) in checkpoints:
             results["vs_tasks"].append(measure_task_inference(model, bench, cfg, t + 1, progress))
+            # long runs: every checkpoint is on disk as soon as it is measured
+            _write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
 
 
 def _train_nns(model, bench, cfg, results, progress):
@@ -233,6 +242,7 @@ def run(cfg: ExperimentConfig) -> dict:
     model.to(cfg.device)
     results = {"config": asdict(cfg), "data": bench.describe(), "environment": _environment(),
                "per_task": [], "vs_tasks": [], "train_seconds": 0.0}
+    os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.scenario == "NNs":
         _train_nns(model, bench, cfg, results, progress)
     else:
@@ -245,8 +255,11 @@ def run(cfg: ExperimentConfig) -> dict:
     if results["per_task"]:
         results["gg_accuracy_mean"] = sum(p["gg_accuracy"] for p in results["per_task"]) / len(results["per_task"])
     results["final"] = results["vs_tasks"][-1] if results["vs_tasks"] else None
+    # the other methods on the same masks, at the final number of tasks
+    results["compared_methods"] = [measure_task_inference(model, bench, cfg, n_tasks, progress, method=m)
+                                   for m in cfg.compare_methods]
     results["total_seconds"] = time.perf_counter() - t_start
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    results["complete"] = True
     if cfg.save_bank:
         from .checkpoint import save_bank
 
@@ -322,6 +335,10 @@ def summary_table(results: dict) -> str:
         for p in pts:
             lines.append(f"{p['tasks']:>6} | {100 * p['accuracy']:>8.2f}% | {100 * p['task_inference_accuracy']:>11.2f}% "
                          f"| {p['images']:>6} | {p['ms_per_inference']:>12.2f}")
+    for p in results.get("compared_methods", []):
+        lines.append(f"{p['method']:>14}: {c['scenario']} acc {100 * p['accuracy']:.2f}%, task-inf acc "
+                     f"{100 * p['task_inference_accuracy']:.2f}% at {p['tasks']} tasks, "
+                     f"{p['ms_per_inference']:.2f} ms/inference")
     if "nns" in results:
         lines.append(f"NNs: {results['nns']['masks_allocated']} masks allocated for {c['tasks']} tasks "
                      f"({results['nns']['checks']} novelty checks)")
