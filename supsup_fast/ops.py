@@ -20,6 +20,7 @@ declines an input raises :class:`~supsup_fast.errors.BackendError` with its reas
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -28,6 +29,8 @@ import torch
 
 from . import reference as ref
 from .errors import BackendError, SupsupError
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 from .format import words_per_row
 
 ENV_BACKEND = "SUPSUP_FAST_BACKEND"
@@ -112,7 +115,12 @@ def forced_backends() -> dict[str, str]:
     """``{op or '*': backend}`` from :func:`force_backend` or ``SUPSUP_FAST_BACKEND``."""
     if _forced_override is not None:
         return _forced_override
-    return _parse_forced(os.environ.get(ENV_BACKEND, ""))
+    return _parse_forced_cached(os.environ.get(ENV_BACKEND, ""))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_forced_cached(text: str) -> dict[str, str]:
+    return _parse_forced(text)
 
 
 @contextlib.contextmanager
@@ -303,6 +311,50 @@ def _masked_linear_seeded(x, mask_words, seed, layer, scale, bias):
     return _run("masked_linear_seeded", x.device.type, x.dtype, x, mask_words, seed, layer, scale, bias)
 
 
+# ---- the eager fast path ------------------------------------------------------------------
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_DTYPE_FREE_OPS = ("pack_masks", "unpack_masks")
+# straight-through ops run the plain kernel: the scores only matter to autograd
+_DIRECT_KERNEL = {
+    "masked_linear_st": ("masked_linear", lambda a: (a[0], a[1], a[2], a[4])),
+    "apply_mask_st": ("apply_mask", lambda a: (a[0], a[1])),
+}
+
+
+def _direct(args) -> bool:
+    """Whether a call may skip the dispatcher: eager, no autograd to record, plain tensors, no mode."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+class _FastOps:
+    """``_fast.<op>(*args)`` calls the registry's kernel directly when :func:`_direct` allows it
+    (saving the dispatcher and autograd wrapper, tens of microseconds per call on small layers)
+    and the ``torch.library`` op otherwise (autograd, torch.compile, tensor subclasses, modes)."""
+
+    def __getattr__(self, name: str):
+        op = getattr(_op, name)
+        kname, pick = _DIRECT_KERNEL.get(name, (name, None))
+
+        def call(*args):
+            if _direct(args):
+                first = args[0]
+                dtype = None if kname in _DTYPE_FREE_OPS else first.dtype
+                return _run(kname, first.device.type, dtype, *(pick(args) if pick else args))
+            return op(*args)
+
+        setattr(self, name, call)
+        return call
+
+
+_fast = _FastOps()
+
+
 # ---- fake kernels: shapes only --------------------------------------------------------
 @torch.library.register_fake("supsup_fast::pack_masks")
 def _pack_masks_fake(masks):
@@ -402,7 +454,7 @@ def _setup_apply_mask(ctx, inputs, output):
 
 def _apply_mask_bwd(ctx, grad):
     weight, mask_words = ctx.saved_tensors
-    return _op.apply_mask(grad, mask_words), None
+    return _fast.apply_mask(grad, mask_words), None
 
 
 def _apply_mask_st_bwd(ctx, grad):
@@ -421,9 +473,9 @@ def _masked_linear_bwd(ctx, grad):
     x, weight, mask_words = ctx.saved_tensors
     gx = gw = gb = None
     if ctx.needs_input_grad[0]:
-        gx = _op.masked_linear_grad_input(grad, weight, mask_words)
+        gx = _fast.masked_linear_grad_input(grad, weight, mask_words)
     if ctx.needs_input_grad[1]:
-        gw = _op.apply_mask(_dense_weight_grad(grad, x).to(weight.dtype), mask_words)
+        gw = _fast.apply_mask(_dense_weight_grad(grad, x).to(weight.dtype), mask_words)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         gb = _bias_grad(grad)
     return gx, gw, None, gb
@@ -433,9 +485,9 @@ def _masked_linear_st_bwd(ctx, grad):
     x, weight, mask_words = ctx.saved_tensors
     gx = gs = gb = None
     if ctx.needs_input_grad[0]:
-        gx = _op.masked_linear_grad_input(grad, weight, mask_words)
+        gx = _fast.masked_linear_grad_input(grad, weight, mask_words)
     if ctx.needs_input_grad[3]:
-        gs = _op.masked_weight_grad(grad, x, weight)
+        gs = _fast.masked_weight_grad(grad, x, weight)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _bias_grad(grad)
     return gx, None, None, gs, gb
@@ -451,14 +503,14 @@ def _setup_conv(ctx, inputs, output):
 def _masked_conv2d_bwd(ctx, grad):
     x, weight, mask_words = ctx.saved_tensors
     stride, padding, dilation, groups = ctx.conf
-    w_eff = _op.apply_mask(weight, mask_words)
+    w_eff = _fast.apply_mask(weight, mask_words)
     need = ctx.needs_input_grad
     gx, gw, gb = torch.ops.aten.convolution_backward(
         grad, x, w_eff, ctx.bias_shape, stride, padding, dilation, False, [0, 0], groups,
         [need[0], need[1], ctx.bias_shape is not None and need[3]],
     )
     if gw is not None:
-        gw = _op.apply_mask(gw, mask_words)
+        gw = _fast.apply_mask(gw, mask_words)
     return gx, gw, None, gb, None, None, None, None
 
 
@@ -470,12 +522,12 @@ def _superpose_bwd(ctx, grad):
     weight, bank, alpha = ctx.saved_tensors
     gw = ga = None
     if ctx.needs_input_grad[0]:
-        gw = _op.superpose(grad.contiguous(), bank, alpha)
+        gw = _fast.superpose(grad.contiguous(), bank, alpha)
     if ctx.needs_input_grad[2]:
         # half-precision weights: form v and its dots in float32, alpha's gradient sums many terms
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         v = (grad.to(acc) * weight.to(acc)).reshape(weight.shape[0], -1)
-        ga = _op.mask_dots(v, bank).to(alpha.dtype)
+        ga = _fast.mask_dots(v, bank).to(alpha.dtype)
     return gw, None, ga
 
 
@@ -488,8 +540,8 @@ def _mask_dots_bwd(ctx, grad):
     # d<v, M_t>/dv = M_t, so dL/dv_r = sum_t g_rt M_t: a superposition with unit weight
     ones = torch.ones(v.shape[-2:], dtype=v.dtype, device=v.device)
     if v.dim() == 2:
-        return _op.superpose(ones, bank, grad.to(v.dtype)), None
-    return torch.stack([_op.superpose(ones, bank, g.to(v.dtype)) for g in grad.unbind(0)]), None
+        return _fast.superpose(ones, bank, grad.to(v.dtype)), None
+    return torch.stack([_fast.superpose(ones, bank, g.to(v.dtype)) for g in grad.unbind(0)]), None
 
 
 def _setup_grouped(ctx, inputs, output):
@@ -502,7 +554,7 @@ def _masked_linear_grouped_bwd(ctx, grad):
     weight, bank, task_ids = ctx.saved_tensors
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        gx = _op.masked_linear_grouped_grad_input(grad, weight, bank, task_ids)
+        gx = _fast.masked_linear_grouped_grad_input(grad, weight, bank, task_ids)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _bias_grad(grad)
     return gx, None, None, None, gb
@@ -522,7 +574,7 @@ def _masked_linear_seeded_bwd(ctx, grad):
     if ctx.needs_input_grad[0]:
         signs = ref.signed_constant_signs(seed, layer, mask_words.shape[0] * k, grad.device)
         weight = torch.where(signs, scale, -scale).to(dtype).reshape(mask_words.shape[0], k)
-        gx = _op.masked_linear_grad_input(grad, weight, mask_words)
+        gx = _fast.masked_linear_grad_input(grad, weight, mask_words)
     if ctx.has_bias and ctx.needs_input_grad[5]:
         gb = _bias_grad(grad)
     return gx, None, None, None, None, gb
@@ -535,7 +587,7 @@ def _setup_grad_input(ctx, inputs, output):
 def _masked_linear_grad_input_bwd(ctx, gg):
     # grad_out @ (W*M) is linear in grad_out: its vector-Jacobian product is gg @ (W*M)^T
     grad_out, weight, mask_words = ctx.saved_tensors
-    return _op.masked_linear(gg, weight, mask_words, None), None, None
+    return _fast.masked_linear(gg, weight, mask_words, None), None, None
 
 
 def _setup_weight_grad(ctx, inputs, output):
@@ -560,7 +612,7 @@ def _setup_grouped_grad_input(ctx, inputs, output):
 
 def _masked_linear_grouped_grad_input_bwd(ctx, gg):
     grad_out, weight, bank, task_ids = ctx.saved_tensors
-    return _op.masked_linear_grouped(gg, weight, bank, task_ids, None), None, None, None
+    return _fast.masked_linear_grouped(gg, weight, bank, task_ids, None), None, None, None
 
 
 torch.library.register_autograd(
@@ -591,26 +643,36 @@ torch.library.register_autograd("supsup_fast::mask_dots", _mask_dots_bwd, setup_
 # ======================================================================================
 # Public, validated entry points
 # ======================================================================================
-def _require(cond: bool, msg: str) -> None:
+def _require(cond: bool, msg) -> None:
+    """Raise :class:`SupsupError` unless ``cond``; ``msg`` may be a callable so the hot path formats nothing."""
     if not cond:
-        raise SupsupError(msg)
+        raise SupsupError(msg() if callable(msg) else msg)
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:
-    _require(t.dtype in FLOAT_DTYPES, f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    _require(t.dtype in FLOAT_DTYPES, lambda: f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
 
 
 def _check_words(name: str, words: torch.Tensor, n: int, k: int, lead: int) -> None:
-    _require(words.dtype == torch.int32, f"{name} must be int32 packed words, got {words.dtype}")
+    _require(words.dtype == torch.int32, lambda: f"{name} must be int32 packed words, got {words.dtype}")
     want = (n, words_per_row(k))
     _require(
         words.dim() == 2 + lead and tuple(words.shape[lead:]) == want,
-        f"{name} has shape {tuple(words.shape)}, expected {'[T, ' if lead else '['}{want[0]}, {want[1]}] "
+        lambda: f"{name} has shape {tuple(words.shape)}, expected {'[T, ' if lead else '['}{want[0]}, {want[1]}] "
         f"for a weight with N={n}, K={k}",
     )
 
 
 def _check_same_device(**tensors: Optional[torch.Tensor]) -> None:
+    first = None
+    for t in tensors.values():
+        if t is not None:
+            if first is None:
+                first = t.device
+            elif t.device != first:
+                break
+    else:
+        return
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise SupsupError("tensors are on different devices: " + ", ".join(f"{n}={d}" for n, d in devs.items()))
@@ -623,19 +685,19 @@ def _nk(weight: torch.Tensor) -> tuple[int, int]:
 
 def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     """Masks ``[..., N, K]`` (non-zero = kept) -> int32 words ``[..., N, ceil(K/32)]``."""
-    _require(masks.dim() >= 2, f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
-    return _op.pack_masks(masks)
+    _require(masks.dim() >= 2, lambda: f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
+    return _fast.pack_masks(masks)
 
 
 def unpack_masks(words: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """int32 words ``[..., N, W]`` -> masks ``[..., N, k]`` of ``dtype``."""
-    _require(words.dtype == torch.int32, f"unpack_masks needs int32 words, got {words.dtype}")
-    _require(words.dim() >= 2, f"unpack_masks needs words of at least 2 dims, got shape {tuple(words.shape)}")
+    _require(words.dtype == torch.int32, lambda: f"unpack_masks needs int32 words, got {words.dtype}")
+    _require(words.dim() >= 2, lambda: f"unpack_masks needs words of at least 2 dims, got shape {tuple(words.shape)}")
     _require(
         words.shape[-1] == words_per_row(k),
-        f"unpack_masks: {words.shape[-1]} words per row cannot hold k={k} bits (needs {words_per_row(k)})",
+        lambda: f"unpack_masks: {words.shape[-1]} words per row cannot hold k={k} bits (needs {words_per_row(k)})",
     )
-    return _op.unpack_masks(words, k, dtype)
+    return _fast.unpack_masks(words, k, dtype)
 
 
 def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -645,21 +707,21 @@ def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[
     _check_words("mask_words", mask_words, n, k, 0)
     _check_same_device(weight=weight, mask_words=mask_words, scores=scores)
     if scores is None:
-        return _op.apply_mask(weight, mask_words)
-    _require(scores.shape == weight.shape, f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
-    return _op.apply_mask_st(weight, mask_words, scores)
+        return _fast.apply_mask(weight, mask_words)
+    _require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    return _fast.apply_mask_st(weight, mask_words, scores)
 
 
 def _check_linear(x, weight, mask_words, bias):
     _check_float("x", x)
-    _require(weight.dim() == 2, f"masked_linear weight must be [N, K], got shape {tuple(weight.shape)}")
-    _require(x.dtype == weight.dtype, f"x dtype {x.dtype} != weight dtype {weight.dtype}")
+    _require(weight.dim() == 2, lambda: f"masked_linear weight must be [N, K], got shape {tuple(weight.shape)}")
+    _require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
     _require(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
-             f"x has shape {tuple(x.shape)}; its last dim must be K={weight.shape[1]}")
+             lambda: f"x has shape {tuple(x.shape)}; its last dim must be K={weight.shape[1]}")
     _check_words("mask_words", mask_words, weight.shape[0], weight.shape[1], 0)
     if bias is not None:
-        _require(bias.shape == (weight.shape[0],), f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
-        _require(bias.dtype == x.dtype, f"bias dtype {bias.dtype} != x dtype {x.dtype}")
+        _require(bias.shape == (weight.shape[0],), lambda: f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+        _require(bias.dtype == x.dtype, lambda: f"bias dtype {bias.dtype} != x dtype {x.dtype}")
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
 
 
@@ -671,19 +733,19 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None):
     """
     _check_linear(x, weight, mask_words, bias)
     if scores is None:
-        return _op.masked_linear(x, weight, mask_words, bias)
-    _require(scores.shape == weight.shape, f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
-    return _op.masked_linear_st(x, weight, mask_words, scores, bias)
+        return _fast.masked_linear(x, weight, mask_words, bias)
+    _require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    return _fast.masked_linear_st(x, weight, mask_words, scores, bias)
 
 
 def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``conv2d(x, W * M) + b`` for one task's packed mask."""
     _check_float("x", x)
-    _require(weight.dim() == 4, f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
-    _require(x.dim() in (3, 4), f"masked_conv2d input must be [B, C, H, W] or [C, H, W], got {tuple(x.shape)}")
-    _require(x.dtype == weight.dtype, f"x dtype {x.dtype} != weight dtype {weight.dtype}")
+    _require(weight.dim() == 4, lambda: f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
+    _require(x.dim() in (3, 4), lambda: f"masked_conv2d input must be [B, C, H, W] or [C, H, W], got {tuple(x.shape)}")
+    _require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
     _require(x.shape[-3] == weight.shape[1] * groups,
-             f"x has {x.shape[-3]} channels, weight expects {weight.shape[1] * groups} (groups={groups})")
+             lambda: f"x has {x.shape[-3]} channels, weight expects {weight.shape[1] * groups} (groups={groups})")
     n, k = _nk(weight)
     _check_words("mask_words", mask_words, n, k, 0)
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
@@ -697,36 +759,36 @@ def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> 
     n, k = _nk(weight)
     _check_words("bank", bank, n, k, 1)
     _require(alpha.dim() == 1 and alpha.shape[0] == bank.shape[0],
-             f"alpha has shape {tuple(alpha.shape)}, expected [{bank.shape[0]}] (one weight per task)")
-    _require(alpha.is_floating_point(), f"alpha must be floating, got {alpha.dtype}")
+             lambda: f"alpha has shape {tuple(alpha.shape)}, expected [{bank.shape[0]}] (one weight per task)")
+    _require(alpha.is_floating_point(), lambda: f"alpha must be floating, got {alpha.dtype}")
     _check_same_device(weight=weight, bank=bank, alpha=alpha)
-    return _op.superpose(weight, bank, alpha)
+    return _fast.superpose(weight, bank, alpha)
 
 
 def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """``<v_r, M_t>`` for all rows and tasks: ``v [R, N, K]`` or ``[N, K]`` -> ``[R, T]`` or ``[T]``."""
     _check_float("v", v)
-    _require(v.dim() in (2, 3), f"mask_dots needs v of shape [N, K] or [R, N, K], got {tuple(v.shape)}")
+    _require(v.dim() in (2, 3), lambda: f"mask_dots needs v of shape [N, K] or [R, N, K], got {tuple(v.shape)}")
     _check_words("bank", bank, v.shape[-2], v.shape[-1], 1)
     _check_same_device(v=v, bank=bank)
-    return _op.mask_dots(v, bank)
+    return _fast.mask_dots(v, bank)
 
 
 def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
     """Row ``i`` of ``x [M, K]`` through task ``task_ids[i]``'s mask (serving many tasks in one batch)."""
     _check_float("x", x)
-    _require(x.dim() == 2, f"masked_linear_grouped needs x of shape [M, K], got {tuple(x.shape)}")
-    _require(x.dtype == weight.dtype, f"x dtype {x.dtype} != weight dtype {weight.dtype}")
+    _require(x.dim() == 2, lambda: f"masked_linear_grouped needs x of shape [M, K], got {tuple(x.shape)}")
+    _require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
     _require(weight.dim() == 2 and x.shape[1] == weight.shape[1],
-             f"x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K")
+             lambda: f"x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K")
     _check_words("bank", bank, weight.shape[0], weight.shape[1], 1)
     _require(task_ids.dtype in (torch.int32, torch.int64) and task_ids.shape == (x.shape[0],),
-             f"task_ids must be int32/int64 of shape [{x.shape[0]}], got {task_ids.dtype} {tuple(task_ids.shape)}")
+             lambda: f"task_ids must be int32/int64 of shape [{x.shape[0]}], got {task_ids.dtype} {tuple(task_ids.shape)}")
     if task_ids.numel():
         lo, hi = int(task_ids.min()), int(task_ids.max())
-        _require(lo >= 0 and hi < bank.shape[0], f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
+        _require(lo >= 0 and hi < bank.shape[0], lambda: f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
     _check_same_device(x=x, weight=weight, bank=bank, task_ids=task_ids, bias=bias)
-    return _op.masked_linear_grouped(x, weight, bank, task_ids.to(torch.int64), bias)
+    return _fast.masked_linear_grouped(x, weight, bank, task_ids.to(torch.int64), bias)
 
 
 def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bias=None):
@@ -734,17 +796,17 @@ def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bia
     _check_float("x", x)
     _check_words("mask_words", mask_words, mask_words.shape[0] if mask_words.dim() else 0, x.shape[-1], 0)
     _check_same_device(x=x, mask_words=mask_words, bias=bias)
-    return _op.masked_linear_seeded(x, mask_words, int(seed), int(layer), float(scale), bias)
+    return _fast.masked_linear_seeded(x, mask_words, int(seed), int(layer), float(scale), bias)
 
 
 def masked_linear_grad_input(grad_out, weight, mask_words):
     """``dL/dx = dL/dy (W * M)``."""
-    return _op.masked_linear_grad_input(grad_out, weight, mask_words)
+    return _fast.masked_linear_grad_input(grad_out, weight, mask_words)
 
 
 def masked_weight_grad(grad_out, x, weight):
     """Straight-through score gradient ``(dL/dy^T x) * W``."""
-    return _op.masked_weight_grad(grad_out, x, weight)
+    return _fast.masked_weight_grad(grad_out, x, weight)
 
 
 # ======================================================================================
