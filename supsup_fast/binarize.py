@@ -15,12 +15,14 @@ the gradient reaching ``M`` is passed on as if ``M`` were the identity of its in
 
 How the layers use them (one packed-mask op per layer, yet exact STE gradients)::
 
-    mask  = topk_mask(scores, density)            # float 0/1, carries dM/dS
-    words = ops.pack_masks(mask.detach())         # the bits the kernel reads
-    y     = ops.masked_linear(x, W, words, b, scores=mask)
+    keep, carrier = binarise_bits(scores, "topk", density)  # bool mask; |S| carries dM/dS
+    words = ops.pack_masks(keep)                             # the bits the kernel reads
+    y     = ops.masked_linear(x, W, words, b, scores=carrier)
 
 ``ops.masked_linear``'s gradient for its ``scores`` argument is ``(dL/dy^T x) * W``, which is
-exactly ``dL/dM`` for ``y = x (W*M)^T``; autograd then carries it through the binariser to ``S``.
+exactly ``dL/dM`` for ``y = x (W*M)^T``; autograd then carries it into ``S`` with the
+binariser's straight-through derivative (``1`` for threshold, ``sign(S)`` for top-k) -- the same
+gradient as ``scores=binarise(S)`` gives, without a float mask or an extra pass.
 """
 
 from __future__ import annotations
@@ -45,16 +47,37 @@ _RADIX_MIN_NUMEL = 1 << 16
 _RADIX_BINS = 2048
 
 
+def _native_op(name: str):
+    """A compiled float32 CPU helper (``largest_k``, ``mul_sign``), or ``None`` without the extension."""
+    if name not in _NATIVE:  # resolved on first use: the extension loads after this module
+        from . import _native
+
+        _NATIVE[name] = getattr(torch.ops.supsup_fast_C, name, None) if _native.EXT_LOADED else None
+    return _NATIVE[name]
+
+
+_NATIVE: dict = {}
+
+
+def _native_ok(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and not torch.compiler.is_compiling()
+
+
 def _largest_k(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of the flat tensor ``a``.
 
-    ``torch.topk`` with ``k ~ n/2`` costs ~60 ns per element on CPU. For large CPU tensors one
-    bucketing pass finds the bucket holding the k-th largest value; everything above it is kept
-    and ``topk`` runs only inside that bucket. The selected set is the same (up to ties).
+    ``torch.topk`` with ``k ~ n/2`` costs ~60 ns per element on CPU. float32 CPU tensors take the
+    compiled radix select (three passes over the data, ~2 ns per element; ties at the k-th value
+    taken in index order). Otherwise, for large CPU tensors one bucketing pass finds the bucket holding the k-th
+    largest value; everything above it is kept and ``topk`` runs only inside that bucket. The
+    selected set is the same (up to ties).
     """
     n = a.numel()
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=a.device)
+    native = _native_op("largest_k")
+    if native is not None and _native_ok(a):
+        return native(a, k)
     simple = a.device.type != "cpu" or n < _RADIX_MIN_NUMEL or torch.compiler.is_compiling()
     lo, hi = (None, None) if simple else (a.min(), a.max())
     if simple or not bool(hi > lo):
@@ -84,6 +107,23 @@ class _TopKStraightThrough(torch.autograd.Function):
         return grad, None
 
 
+class _SignStraightThrough(torch.autograd.Function):
+    """Forward: ``S`` itself (a carrier whose value the packed-mask ops ignore); backward:
+    ``grad * sign(S)`` in one compiled pass -- the same gradient as through ``|S|``."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(scores)
+        return scores.view_as(scores)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (scores,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: stay differentiable for higher-order gradients
+            return grad * scores.sign()
+        return _native_op("mul_sign")(grad, scores)
+
+
 class _ThresholdStraightThrough(torch.autograd.Function):
     """Forward: ``[S >= 0]``; backward: identity."""
 
@@ -111,6 +151,31 @@ def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     if not scores.is_floating_point():
         raise SupsupError(f"scores must be a floating tensor, got {scores.dtype}")
     return _ThresholdStraightThrough.apply(scores)
+
+
+def binarise_bits(scores: torch.Tensor, binariser: str, density: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask as bools plus a *carrier*: a tensor whose gradient is ``dL/dM`` when it is passed
+    as the ``scores=`` argument of the packed-mask ops, so autograd carries that into ``S``
+    exactly as through :func:`binarise`, without materialising a float mask.
+
+    * threshold: the carrier is ``S`` itself (``dM/dS = 1``);
+    * topk: the carrier is ``|S|`` (its backward multiplies by ``sign(S)``); float32 CPU scores
+      use a compiled selection on ``|S|`` and a carrier whose backward is one ``grad * sign(S)`` pass.
+    """
+    if not scores.is_floating_point():
+        raise SupsupError(f"scores must be a floating tensor, got {scores.dtype}")
+    if binariser == "threshold":
+        return scores.detach() >= 0, scores
+    if binariser == "topk":
+        k = kept_count(scores.numel(), density)
+        if _native_op("largest_k") is not None and _native_op("mul_sign") is not None and _native_ok(scores):
+            # |S| is formed inside the selection, and sign(S) only in the backward pass
+            keep = _native_op("largest_k")(scores.detach().reshape(-1), k, True)
+            return keep.reshape(scores.shape), _SignStraightThrough.apply(scores)
+        magnitude = scores.abs()
+        keep = _largest_k(magnitude.detach().reshape(-1), k)
+        return keep.reshape(scores.shape), magnitude
+    raise SupsupError(f"unknown binariser {binariser!r}; expected 'topk' or 'threshold'")
 
 
 def binarise(scores: torch.Tensor, binariser: str, density: float = 1.0) -> torch.Tensor:

@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from supsup_fast import SupsupError, format, reference
-from supsup_fast.binarize import _largest_k, binarise, kept_count, threshold_mask, topk_mask
+from supsup_fast import binarize as binarize_module
+from supsup_fast import ops
+from supsup_fast.binarize import _largest_k, binarise, binarise_bits, kept_count, threshold_mask, topk_mask
 from supsup_fast.config import SupsupConfig
 from supsup_fast.nn import MaskedConv2d, MaskedLinear, TaskBatchNorm
 
@@ -84,6 +86,37 @@ def test_topk_gradient_is_sign_of_scores():
     g = torch.randn(9, 11, dtype=torch.float64)
     (topk_mask(s, 0.4) * g).sum().backward()
     torch.testing.assert_close(s.grad, g * s.detach().sign(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("binariser", ["topk", "threshold"])
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "python"])
+@pytest.mark.parametrize("shape", [(37, 53), (300, 784)])
+def test_binarise_bits_matches_float_binariser(binariser, native, shape, monkeypatch):
+    """Bits + carrier give the same mask and the same score gradient as the float binariser,
+    with the compiled top-k selection and with the Python fallback."""
+    if not native:
+        monkeypatch.setattr(binarize_module, "_NATIVE", {"largest_k": None, "mul_sign": None})
+    gen = torch.Generator().manual_seed(shape[0])
+    s = torch.randn(shape, generator=gen).requires_grad_()
+    x, w = torch.randn(5, shape[1], generator=gen), torch.randn(shape, generator=gen)
+    g = torch.randn(5, shape[0], generator=gen)
+    keep, carrier = binarise_bits(s, binariser, 0.37)
+    want = binarise(s.detach(), binariser, 0.37)
+    assert keep.dtype == torch.bool and torch.equal(keep.float(), want)
+    (ops.masked_linear(x, w, ops.pack_masks(keep), scores=carrier) * g).sum().backward()
+    s2 = s.detach().clone().requires_grad_()
+    (F.linear(x, w * binarise(s2, binariser, 0.37)) * g).sum().backward()
+    torch.testing.assert_close(s.grad, s2.grad)
+
+
+def test_binarise_bits_topk_twice_differentiable():
+    """The carrier's backward stays differentiable under create_graph: d/du of (u * sign(s)) . h."""
+    s, u, h = torch.randn(40, 30, requires_grad=True), torch.randn(40, 30, requires_grad=True), torch.randn(40, 30)
+    _, carrier = binarise_bits(s, "topk", 0.5)
+    (gs,) = torch.autograd.grad((carrier * u).sum(), s, create_graph=True)
+    torch.testing.assert_close(gs, u.detach() * s.detach().sign())
+    (gu,) = torch.autograd.grad((gs * h).sum(), u)
+    torch.testing.assert_close(gu, h * s.detach().sign())
 
 
 def test_threshold_mask_and_unit_gradient():

@@ -217,8 +217,10 @@ def test_superpose_skips_zero_alpha(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tasks", [1, 7, 300])
-@pytest.mark.parametrize("v_shape", [(5, 33), (3, 6, 100), (2, 1, 1)])
+# tasks x rows reach every CPU path: per-task dots (few tasks), row tiles (R >= 3, T < 64),
+# in-lane tables (T >= 16) and byte tables
+@pytest.mark.parametrize("tasks", [1, 7, 20, 300])
+@pytest.mark.parametrize("v_shape", [(5, 33), (2, 4, 70), (3, 6, 100), (5, 7, 45), (2, 1, 1)])
 def test_mask_dots(backend, dtype, tasks, v_shape):
     n, k = v_shape[-2:]
     v, bank = _rand(v_shape, dtype, 1), _bank(tasks, n, k, 2, density=0.3)

@@ -155,6 +155,19 @@ void seeded_row(int64_t row, int64_t k, uint32_t key, T pos, T neg, T* out) {
   for (int64_t i = 0; i < k; ++i) out[i] = hash_sign(base + i, key) ? pos : neg;
 }
 
+// W * M in a per-thread scratch buffer. The many-row paths only feed W * M to the GEMM, so one
+// reused buffer saves allocating (and page-faulting in) a weight-sized tensor on every call of
+// a training step. The returned tensor must not outlive the caller's use of it.
+at::Tensor scratch_masked_weight(const at::Tensor& weight, const at::Tensor& mask_words) {
+  thread_local std::vector<double> buffer;  // double: 8-byte alignment for every dtype
+  const size_t need = (static_cast<size_t>(weight.numel()) * weight.element_size() + sizeof(double) - 1) /
+                      sizeof(double);
+  if (buffer.size() < need) buffer.resize(need);
+  at::Tensor out = at::from_blob(buffer.data(), weight.sizes(), weight.options());
+  apply_mask_into(weight, mask_words, out);
+  return out;
+}
+
 }  // namespace
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
@@ -172,7 +185,7 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
     return y.reshape(with_last(x, n));
   }
 #endif
-  return at::linear(x, apply_mask(weight, mask_words), bias);
+  return at::linear(x, scratch_masked_weight(weight, mask_words), bias);
 }
 
 at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
@@ -196,7 +209,7 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
     return dx.reshape(with_last(grad_out, k));
   }
 #endif
-  return at::matmul(grad_out, apply_mask(weight, mask_words));
+  return at::matmul(grad_out, scratch_masked_weight(weight, mask_words));
 }
 
 at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
@@ -216,7 +229,8 @@ at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, c
   const at::Tensor g = grad_out.reshape({-1, n}).to(acc), xx = x.reshape({-1, k}).to(acc);
   const at::Tensor dense = at::mm(g.t(), xx).contiguous();  // [N, K]
   const at::Tensor w = weight.contiguous();
-  at::Tensor out = at::empty(w.sizes(), w.options());
+  // in the GEMM result's own buffer when no cast is needed
+  at::Tensor out = w.scalar_type() == acc ? dense.view(w.sizes()) : at::empty(w.sizes(), w.options());
   // epilogue: multiply by W and cast in one parallel pass over the GEMM result
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_grad", [&] {
     using A = acc_t<scalar_t>;

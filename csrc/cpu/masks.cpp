@@ -1,6 +1,9 @@
-// Packing, unpacking and applying one task's mask; the signed-constant base weight fill.
+// Packing, unpacking and applying one task's mask; the signed-constant base weight fill; the top-k
+// binariser's selection.
 #include "cpu/bits.h"
 #include "cpu/ops.h"
+
+#include <vector>
 
 namespace supsup {
 
@@ -149,9 +152,15 @@ at::Tensor apply_mask(const at::Tensor& weight, const at::Tensor& mask_words) {
   TORCH_CHECK(weight.dim() >= 1, "apply_mask: weight needs at least 1 dim [N, ...], got a scalar");
   const int64_t n = weight.size(0), k = n ? weight.numel() / n : 0;
   check_words(mask_words, n, k, 0, "apply_mask", "mask_words");
+  at::Tensor out = at::empty(weight.sizes(), weight.options());
+  apply_mask_into(weight, mask_words, out);
+  return out;
+}
+
+void apply_mask_into(const at::Tensor& weight, const at::Tensor& mask_words, const at::Tensor& out) {
+  const int64_t n = weight.size(0), k = n ? weight.numel() / n : 0;
+  if (n == 0 || k == 0) return;
   const at::Tensor w = weight.contiguous(), mw = mask_words.contiguous();
-  at::Tensor out = at::empty(w.sizes(), w.options());
-  if (n == 0 || k == 0) return out;
   const uint32_t* bits = word_ptr(mw);
   const int64_t nw = mw.size(1);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(k, 1));
@@ -162,7 +171,6 @@ at::Tensor apply_mask(const at::Tensor& weight, const at::Tensor& mask_words) {
       for (int64_t r = r0; r < r1; ++r) mask_row<scalar_t>(src + r * k, bits + r * nw, k, dst + r * k);
     });
   });
-  return out;
 }
 
 void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, double scale) {
@@ -179,6 +187,118 @@ void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, d
       for (int64_t i = i0; i < i1; ++i) dst[i] = hash_sign(i, key) ? pos : neg;
     });
   });
+}
+
+}  // namespace supsup
+
+namespace supsup {
+
+namespace {
+
+// Index of the bin holding the `need`-th largest key (counting from the top), and how many keys
+// lie in the bins above it.
+inline int pick_bin(const int64_t* hist, int bins, int64_t need, int64_t& above) {
+  above = 0;
+  for (int b = bins - 1; b > 0; --b) {
+    if (above + hist[b] >= need) return b;
+    above += hist[b];
+  }
+  return 0;
+}
+
+}  // namespace
+
+// Bool mask of the k largest entries (of |a| with `magnitude`) of a flat float32 tensor: a radix select on the keys
+// (11 bits over all entries, then 11 + 10 bits over the few in the chosen bin), then one marking
+// pass; ties at the k-th value are taken in index
+// order, so the result does not depend on the thread count.
+at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude) {
+  TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 1 && a.device().is_cpu(),
+              "largest_k: a must be a 1-D float32 CPU tensor, got ", a.scalar_type(), " ", a.sizes());
+  const int64_t n = a.numel();
+  TORCH_CHECK(k >= 0, "largest_k: k must be non-negative, got ", k);
+  const at::Tensor x = a.contiguous();
+  at::Tensor out = at::empty({n}, x.options().dtype(at::kBool));
+  bool* o = out.data_ptr<bool>();
+  if (k >= n || k == 0) {
+    std::fill(o, o + n, k != 0);
+    return out;
+  }
+  const float* p = x.data_ptr<float>();
+  // |a| without a pass of its own: the sign bit is cleared as the keys are formed
+  const uint32_t sign_mask = magnitude ? 0x7FFFFFFFu : 0xFFFFFFFFu;
+  const auto key_at = [&](int64_t i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, sizeof(u));
+    u &= sign_mask;
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  };
+  // pass 1: the top 11 bits over everything
+  // four interleaved histograms: scores crowd into few bins, and one counter would serialise
+  std::vector<int64_t> hist(4 * 2048, 0);
+  int64_t i4 = 0;
+  for (; i4 + 4 <= n; i4 += 4)
+    for (int j = 0; j < 4; ++j) ++hist[j * 2048 + (key_at(i4 + j) >> 21)];
+  for (; i4 < n; ++i4) ++hist[key_at(i4) >> 21];
+  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+  int64_t above = 0;
+  uint32_t prefix = static_cast<uint32_t>(pick_bin(hist.data(), 2048, k, above));
+  int64_t need = k - above;
+  // the keys of that bin (a small fraction), then 11 and 10 more bits over them only
+  std::vector<uint32_t> cand(static_cast<size_t>(hist[prefix]) + 1);
+  std::vector<int64_t> where(cand.size());
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) {  // branch-free: the bin is often a large, random subset
+    const uint32_t key = key_at(i);
+    cand[c] = key;
+    where[c] = i;
+    c += (key >> 21) == prefix;
+  }
+  cand.resize(c);
+  for (const int shift : {10, 0}) {
+    const int width = shift ? 11 : 10;
+    std::fill(hist.begin(), hist.begin() + 2048, 0);
+    for (const uint32_t key : cand)
+      if ((key >> (shift + width)) == prefix) ++hist[(key >> shift) & ((1u << width) - 1u)];
+    const int b = pick_bin(hist.data(), 1 << width, need, above);
+    need -= above;
+    prefix = (prefix << width) | static_cast<uint32_t>(b);
+  }
+  // the k-th largest key (keys order like the floats); `need` of its copies are kept
+  const uint32_t edge = prefix;
+  for (int64_t i = 0; i < n; ++i) o[i] = key_at(i) > edge;
+  for (int64_t j = 0; need > 0 && j < c; ++j) {  // ties at the edge, in index order
+    if (cand[j] == edge) {
+      o[where[j]] = true;
+      --need;
+    }
+  }
+  return out;
+}
+
+}  // namespace supsup
+
+namespace supsup {
+
+// grad * sign(s) in one pass (the top-k binariser's straight-through derivative; sign(0) = 0).
+at::Tensor mul_sign(const at::Tensor& grad, const at::Tensor& s) {
+  TORCH_CHECK(grad.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && grad.sizes() == s.sizes() &&
+                  grad.device().is_cpu() && s.device().is_cpu(),
+              "mul_sign: grad and s must be float32 CPU tensors of one shape, got ", grad.scalar_type(), " ",
+              grad.sizes(), " and ", s.scalar_type(), " ", s.sizes());
+  const at::Tensor g = grad.contiguous(), sc = s.contiguous();
+  at::Tensor out = at::empty(g.sizes(), g.options());
+  const float* gp = g.data_ptr<float>();
+  const float* sp = sc.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, g.numel(), 1 << 15, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = sp[i];
+      const float sg = v > 0.f ? 1.f : v < 0.f ? -1.f : (v == v ? 0.f : v);  // NaN stays NaN, as sgn
+      o[i] = gp[i] * sg;
+    }
+  });
+  return out;
 }
 
 }  // namespace supsup

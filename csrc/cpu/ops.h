@@ -10,6 +10,8 @@ namespace supsup {
 at::Tensor pack_masks(const at::Tensor& masks);
 at::Tensor unpack_masks(const at::Tensor& words, int64_t k, at::ScalarType dtype);
 at::Tensor apply_mask(const at::Tensor& weight, const at::Tensor& mask_words);
+// W * M written into `out` (contiguous, weight's shape and dtype; checks are the caller's)
+void apply_mask_into(const at::Tensor& weight, const at::Tensor& mask_words, const at::Tensor& out);
 void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, double scale);
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
@@ -21,6 +23,11 @@ at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, 
                                  const at::Tensor& task_ids, const std::optional<at::Tensor>& bias);
 at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
                                 double scale, const std::optional<at::Tensor>& bias);
+
+// the top-k binariser: bool mask of the k largest entries (of |a| with `magnitude`) of a flat
+// float32 tensor, and its straight-through derivative grad * sign(s)
+at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude);
+at::Tensor mul_sign(const at::Tensor& grad, const at::Tensor& s);
 
 at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at::Tensor& alpha);
 at::Tensor mask_dots(const at::Tensor& v, const at::Tensor& bank);

@@ -3,7 +3,15 @@
 
 #include "cpu/ops.h"
 
+// CPU-only helpers, declared here rather than with the device ops
+TORCH_LIBRARY_FRAGMENT(supsup_fast_C, m) {
+  m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
+  m.def("mul_sign(Tensor grad, Tensor s) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
+  m.impl("largest_k", &supsup::largest_k);
+  m.impl("mul_sign", &supsup::mul_sign);
   m.impl("pack_masks", &supsup::pack_masks);
   m.impl("unpack_masks", &supsup::unpack_masks);
   m.impl("apply_mask", &supsup::apply_mask);

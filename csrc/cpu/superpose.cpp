@@ -5,16 +5,20 @@
 // 1/2/4/8/16-weight bit planes), then the counts are scaled once; lonely alpha values are added
 // task by task. Work is blocked over word columns so that planes and accumulators stay in L1.
 //
-// mask_dots: the "Four Russians" trick. For each group of 8 weights the 256 subset sums of v
-// are tabulated once per tile; each task's mask byte is then a single lookup. A tile is half a
-// cache line of every task's words, so a tile's tables (32 KB) stay in L1 while all tasks stream
-// through (the other half of each line is still in L2 for the next tile). Few tasks make the
-// tables not worth building: a direct bit loop serves.
+// mask_dots: the "Four Russians" trick. With AVX2 (fp32/fp16/bf16 v) eight tasks ride in the
+// eight lanes of a vector: for each pair of weights the 4 subset sums of v form an in-lane table
+// and one vpermilps looks up 2 mask bits of 8 tasks at once (16 lookups per word, ~1.5 vector
+// instructions per mask byte instead of ~3 for bit-to-lane expansion or ~4 for a scalar 256-entry
+// lookup). Work is blocked over words so a block's tables and the bank's block of every task stay
+// in L2 while the rows of v and the task groups stream through. Each (row, task) is summed by one
+// thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64, no
+// AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct bit
+// loop serves.
 #include "cpu/bits.h"
 #include "cpu/ops.h"
 
 #include <cmath>
-#include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace supsup {
@@ -157,8 +161,9 @@ void add_task(const uint32_t* words, int64_t bw, A a, A* acc) {
 // ------------------------------------------------------------------------------------------
 constexpr int64_t kTileWords = 8;  // 32 bytes of every task per tile: 32 KB of fp32 tables
 constexpr int64_t kTileGroups = kTileWords * 4;
-constexpr int64_t kTableMinTasks = 48;
-constexpr int64_t kTaskChunk = 256;  // tasks per pass over a thread's tiles  // below this, building 256-entry tables does not pay
+constexpr int64_t kTableMinTasks = 48;  // below this, building 256-entry tables does not pay
+constexpr int64_t kTaskChunk = 256;     // tasks per pass over a span's tiles
+constexpr int64_t kSpanTiles = 64;      // tiles per independently summed span
 
 // Sum of v over the set bits of bw words (v padded to 32 values per word).
 template <typename A>
@@ -185,6 +190,229 @@ inline float dot_bits<float>(const float* v, const uint32_t* words, int64_t bw) 
     acc1 = _mm256_add_ps(acc1, masked8(_mm256_loadu_ps(vp + 24), L.sel(wv, 3)));
   }
   return hsum(_mm256_add_ps(acc0, acc1));
+}
+
+constexpr int64_t kLaneBlockWords = 128;  // words per block: 64 KB of tables, 512 B of each task
+constexpr int64_t kLaneFlushWords = 16;   // fp32 partial sums go to fp64 this often
+constexpr int64_t kLaneMinTasks = 16;    // below this the tables (16 per word and row) do not pay
+constexpr int64_t kLanePrefetch = 2;      // task groups ahead
+
+// r[i][j] -> r[j][i] for 8 vectors of 8 32-bit lanes.
+inline void transpose8(__m256i* r) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+
+// The 16 in-lane tables of one word of v: table g is {0, a, b, a + b} in both 128-bit lanes for
+// (a, b) = v[2g], v[2g + 1]; vpermilps reads the low 2 bits of each lane's index.
+template <typename T>
+inline void lane_tables(const T* src, int nb, float* tab) {
+  alignas(32) float x[kWordBits];
+  for (int i = 0; i < nb; ++i) x[i] = static_cast<float>(src[i]);
+  for (int i = nb; i < kWordBits; ++i) x[i] = 0.f;
+  for (int g = 0; g < 16; ++g) {
+    const float a = x[2 * g], b = x[2 * g + 1];
+    _mm256_store_ps(tab + 8 * g, _mm256_setr_ps(0.f, a, b, a + b, 0.f, a, b, a + b));
+  }
+}
+
+// out[r, t] = <v_r, M_t> for fp32-accumulated v, eight tasks per vector.
+template <typename T>
+void mask_dots_lanes(const T* vp, const uint32_t* bits, int64_t r_count, int64_t t_count, int64_t n, int64_t k,
+                     double* total) {
+  const int64_t nw = words_per_row(k), task_words = n * nw;
+  const int64_t groups = (t_count + 7) / 8, items = r_count * groups;
+  std::vector<double> acc(static_cast<size_t>(items * 8), 0.0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (items + threads - 1) / threads);
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    alignas(32) float tab[kLaneBlockWords * 16 * 8];
+    alignas(64) static const uint32_t zeros[kLaneBlockWords] = {};
+    const int64_t r0 = i0 / groups, r1 = (i1 - 1) / groups + 1;
+    int64_t off[kLaneBlockWords];
+    int nbits[kLaneBlockWords];
+    for (int64_t j0 = 0; j0 < task_words; j0 += kLaneBlockWords) {
+      const int64_t bw = std::min(kLaneBlockWords, task_words - j0);
+      for (int64_t jj = 0; jj < bw; ++jj) {
+        const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
+        off[jj] = row * k + wi * kWordBits;
+        nbits[jj] = bits_in_word(wi, k);
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const T* vr = vp + r * n * k;
+        for (int64_t jj = 0; jj < bw; ++jj) lane_tables(vr + off[jj], nbits[jj], tab + jj * 128);
+        const int64_t g0 = std::max(i0, r * groups) - r * groups, g1 = std::min(i1, (r + 1) * groups) - r * groups;
+        for (int64_t g = g0; g < g1; ++g) {
+          const uint32_t* p[8];
+          for (int i = 0; i < 8; ++i) {
+            const int64_t t = g * 8 + i;
+            p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
+          }
+          if (g + kLanePrefetch < g1) {
+            for (int i = 0; i < 8; ++i) {
+              const int64_t t = (g + kLanePrefetch) * 8 + i;
+              if (t >= t_count) break;
+              const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
+              for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
+            }
+          }
+          __m256d d0 = _mm256_setzero_pd(), d1 = _mm256_setzero_pd();
+          const float* tb = tab;  // advanced by SUPSUP_WORD
+          for (int64_t s0 = 0; s0 < bw; s0 += kLaneFlushWords) {
+            const int64_t s1 = std::min(bw, s0 + kLaneFlushWords);
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+#define SUPSUP_LOOKUP(q) \
+  _mm256_permutevar_ps(_mm256_load_ps(tb + 8 * (q)), (q) == 0 ? w : _mm256_srli_epi32(w, 2 * (q)))
+#define SUPSUP_WORD(wv)                                                                                        \
+  do {                                                                                                         \
+    const __m256i w = (wv);                                                                                    \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(0));                                                                  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(1));                                                                  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(2));                                                                  \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(3));                                                                  \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(4));                                                                  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(5));                                                                  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(6));                                                                  \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(7));                                                                  \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(8));                                                                  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(9));                                                                  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(10));                                                                 \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(11));                                                                 \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(12));                                                                 \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(13));                                                                 \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(14));                                                                 \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(15));                                                                 \
+    tb += 128;                                                                                                 \
+  } while (0)
+            int64_t jj = s0;
+            // 8 words of 8 tasks at a time: 8 loads and an 8x8 transpose put word j of every task in one vector
+            for (; jj + 8 <= s1; jj += 8) {
+              __m256i r[8];
+              for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p[i] + jj));
+              transpose8(r);
+              for (int i = 0; i < 8; ++i) SUPSUP_WORD(r[i]);
+            }
+            for (; jj < s1; ++jj)
+              SUPSUP_WORD(_mm256_setr_epi32(static_cast<int>(p[0][jj]), static_cast<int>(p[1][jj]),
+                                            static_cast<int>(p[2][jj]), static_cast<int>(p[3][jj]),
+                                            static_cast<int>(p[4][jj]), static_cast<int>(p[5][jj]),
+                                            static_cast<int>(p[6][jj]), static_cast<int>(p[7][jj])));
+#undef SUPSUP_WORD
+#undef SUPSUP_LOOKUP
+            const __m256 c = _mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3));
+            d0 = _mm256_add_pd(d0, _mm256_cvtps_pd(_mm256_castps256_ps128(c)));
+            d1 = _mm256_add_pd(d1, _mm256_cvtps_pd(_mm256_extractf128_ps(c, 1)));
+          }
+          double* a = acc.data() + (r * groups + g) * 8;
+          _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a), d0));
+          _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4), d1));
+        }
+      }
+    }
+  });
+  for (int64_t r = 0; r < r_count; ++r)
+    for (int64_t t = 0; t < t_count; ++t) total[r * t_count + t] = acc[(r * groups + t / 8) * 8 + t % 8];
+}
+
+constexpr int64_t kRowTile = 4, kTaskTile = 3;  // 12 accumulators in registers
+constexpr int64_t kRowsBlockWords = 16;         // words per block: 2 KB of each row of v
+// Few tasks and several rows: lane masks shared by a tile of rows beat building tables per row
+// (measured crossover near 64 tasks at 64-128 rows).
+constexpr int64_t kRowsMinRows = 3, kRowsMaxTasks = 64;
+
+// out[r, t] = <v_r, M_t> for many rows: each task's bits become lane masks once per 8 weights
+// and serve a tile of rows (an AND and an add per row), like a GEMM micro-kernel with v's
+// block (fp32, zero-padded per word) in L1/L2.
+template <typename T>
+void mask_dots_rows(const T* vp, const uint32_t* bits, int64_t r_count, int64_t t_count, int64_t n, int64_t k,
+                    double* total) {
+  const int64_t nw = words_per_row(k), task_words = n * nw;
+  const int64_t rtiles = (r_count + kRowTile - 1) / kRowTile, ttiles = (t_count + kTaskTile - 1) / kTaskTile;
+  const int64_t items = rtiles * ttiles;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (items + threads - 1) / threads);
+  constexpr int64_t stride = kRowsBlockWords * kWordBits;  // floats per row of a v block
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    const int64_t rt0 = i0 / ttiles, rt1 = (i1 - 1) / ttiles + 1;
+    std::vector<float> vb(static_cast<size_t>((rt1 - rt0) * kRowTile * stride));
+    alignas(64) static const uint32_t zeros[kRowsBlockWords] = {};
+    const __m256i sh0 = shift_for(0), sh1 = shift_for(1), sh2 = shift_for(2), sh3 = shift_for(3);
+    for (int64_t j0 = 0; j0 < task_words; j0 += kRowsBlockWords) {
+      const int64_t bw = std::min(kRowsBlockWords, task_words - j0);
+      int64_t off[kRowsBlockWords];
+      int nbits[kRowsBlockWords];
+      for (int64_t jj = 0; jj < bw; ++jj) {
+        const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
+        off[jj] = row * k + wi * kWordBits;
+        nbits[jj] = bits_in_word(wi, k);
+      }
+      for (int64_t rr = 0; rr < (rt1 - rt0) * kRowTile; ++rr) {
+        const int64_t r = rt0 * kRowTile + rr;
+        float* dst = vb.data() + rr * stride;
+        if (r >= r_count) {
+          std::fill(dst, dst + stride, 0.f);
+          continue;
+        }
+        for (int64_t jj = 0; jj < bw; ++jj, dst += kWordBits) {
+          const T* src = vp + r * n * k + off[jj];
+          const int nb = nbits[jj];
+          if (nb == kWordBits) {
+            for (int i = 0; i < kWordBits; ++i) dst[i] = static_cast<float>(src[i]);
+          } else {
+            for (int i = 0; i < nb; ++i) dst[i] = static_cast<float>(src[i]);
+            for (int i = nb; i < kWordBits; ++i) dst[i] = 0.f;
+          }
+        }
+      }
+      for (int64_t item = i0; item < i1; ++item) {
+        const int64_t rt = item / ttiles, tt = item % ttiles;
+        const float* v0 = vb.data() + (rt - rt0) * kRowTile * stride;
+        const uint32_t* p[kTaskTile];
+        for (int i = 0; i < kTaskTile; ++i) {
+          const int64_t t = tt * kTaskTile + i;
+          p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
+        }
+        __m256 a[kRowTile][kTaskTile];
+        for (auto& ar : a)
+          for (auto& x : ar) x = _mm256_setzero_ps();
+        for (int64_t jj = 0; jj < bw; ++jj) {
+          const float* vj = v0 + jj * kWordBits;
+          for (int q = 0; q < 4; ++q) {
+            const __m256i sh = q == 0 ? sh0 : q == 1 ? sh1 : q == 2 ? sh2 : sh3;
+            __m256 sel[kTaskTile];
+            for (int i = 0; i < kTaskTile; ++i)
+              sel[i] = _mm256_castsi256_ps(
+                  _mm256_srai_epi32(_mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(p[i][jj])), sh), 31));
+            for (int r = 0; r < kRowTile; ++r) {
+              const __m256 x = _mm256_loadu_ps(vj + r * stride + 8 * q);
+              for (int i = 0; i < kTaskTile; ++i) a[r][i] = _mm256_add_ps(a[r][i], _mm256_and_ps(x, sel[i]));
+            }
+          }
+        }
+        for (int r = 0; r < kRowTile; ++r) {
+          const int64_t rg = rt * kRowTile + r;
+          if (rg >= r_count) break;
+          for (int i = 0; i < kTaskTile; ++i) {
+            const int64_t t = tt * kTaskTile + i;
+            if (t < t_count) total[rg * t_count + t] += static_cast<double>(hsum(a[r][i]));
+          }
+        }
+      }
+    }
+  });
 }
 #endif
 
@@ -250,81 +478,97 @@ at::Tensor mask_dots(const at::Tensor& v, const at::Tensor& bank) {
   std::vector<double> total(static_cast<size_t>(r_count * t_count), 0.0);
   const uint32_t* bits = word_ptr(bk);
   const bool tables = t_count >= kTableMinTasks;
-  std::mutex merge;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vv.scalar_type(), "mask_dots", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* vp = vv.data_ptr<scalar_t>();
+#if SUPSUP_AVX2
+    if constexpr (std::is_same_v<A, float>) {
+      if (r_count >= kRowsMinRows && t_count < kRowsMaxTasks) {
+        mask_dots_rows<scalar_t>(vp, bits, r_count, t_count, n, k, total.data());
+        return;
+      }
+      if (t_count >= kLaneMinTasks) {
+        mask_dots_lanes<scalar_t>(vp, bits, r_count, t_count, n, k, total.data());
+        return;
+      }
+    }
+#endif
+    // tiles in fixed spans, each summed into its own partial, the partials added in span order:
+    // the result does not depend on how the spans are spread over threads
     const int64_t n_tiles = (task_words + kTileWords - 1) / kTileWords;
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t grain = std::max<int64_t>(1, (n_tiles + threads - 1) / threads);
-    at::parallel_for(0, n_tiles, grain, [&](int64_t i0, int64_t i1) {
-      std::vector<double> part(static_cast<size_t>(r_count * t_count), 0.0);
-      std::vector<A> vt(kTileWords * kWordBits);
-      std::vector<A> tab(tables ? kTileGroups * 256 : 0);
-      // tasks in chunks, so that the pages of one chunk's masks stay in the TLB across tiles
-      for (int64_t t0 = 0; t0 < t_count; t0 += kTaskChunk) {
-        const int64_t t1 = std::min(t_count, t0 + kTaskChunk);
-        for (int64_t tile = i0; tile < i1; ++tile) {
-          const int64_t j0 = tile * kTileWords, bw = std::min(kTileWords, task_words - j0), groups = bw * 4;
-          for (int64_t r = 0; r < r_count; ++r) {
-            // this tile's v values, zero where a word's bits run past K
-            const scalar_t* vr = vp + r * n * k;
-            for (int64_t jj = 0; jj < bw; ++jj) {
-              const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
-              const int nb = bits_in_word(wi, k);
-              const scalar_t* src = vr + row * k + wi * kWordBits;
-              A* dst = vt.data() + jj * kWordBits;
-              for (int i = 0; i < nb; ++i) dst[i] = static_cast<A>(src[i]);
-              for (int i = nb; i < kWordBits; ++i) dst[i] = A(0);
-            }
-            double* pr = part.data() + r * t_count;
-            if (!tables) {
-              for (int64_t t = t0; t < t1; ++t) pr[t] += dot_bits<A>(vt.data(), bits + t * task_words + j0, bw);
-              continue;
-            }
-            // 256 subset sums per byte group, as (sum over the low nibble) + (sum over the high nibble)
-            for (int64_t g = 0; g < groups; ++g) {
-              const A* x = vt.data() + g * 8;
-              A lo[16], hi[16];
-              lo[0] = hi[0] = A(0);
-              for (int b = 1; b < 16; ++b) {
-                const int low = __builtin_ctz(b);
-                lo[b] = lo[b & (b - 1)] + x[low];
-                hi[b] = hi[b & (b - 1)] + x[4 + low];
+    const int64_t n_spans = (n_tiles + kSpanTiles - 1) / kSpanTiles, outs = r_count * t_count;
+    std::vector<double> parts(static_cast<size_t>(n_spans * outs), 0.0);
+    at::parallel_for(0, n_spans, 1, [&](int64_t s0, int64_t s1) {
+      for (int64_t span = s0; span < s1; ++span) {
+        const int64_t i0 = span * kSpanTiles, i1 = std::min(n_tiles, i0 + kSpanTiles);
+        double* part = parts.data() + span * outs;
+        std::vector<A> vt(kTileWords * kWordBits);
+        std::vector<A> tab(tables ? kTileGroups * 256 : 0);
+        // tasks in chunks, so that the pages of one chunk's masks stay in the TLB across tiles
+        for (int64_t t0 = 0; t0 < t_count; t0 += kTaskChunk) {
+          const int64_t t1 = std::min(t_count, t0 + kTaskChunk);
+          for (int64_t tile = i0; tile < i1; ++tile) {
+            const int64_t j0 = tile * kTileWords, bw = std::min(kTileWords, task_words - j0), groups = bw * 4;
+            for (int64_t r = 0; r < r_count; ++r) {
+              // this tile's v values, zero where a word's bits run past K
+              const scalar_t* vr = vp + r * n * k;
+              for (int64_t jj = 0; jj < bw; ++jj) {
+                const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
+                const int nb = bits_in_word(wi, k);
+                const scalar_t* src = vr + row * k + wi * kWordBits;
+                A* dst = vt.data() + jj * kWordBits;
+                for (int i = 0; i < nb; ++i) dst[i] = static_cast<A>(src[i]);
+                for (int i = nb; i < kWordBits; ++i) dst[i] = A(0);
               }
-              A* tg = tab.data() + g * 256;
-              for (int h = 0; h < 16; ++h)
-                for (int l = 0; l < 16; ++l) tg[h * 16 + l] = lo[l] + hi[h];
-            }
-            const A* tb = tab.data();
-            for (int64_t t = t0; t < t1; ++t) {
-              const uint8_t* p = reinterpret_cast<const uint8_t*>(bits + t * task_words + j0);
-              if (t + 8 < t1) __builtin_prefetch(bits + (t + 8) * task_words + j0);
-              A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
-              int64_t g = 0;
-              // 8 mask bytes per load; each byte indexes its group's table
-              for (; g + 8 <= groups; g += 8) {
-                uint64_t q;
-                std::memcpy(&q, p + g, sizeof(q));
-                const A* tq = tb + g * 256;
-                s0 += tq[q & 255];
-                s1 += tq[256 + ((q >> 8) & 255)];
-                s2 += tq[512 + ((q >> 16) & 255)];
-                s3 += tq[768 + ((q >> 24) & 255)];
-                s4 += tq[1024 + ((q >> 32) & 255)];
-                s5 += tq[1280 + ((q >> 40) & 255)];
-                s6 += tq[1536 + ((q >> 48) & 255)];
-                s7 += tq[1792 + (q >> 56)];
+              double* pr = part + r * t_count;
+              if (!tables) {
+                for (int64_t t = t0; t < t1; ++t) pr[t] += dot_bits<A>(vt.data(), bits + t * task_words + j0, bw);
+                continue;
               }
-              for (; g < groups; ++g) s0 += tb[g * 256 + p[g]];
-              pr[t] += static_cast<double>(((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)));
+              // 256 subset sums per byte group, as (sum over the low nibble) + (sum over the high nibble)
+              for (int64_t g = 0; g < groups; ++g) {
+                const A* x = vt.data() + g * 8;
+                A lo[16], hi[16];
+                lo[0] = hi[0] = A(0);
+                for (int b = 1; b < 16; ++b) {
+                  const int low = __builtin_ctz(b);
+                  lo[b] = lo[b & (b - 1)] + x[low];
+                  hi[b] = hi[b & (b - 1)] + x[4 + low];
+                }
+                A* tg = tab.data() + g * 256;
+                for (int h = 0; h < 16; ++h)
+                  for (int l = 0; l < 16; ++l) tg[h * 16 + l] = lo[l] + hi[h];
+              }
+              const A* tb = tab.data();
+              for (int64_t t = t0; t < t1; ++t) {
+                const uint8_t* p = reinterpret_cast<const uint8_t*>(bits + t * task_words + j0);
+                if (t + 8 < t1) __builtin_prefetch(bits + (t + 8) * task_words + j0);
+                A s0 = 0, s1 = 0, s2 = 0, s3 = 0, s4 = 0, s5 = 0, s6 = 0, s7 = 0;
+                int64_t g = 0;
+                // 8 mask bytes per load; each byte indexes its group's table
+                for (; g + 8 <= groups; g += 8) {
+                  uint64_t q;
+                  std::memcpy(&q, p + g, sizeof(q));
+                  const A* tq = tb + g * 256;
+                  s0 += tq[q & 255];
+                  s1 += tq[256 + ((q >> 8) & 255)];
+                  s2 += tq[512 + ((q >> 16) & 255)];
+                  s3 += tq[768 + ((q >> 24) & 255)];
+                  s4 += tq[1024 + ((q >> 32) & 255)];
+                  s5 += tq[1280 + ((q >> 40) & 255)];
+                  s6 += tq[1536 + ((q >> 48) & 255)];
+                  s7 += tq[1792 + (q >> 56)];
+                }
+                for (; g < groups; ++g) s0 += tb[g * 256 + p[g]];
+                pr[t] += static_cast<double>(((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)));
+              }
             }
           }
         }
       }
-      std::lock_guard<std::mutex> lock(merge);
-      for (size_t i = 0; i < total.size(); ++i) total[i] += part[i];
     });
+    for (int64_t span = 0; span < n_spans; ++span)
+      for (int64_t i = 0; i < outs; ++i) total[i] += parts[span * outs + i];
   });
   at::Tensor out = at::from_blob(total.data(), {r_count, t_count}, at::TensorOptions().dtype(at::kDouble))
                        .to(v.scalar_type(), /*non_blocking=*/false, /*copy=*/true);  // own the memory

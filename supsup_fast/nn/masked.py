@@ -15,8 +15,9 @@ A :class:`MaskedLinear` / :class:`MaskedConv2d` holds
 
 ``forward`` by mode (see :mod:`supsup_fast.nn.base`):
 
-* ``"train"``: ``M = binarise(scores)`` (straight-through, :mod:`supsup_fast.binarize`), packed,
-  and applied by the packed-mask op, which routes ``dL/dM = (dL/dy^T x) * W`` back into ``M``;
+* ``"train"``: ``M = binarise(scores)`` (straight-through, :mod:`supsup_fast.binarize`), packed
+  from bools, and applied by the packed-mask op, which routes ``dL/dM = (dL/dy^T x) * W`` into the
+  binariser's carrier (``S`` or ``|S|``, see :func:`~supsup_fast.binarize.binarise_bits`);
 * ``"task"``: ``ops.masked_linear`` / ``ops.masked_conv2d`` with ``bank[task_id]``;
 * ``"superpose"``: ``W_eff = ops.superpose(weight, bank, alpha)``, then ``F.linear`` / ``F.conv2d``,
   so ``d loss / d alpha`` flows through ``superpose``'s autograd (``mask_dots``).
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..binarize import binarise, kept_count
+from ..binarize import binarise, binarise_bits, kept_count
 from ..config import SupsupConfig
 from ..errors import SupsupError
 from ..format import gemm_shape, unpack, words_per_row
@@ -225,9 +226,9 @@ class MaskedLayerBase(TaskModule):
         scores = self.scores
         if scores is None:
             raise SupsupError(f"{type(self).__name__}: no task selected: call begin_task() or set_task(t)")
-        mask = binarise(scores, self.binariser, self.density)
-        words = ops.pack_masks(mask.detach().reshape(self.weight.shape[0], -1))
-        return self._forward_train(x, words, mask)
+        keep, carrier = binarise_bits(scores, self.binariser, self.density)
+        words = ops.pack_masks(keep.reshape(self.weight.shape[0], -1))
+        return self._forward_train(x, words, carrier)
 
     def _forward_words(self, x, words):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -235,7 +236,7 @@ class MaskedLayerBase(TaskModule):
     def _forward_dense(self, x, weight):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _forward_train(self, x, words, mask):  # pragma: no cover - abstract
+    def _forward_train(self, x, words, carrier):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # ---- state dict: the bank (and the open task's scores) follow the saved sizes ---------
@@ -338,9 +339,9 @@ class MaskedLinear(MaskedLayerBase):
     def _forward_dense(self, x, weight):
         return F.linear(x, weight, self.bias)
 
-    def _forward_train(self, x, words, mask):
-        # `mask` stands in for the scores: the op's score gradient (dL/dy^T x) * W is exactly dL/dM
-        return ops.masked_linear(x, self.weight, words, self.bias, scores=mask)
+    def _forward_train(self, x, words, carrier):
+        # the op's score gradient (dL/dy^T x) * W is exactly dL/dM; `carrier` turns it into dL/dS
+        return ops.masked_linear(x, self.weight, words, self.bias, scores=carrier)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -426,9 +427,9 @@ class MaskedConv2d(MaskedLayerBase):
     def _forward_dense(self, x, weight):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _forward_train(self, x, words, mask):
-        # W * M from the bits, with the straight-through gradient dL/dM = dL/dW_eff * W routed into `mask`
-        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=mask))
+    def _forward_train(self, x, words, carrier):
+        # W * M from the bits, with the straight-through gradient dL/dM = dL/dW_eff * W routed into `carrier`
+        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=carrier))
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
