@@ -298,6 +298,13 @@ def rss_bytes() -> int:
     return (_status_kib("VmRSS") or 0) * 1024
 
 
+def anon_rss_bytes() -> int:
+    """Resident anonymous memory (heap, mmap'd buffers): what the process allocated, without the
+    shared libraries' code pages (RssFile), which are paged in once whatever the work is."""
+    anon = _status_kib("RssAnon")
+    return anon * 1024 if anon is not None else rss_bytes()
+
+
 def peak_rss_bytes() -> int:
     hwm = _status_kib("VmHWM")
     if hwm is not None:

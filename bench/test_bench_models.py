@@ -12,11 +12,14 @@ alpha-gradient is checked against a float64 computation that never builds a stac
 
 Memory (extra_info of the task_inference groups): ``bank_bytes`` / ``stack_bytes`` (persistent
 state: the packed bank vs the float32 stacks) and ``peak_bytes``, the peak memory of task
-inference including that state. CPU: measured in a fresh process as the kernel's resident
-high-water mark (VmHWM, reset through /proc/self/clear_refs just before the measured call)
-minus the resident set before the masks were created, so it counts the masks' state plus every
-temporary of the inference (torch's CPU allocations are invisible to tracemalloc; RSS sees
-everything). CUDA: the caching allocator's peak during the call above what was allocated before
+inference including that state. CPU: measured in a fresh process as the anonymous resident
+memory (RssAnon) gained from before the masks were created to after a warm-up inference (the
+masks' state, buffers the kernels keep), plus the kernel's resident high-water mark (VmHWM,
+reset through /proc/self/clear_refs just before the measured call) above the resident set at
+that reset (every temporary of the inference). torch's CPU allocations are invisible to
+tracemalloc; RSS sees everything. Code pages of the shared libraries (RssFile: ~10 MB of
+libtorch and the extension paged in by the first inference, the same for any T) are left out;
+``rss_state_bytes`` keeps the total for reference. CUDA: the caching allocator's peak during the call above what was allocated before
 it, plus the provider's own state.
 
 train_step groups: one optimisation step (forward, cross-entropy, backward, RMSprop lr 1e-4) at
@@ -188,7 +191,7 @@ def _probe(net: str, num_tasks: int, kind: str, backend, gemv: bool) -> None:
     model, layers = converted_model(net, 0, "cpu")
     x = one_image("cpu")
     gc.collect()
-    before = bl.rss_bytes()
+    before, before_anon = bl.rss_bytes(), bl.anon_rss_bytes()
     banks = [words_like((num_tasks, *fmt.packed_shape(l.weight.shape)), l.weight.shape[1], "cpu") for l in layers]
     if kind == "supsup_fast":
         for layer, bank in zip(layers, banks):
@@ -210,16 +213,19 @@ def _probe(net: str, num_tasks: int, kind: str, backend, gemv: bool) -> None:
     with ctx:
         run()  # warm-up: thread pools, allocator caches
         gc.collect()
-        after_state = bl.rss_bytes()
+        after_state, after_state_anon = bl.rss_bytes(), bl.anon_rss_bytes()
         exact = bl.reset_peak_rss()
         run()
         peak = bl.peak_rss_bytes()
+    work = peak - after_state
     print(json.dumps({
-        "mem_method": "VmHWM reset via /proc/self/clear_refs" if exact else "ru_maxrss (not reset: upper bound)",
+        "mem_method": ("RssAnon state + VmHWM above the reset (clear_refs)" if exact
+                       else "RssAnon state + ru_maxrss (not reset: upper bound)"),
         "state_bytes": state,
+        "anon_state_bytes": after_state_anon - before_anon,
         "rss_state_bytes": after_state - before,
-        "peak_bytes": peak - before,
-        "peak_work_bytes": peak - after_state,
+        "peak_bytes": after_state_anon - before_anon + work,
+        "peak_work_bytes": work,
     }))
 
 

@@ -7,9 +7,12 @@ import sys
 
 import pytest
 
-from supsup_fast import checkpoint, convert, models
+import torch
+
+from supsup_fast import checkpoint, convert, data, models
 from supsup_fast.cli import main
 from supsup_fast.config import SupsupConfig
+from supsup_fast.experiment import eval_indices
 
 
 def test_short_run_writes_results_plot_and_bank(tmp_path, capsys):
@@ -27,6 +30,8 @@ def test_short_run_writes_results_plot_and_bank(tmp_path, capsys):
     assert final["tasks"] == 2 and final["images"] == 32
     assert 0.0 <= final["task_inference_accuracy"] <= 1.0
     assert sum(map(sum, final["confusion"])) == 32
+    if final["task_inference_accuracy"] == 1.0:  # every task right: GNu scores exactly what GG does
+        assert final["accuracy"] == final["gg_accuracy_same_images"]
     # LeNet-300-100 with 100 outputs: 784*300 + 300*100 + 100*100 bits, row-padded to 32-bit words
     per_task = 300 * 25 * 4 + 100 * 10 * 4 + 100 * 4 * 4
     assert res["memory"]["mask_bytes_per_task"] == per_task
@@ -36,6 +41,15 @@ def test_short_run_writes_results_plot_and_bank(tmp_path, capsys):
     convert.convert_(fresh, SupsupConfig(binariser="threshold", seed=0))
     checkpoint.load_bank(fresh, res["bank_path"])
     assert convert.num_tasks(fresh) == 2
+
+
+def test_task_inference_images_cover_every_class():
+    """MNIST-5k's test split is sorted by digit: the evaluated images must still span all of them."""
+    y = data.mnist_5k().y_test
+    for count in (10, 100, 1000, 5000):
+        picked = y[eval_indices(y.numel(), count)]
+        assert picked.numel() == min(count, y.numel())
+        assert torch.equal(picked.bincount(minlength=10), torch.full((10,), picked.numel() // 10))
 
 
 @pytest.mark.parametrize(
