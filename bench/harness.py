@@ -332,12 +332,13 @@ def free_memory_bytes() -> int:
 
 
 def require_memory(nbytes: float, device: str, what: str) -> None:
-    """Skip (with the numbers) when ``nbytes`` would not fit with a margin."""
+    """Skip (with the numbers) when ``nbytes`` would not fit with a margin: building a float stack
+    has temporaries, and on CPU a fresh memory-probe process runs beside the one holding it."""
     if device == "cuda":
         free, _ = torch.cuda.mem_get_info()
     else:
         free = free_memory_bytes()
-    if nbytes * 1.15 > free:
+    if nbytes * 1.25 + 2 * 2**30 > free:
         pytest.skip(f"{what} needs {nbytes / 2**30:.2f} GiB, only {free / 2**30:.2f} GiB free")
 
 
