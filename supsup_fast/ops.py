@@ -90,13 +90,20 @@ class Backend:
 
 _BACKENDS: dict[str, Backend] = {}
 _CANDIDATES: dict[tuple, list[Backend]] = {}  # (op, device, dtype, forced) -> backends passing static checks
+# (op, device, dtype, SUPSUP_FAST_BACKEND) -> the kernel, when the first candidate has no per-call check
+_DIRECT_IMPLS: dict[tuple, Callable] = {}
+
+
+def _clear_choice_caches() -> None:
+    _CANDIDATES.clear()
+    _DIRECT_IMPLS.clear()
 _forced_override: Optional[dict[str, str]] = None
 
 
 def register_backend(backend: Backend) -> None:
     """Add (or replace) a backend; higher ``priority`` is tried first."""
     _BACKENDS[backend.name] = backend
-    _CANDIDATES.clear()
+    _clear_choice_caches()
 
 
 def backends() -> list[Backend]:
@@ -132,12 +139,12 @@ def force_backend(spec: Optional[str]):
     global _forced_override
     saved = _forced_override
     _forced_override = _parse_forced(spec or "")
-    _CANDIDATES.clear()
+    _clear_choice_caches()
     try:
         yield
     finally:
         _forced_override = saved
-        _CANDIDATES.clear()
+        _clear_choice_caches()
 
 
 def _candidates(op: str, device_type: str, dtype: Optional[torch.dtype]) -> list[Backend]:
@@ -332,6 +339,21 @@ def _direct(args) -> bool:
     return True
 
 
+def _direct_impl(op: str, device_type: str, dtype: Optional[torch.dtype], args: tuple) -> Callable:
+    """The kernel :func:`choose` would pick, from a cache when no per-call check can decline.
+    Keyed on the environment's forced backend too, so changing ``SUPSUP_FAST_BACKEND`` takes
+    effect at once (``force_backend`` and ``register_backend`` clear the cache)."""
+    key = (op, device_type, dtype, os.environ.get(ENV_BACKEND, ""))
+    impl = _DIRECT_IMPLS.get(key)
+    if impl is not None:
+        return impl
+    cands = _candidates(op, device_type, dtype)
+    if cands and cands[0].check is None:
+        impl = _DIRECT_IMPLS[key] = cands[0].impls[op]
+        return impl
+    return choose(op, device_type, dtype, args).impls[op]
+
+
 class _FastOps:
     """``_fast.<op>(*args)`` calls the registry's kernel directly when :func:`_direct` allows it
     (saving the dispatcher and autograd wrapper, tens of microseconds per call on small layers)
@@ -340,12 +362,14 @@ class _FastOps:
     def __getattr__(self, name: str):
         op = getattr(_op, name)
         kname, pick = _DIRECT_KERNEL.get(name, (name, None))
+        dtype_free = kname in _DTYPE_FREE_OPS
 
         def call(*args):
             if _direct(args):
                 first = args[0]
-                dtype = None if kname in _DTYPE_FREE_OPS else first.dtype
-                return _run(kname, first.device.type, dtype, *(pick(args) if pick else args))
+                if pick is not None:
+                    args = pick(args)
+                return _direct_impl(kname, first.device.type, None if dtype_free else first.dtype, args)(*args)
             return op(*args)
 
         setattr(self, name, call)
@@ -713,6 +737,14 @@ def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[
 
 
 def _check_linear(x, weight, mask_words, bias):
+    # the common case in one expression; any failure re-runs the checks that name the problem
+    wshape, dev = weight.shape, weight.device
+    if (len(wshape) == 2 and x.dtype == weight.dtype and x.dtype in FLOAT_DTYPES and x.dim() >= 1
+            and x.shape[-1] == wshape[1] and mask_words.dtype == torch.int32
+            and mask_words.shape == (wshape[0], (wshape[1] + 31) >> 5) and x.device == dev
+            and mask_words.device == dev
+            and (bias is None or (bias.shape == (wshape[0],) and bias.dtype == x.dtype and bias.device == dev))):
+        return
     _check_float("x", x)
     _require(weight.dim() == 2, lambda: f"masked_linear weight must be [N, K], got shape {tuple(weight.shape)}")
     _require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")

@@ -422,3 +422,31 @@ def test_native_checks_name_the_problem():
         C.masked_linear_grouped(w[:1], w, words[None], torch.tensor([9]), None)
     with pytest.raises(RuntimeError, match="must be a floating tensor"):
         C.mask_dots(w.to(torch.int32), words[None])
+
+
+def test_eager_path_follows_the_forced_backend(monkeypatch):
+    """The eager path caches its kernel choice; forcing a backend (env var or force_backend)
+    must still take effect on the next call, and lifting it must restore the automatic choice."""
+    calls = []
+    ref_impl = ops._BACKENDS["reference"].impls["masked_linear"]
+
+    def spy(*args):
+        calls.append(1)
+        return ref_impl(*args)
+
+    monkeypatch.setitem(ops._BACKENDS["reference"].impls, "masked_linear", spy)
+    ops._clear_choice_caches()
+    x, w = _rand((3, 40), torch.float32, 1), _rand((5, 40), torch.float32, 2)
+    words = _bank(1, 5, 40, 3)[0]
+    automatic = ops.choose("masked_linear", "cpu", torch.float32, (x, w, words, None)).name
+    ops.masked_linear(x, w, words)
+    assert len(calls) == (automatic == "reference")
+    monkeypatch.setenv("SUPSUP_FAST_BACKEND", "reference")
+    ops.masked_linear(x, w, words)
+    assert len(calls) == 1 + (automatic == "reference")
+    monkeypatch.delenv("SUPSUP_FAST_BACKEND")
+    with ops.force_backend("masked_linear=reference"):
+        ops.masked_linear(x, w, words)
+    assert len(calls) == 2 + (automatic == "reference")
+    ops.masked_linear(x, w, words)
+    assert len(calls) == 2 + 2 * (automatic == "reference")
