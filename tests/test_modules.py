@@ -81,6 +81,30 @@ def test_large_topk_selection_matches_torch_topk(k):
     assert int(got.sum()) == k and ties[got].min() >= ties[~got].max()
 
 
+def test_compiled_topk_selection_ignores_thread_count():
+    """Ties at the k-th value are taken in index order across chunks, whatever the thread count."""
+    native = binarize_module._native_op("largest_k")
+    if native is None:
+        pytest.skip("compiled extension not loaded")
+    ties = torch.randint(0, 5, (200_003,), generator=torch.Generator().manual_seed(1)).float() - 2
+    threads = torch.get_num_threads()
+    try:
+        picks = []
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            picks.append(native(ties, 77_777, True))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(picks[0], picks[1]) and int(picks[0].sum()) == 77_777
+    kept, dropped = ties.abs()[picks[0]], ties.abs()[~picks[0]]
+    assert kept.min() >= dropped.max()
+    edge = kept.min()
+    # among the entries equal to the k-th value, the first ones in index order are the kept ones
+    at_edge = (ties.abs() == edge).nonzero().flatten()
+    taken = picks[0][at_edge]
+    assert bool(taken[: int(taken.sum())].all())
+
+
 def test_topk_gradient_is_sign_of_scores():
     s = torch.randn(9, 11, dtype=torch.float64, requires_grad=True)
     g = torch.randn(9, 11, dtype=torch.float64)

@@ -208,10 +208,12 @@ inline int pick_bin(const int64_t* hist, int bins, int64_t need, int64_t& above)
 
 }  // namespace
 
-// Bool mask of the k largest entries (of |a| with `magnitude`) of a flat float32 tensor: a radix select on the keys
-// (11 bits over all entries, then 11 + 10 bits over the few in the chosen bin), then one marking
-// pass; ties at the k-th value are taken in index
-// order, so the result does not depend on the thread count.
+// Bool mask of the k largest entries (of |a| with `magnitude`) of a flat float32 tensor: a radix
+// select on order-preserving uint32 keys. Pass 1 histograms the top 11 bits per fixed chunk; pass 2
+// marks every key above the chosen bin and gathers the keys inside it; 11 + 10 more bits over
+// those find the k-th key, and only the gathered keys are re-marked. Both full passes run chunks in
+// parallel; chunks are fixed and ties at the k-th value are taken in index order, so the result
+// does not depend on the thread count.
 at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude) {
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 1 && a.device().is_cpu(),
               "largest_k: a must be a 1-D float32 CPU tensor, got ", a.scalar_type(), " ", a.sizes());
@@ -233,46 +235,74 @@ at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude) {
     u &= sign_mask;
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
   };
-  // pass 1: the top 11 bits over everything
-  // four interleaved histograms: scores crowd into few bins, and one counter would serialise
-  std::vector<int64_t> hist(4 * 2048, 0);
-  int64_t i4 = 0;
-  for (; i4 + 4 <= n; i4 += 4)
-    for (int j = 0; j < 4; ++j) ++hist[j * 2048 + (key_at(i4 + j) >> 21)];
-  for (; i4 < n; ++i4) ++hist[key_at(i4) >> 21];
-  for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+  constexpr int64_t kChunk = 1 << 15;
+  constexpr int kBins = 2048;
+  const int64_t n_chunks = (n + kChunk - 1) / kChunk;
+  // pass 1: the top 11 bits, one histogram per chunk (4 interleaved counters inside a chunk:
+  // scores crowd into few bins, and one counter would serialise)
+  std::vector<int32_t> chunk_hist(static_cast<size_t>(n_chunks * kBins), 0);
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> h4(4 * kBins);
+    for (int64_t c = c0; c < c1; ++c) {
+      std::fill(h4.begin(), h4.end(), 0);
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      int64_t i = i0;
+      for (; i + 4 <= i1; i += 4)
+        for (int j = 0; j < 4; ++j) ++h4[j * kBins + (key_at(i + j) >> 21)];
+      for (; i < i1; ++i) ++h4[key_at(i) >> 21];
+      int32_t* h = chunk_hist.data() + c * kBins;
+      for (int b = 0; b < kBins; ++b) h[b] = h4[b] + h4[kBins + b] + h4[2 * kBins + b] + h4[3 * kBins + b];
+    }
+  });
+  std::vector<int64_t> hist(kBins, 0);
+  for (int64_t c = 0; c < n_chunks; ++c)
+    for (int b = 0; b < kBins; ++b) hist[b] += chunk_hist[c * kBins + b];
   int64_t above = 0;
-  uint32_t prefix = static_cast<uint32_t>(pick_bin(hist.data(), 2048, k, above));
+  uint32_t prefix = static_cast<uint32_t>(pick_bin(hist.data(), kBins, k, above));
   int64_t need = k - above;
-  // the keys of that bin (a small fraction), then 11 and 10 more bits over them only
-  std::vector<uint32_t> cand(static_cast<size_t>(hist[prefix]) + 1);
+  // where each chunk's keys of that bin go (one slack slot per chunk for the branch-free gather)
+  std::vector<int64_t> start(static_cast<size_t>(n_chunks + 1), 0);
+  for (int64_t c = 0; c < n_chunks; ++c) start[c + 1] = start[c] + chunk_hist[c * kBins + prefix] + 1;
+  std::vector<uint32_t> cand(static_cast<size_t>(start[n_chunks]));
   std::vector<int64_t> where(cand.size());
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) {  // branch-free: the bin is often a large, random subset
-    const uint32_t key = key_at(i);
-    cand[c] = key;
-    where[c] = i;
-    c += (key >> 21) == prefix;
-  }
-  cand.resize(c);
+  // pass 2: mark the keys above the bin, gather the keys in it
+  at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t i0 = c * kChunk, i1 = std::min(n, i0 + kChunk);
+      int64_t pos = start[c];
+      for (int64_t i = i0; i < i1; ++i) {  // branch-free: the bin is often a large, random subset
+        const uint32_t key = key_at(i), top = key >> 21;
+        o[i] = top > prefix;
+        cand[pos] = key;
+        where[pos] = i;
+        pos += top == prefix;
+      }
+    }
+  });
+  // 11 and 10 more bits over the gathered keys only
+  const auto each_candidate = [&](auto&& fn) {
+    for (int64_t c = 0; c < n_chunks; ++c)
+      for (int64_t j = start[c], e = start[c + 1] - 1; j < e; ++j) fn(j);
+  };
   for (const int shift : {10, 0}) {
     const int width = shift ? 11 : 10;
-    std::fill(hist.begin(), hist.begin() + 2048, 0);
-    for (const uint32_t key : cand)
+    std::fill(hist.begin(), hist.end(), 0);
+    each_candidate([&](int64_t j) {
+      const uint32_t key = cand[j];
       if ((key >> (shift + width)) == prefix) ++hist[(key >> shift) & ((1u << width) - 1u)];
+    });
     const int b = pick_bin(hist.data(), 1 << width, need, above);
     need -= above;
     prefix = (prefix << width) | static_cast<uint32_t>(b);
   }
-  // the k-th largest key (keys order like the floats); `need` of its copies are kept
+  // the k-th largest key (keys order like the floats): the bin's keys above it are kept, and
+  // `need` of its copies, in index order
   const uint32_t edge = prefix;
-  for (int64_t i = 0; i < n; ++i) o[i] = key_at(i) > edge;
-  for (int64_t j = 0; need > 0 && j < c; ++j) {  // ties at the edge, in index order
-    if (cand[j] == edge) {
-      o[where[j]] = true;
-      --need;
-    }
-  }
+  each_candidate([&](int64_t j) {
+    const bool keep = cand[j] > edge || (cand[j] == edge && need > 0);
+    need -= cand[j] == edge && keep;
+    o[where[j]] = keep;
+  });
   return out;
 }
 
