@@ -59,6 +59,7 @@ if ls bench/test_*.py > /dev/null 2>&1; then
   step "benchmark suites -> $OUT/bench.json"
   if timeout 180 "$PY" -m pytest bench -q -p no:cacheprovider --benchmark-json "$OUT/bench.json" > "$OUT/bench.log" 2>&1; then
     note "bench: $(tail -n 1 "$OUT/bench.log")"
+    "$PY" bench/report.py --compact --no-plot "$OUT/bench.json" > "$OUT/bench_report.md" 2>&1 || true
   else
     note "bench: FAILED: $(tail -n 1 "$OUT/bench.log")"; status=1
   fi

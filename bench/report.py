@@ -287,14 +287,33 @@ def splice(readme: str, section: str, text: str) -> bool:
     return True
 
 
+def compact(path: str) -> None:
+    """Drop pytest-benchmark's raw per-round samples (``stats.data``: millions of numbers for
+    fast cases) from a result file, keeping every summary statistic; rewritten atomically."""
+    with open(path) as f:
+        doc = json.load(f)
+    for bench in doc.get("benchmarks", []):
+        bench.get("stats", {}).pop("data", None)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("results", nargs="+", help="pytest-benchmark JSON files")
     ap.add_argument("--readme", help="splice the tables into this file between the bench markers")
     ap.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
+    ap.add_argument("--compact", action="store_true",
+                    help="first drop the raw per-round samples from the files (summary statistics are kept)")
     args = ap.parse_args(argv)
     sections = defaultdict(list)
     for path in args.results:
+        if args.compact:
+            compact(path)
         text, section = report(path)
         sections[section].append(text)
         print(f"## {section.upper()}: {os.path.basename(path)}\n\n{text}\n")

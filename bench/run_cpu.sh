@@ -33,5 +33,5 @@ mkdir -p "$(dirname "$out")"
 
 readme=()
 [[ -n "${SUPSUP_BENCH_README:-}" ]] && readme=(--readme "$SUPSUP_BENCH_README")
-"$PY" bench/report.py "$out" "${readme[@]}"
+"$PY" bench/report.py --compact "$out" "${readme[@]}"
 echo "results: $out"
