@@ -19,8 +19,8 @@ reset through /proc/self/clear_refs just before the measured call) above the res
 that reset (every temporary of the inference). torch's CPU allocations are invisible to
 tracemalloc; RSS sees everything. Code pages of the shared libraries (RssFile: ~10 MB of
 libtorch and the extension paged in by the first inference, the same for any T) are left out;
-``rss_state_bytes`` keeps the total for reference. CUDA: the caching allocator's peak during the call above what was allocated before
-it, plus the provider's own state.
+``rss_state_bytes`` keeps the total for reference. CUDA: the caching allocator's peak during
+the call above what was allocated before it, plus the provider's own state.
 
 train_step groups: one optimisation step (forward, cross-entropy, backward, RMSprop lr 1e-4) at
 batch 128 of one task's scores of a converted model (``convert_``, ``begin_task``,

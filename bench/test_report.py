@@ -17,7 +17,6 @@ sys.path.insert(0, BENCH_DIR)
 import report  # noqa: E402
 
 
-
 def _is_benchmark_file(path: str) -> bool:
     with open(path) as f:
         return bool(json.load(f).get("benchmarks"))

@@ -67,10 +67,10 @@ def _largest_k(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of the flat tensor ``a``.
 
     ``torch.topk`` with ``k ~ n/2`` costs ~60 ns per element on CPU. float32 CPU tensors take the
-    compiled radix select (three passes over the data, ~2 ns per element; ties at the k-th value
-    taken in index order). Otherwise, for large CPU tensors one bucketing pass finds the bucket holding the k-th
-    largest value; everything above it is kept and ``topk`` runs only inside that bucket. The
-    selected set is the same (up to ties).
+    compiled radix select (two parallel passes over the data, ~1.3 ns per element on 2 threads;
+    ties at the k-th value taken in index order). Otherwise, for large CPU tensors one bucketing
+    pass finds the bucket holding the k-th largest value; everything above it is kept and
+    ``topk`` runs only inside that bucket. The selected set is the same (up to ties).
     """
     n = a.numel()
     if k >= n:

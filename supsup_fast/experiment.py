@@ -186,7 +186,8 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
             hit = (inference.gnu_correct(ids, classes, t, y) if cfg.scenario in ("GNu", "NNs")
                    else inference.gns_correct(classes, y))
             correct += int(hit.sum())
-            gg_correct += int(inference.gns_correct(_classify(model, x, t), y).sum())
+            given = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+            gg_correct += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
             count += x.shape[0]
             confusion[t] += torch.bincount(ids.cpu().clamp_max(tasks - 1), minlength=tasks)
     task_acc = float(confusion.diag().sum()) / max(count, 1)
@@ -194,13 +195,6 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
             "gg_accuracy_same_images": gg_correct / max(count, 1),
             "images": count, "inferences": inferences, "seconds": seconds,
             "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist()}
-
-
-def _classify(model, x: torch.Tensor, t: int) -> torch.Tensor:
-    """Classes with task ``t``'s mask (GG), leaving the model's mode as it was."""
-    with inference.preserved_mode(model), torch.no_grad():
-        convert.set_task(model, t)
-        return model(x).argmax(-1)
 
 
 def _gg_accuracy(model, bench, t: int, batch_size: int) -> float:

@@ -473,13 +473,19 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
     ids = inf.task_ids.to(x.device)
     if ids.numel() == 1:
         ids = ids.expand(x.shape[0])
+    return ids.clone(), classify(model, x, ids)
+
+
+def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """Classes of every row of ``x`` with its task's mask (``task_ids [B]``): the argmax over all
+    outputs, superfluous neurons included. The model's mode is restored afterwards."""
     classes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     with preserved_mode(model), torch.no_grad():
-        for t in torch.unique(ids).tolist():
-            rows = ids == t
+        for t in torch.unique(task_ids).tolist():
+            rows = task_ids == t
             convert.set_task(model, int(t))
             classes[rows] = model(x[rows]).argmax(-1)
-    return ids.clone(), classes
+    return classes
 
 
 def gnu_correct(task_pred, class_pred, task_true, class_true) -> torch.Tensor:

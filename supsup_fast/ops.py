@@ -92,12 +92,12 @@ _BACKENDS: dict[str, Backend] = {}
 _CANDIDATES: dict[tuple, list[Backend]] = {}  # (op, device, dtype, forced) -> backends passing static checks
 # (op, device, dtype, SUPSUP_FAST_BACKEND) -> the kernel, when the first candidate has no per-call check
 _DIRECT_IMPLS: dict[tuple, Callable] = {}
+_forced_override: Optional[dict[str, str]] = None
 
 
 def _clear_choice_caches() -> None:
     _CANDIDATES.clear()
     _DIRECT_IMPLS.clear()
-_forced_override: Optional[dict[str, str]] = None
 
 
 def register_backend(backend: Backend) -> None:
@@ -741,7 +741,7 @@ def _check_linear(x, weight, mask_words, bias):
     wshape, dev = weight.shape, weight.device
     if (len(wshape) == 2 and x.dtype == weight.dtype and x.dtype in FLOAT_DTYPES and x.dim() >= 1
             and x.shape[-1] == wshape[1] and mask_words.dtype == torch.int32
-            and mask_words.shape == (wshape[0], (wshape[1] + 31) >> 5) and x.device == dev
+            and mask_words.shape == (wshape[0], words_per_row(wshape[1])) and x.device == dev
             and mask_words.device == dev
             and (bias is None or (bias.shape == (wshape[0],) and bias.dtype == x.dtype and bias.device == dev))):
         return
