@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import ops as _ops
 from .ops import Backend, register_backend
 
 ENV_NO_EXT = "SUPSUP_FAST_NO_EXT"  # set to 1 to ignore the compiled extension at import
@@ -76,6 +77,8 @@ def _cpu_ext_impls() -> dict:
 
 if EXT_LOADED:
     register_backend(Backend(name="cpu_ext", priority=10, devices=("cpu",), impls=_cpu_ext_impls()))
+    _ops.SIGN_FUSED_WEIGHT_GRAD = (torch.ops.supsup_fast_C.masked_weight_grad.default,
+                                   torch.ops.supsup_fast_C.masked_weight_grad_sign.default)
 else:
     register_backend(
         Backend(name="cpu_ext", priority=10, devices=("cpu",), available=False,

@@ -15,20 +15,20 @@ the gradient reaching ``M`` is passed on as if ``M`` were the identity of its in
 
 How the layers use them (one packed-mask op per layer, yet exact STE gradients)::
 
-    keep, carrier = binarise_bits(scores, "topk", density)  # bool mask; |S| carries dM/dS
-    words = ops.pack_masks(keep)                             # the bits the kernel reads
-    y     = ops.masked_linear(x, W, words, b, scores=carrier)
+    words = binarise_words(scores, "topk", density)  # the packed mask, selected on |S|
+    y = ops.masked_linear(x, W, words, b, scores=scores, score_sign=straight_through_sign("topk"))
 
-``ops.masked_linear``'s gradient for its ``scores`` argument is ``(dL/dy^T x) * W``, which is
-exactly ``dL/dM`` for ``y = x (W*M)^T``; autograd then carries it into ``S`` with the
-binariser's straight-through derivative (``1`` for threshold, ``sign(S)`` for top-k) -- the same
-gradient as ``scores=binarise(S)`` gives, without a float mask or an extra pass.
+``ops.masked_linear``'s gradient for its ``scores`` argument is ``(dL/dy^T x) * W`` -- exactly
+``dL/dM`` for ``y = x (W*M)^T`` -- times the binariser's straight-through derivative: ``1`` for
+threshold, ``sign(S)`` for top-k (``score_sign``; on CPU folded into the weight-gradient GEMM's
+epilogue). That is the gradient ``scores=binarise(S)`` gives, without a float mask or an extra pass.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import ops
 from .errors import SupsupError
 
 
@@ -48,7 +48,8 @@ _RADIX_BINS = 2048
 
 
 def _native_op(name: str):
-    """A compiled float32 CPU helper (``largest_k``, ``mul_sign``), or ``None`` without the extension."""
+    """A compiled float32 CPU helper (``largest_k``, ``topk_words``, ``threshold_words``), or
+    ``None`` without the extension."""
     if name not in _NATIVE:  # resolved on first use: the extension loads after this module
         from . import _native
 
@@ -107,23 +108,6 @@ class _TopKStraightThrough(torch.autograd.Function):
         return grad, None
 
 
-class _SignStraightThrough(torch.autograd.Function):
-    """Forward: ``S`` itself (a carrier whose value the packed-mask ops ignore); backward:
-    ``grad * sign(S)`` in one compiled pass -- the same gradient as through ``|S|``."""
-
-    @staticmethod
-    def forward(ctx, scores: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(scores)
-        return scores.view_as(scores)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (scores,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph: stay differentiable for higher-order gradients
-            return grad * scores.sign()
-        return _native_op("mul_sign")(grad, scores)
-
-
 class _ThresholdStraightThrough(torch.autograd.Function):
     """Forward: ``[S >= 0]``; backward: identity."""
 
@@ -153,29 +137,39 @@ def threshold_mask(scores: torch.Tensor) -> torch.Tensor:
     return _ThresholdStraightThrough.apply(scores)
 
 
-def binarise_bits(scores: torch.Tensor, binariser: str, density: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mask as bools plus a *carrier*: a tensor whose gradient is ``dL/dM`` when it is passed
-    as the ``scores=`` argument of the packed-mask ops, so autograd carries that into ``S``
-    exactly as through :func:`binarise`, without materialising a float mask.
+def binarise_words(scores: torch.Tensor, binariser: str, density: float = 1.0) -> torch.Tensor:
+    """The mask of ``scores``, packed: int32 words ``[N, ceil(K/32)]`` of the ``[N, K]`` view
+    (:mod:`supsup_fast.format`), with no float mask in between.
 
-    * threshold: the carrier is ``S`` itself (``dM/dS = 1``);
-    * topk: the carrier is ``|S|`` (its backward multiplies by ``sign(S)``); float32 CPU scores
-      use a compiled selection on ``|S|`` and a carrier whose backward is one ``grad * sign(S)`` pass.
+    Pass ``scores`` with ``score_sign=straight_through_sign(binariser)`` to the packed-mask ops
+    and autograd gives ``S`` the same gradient as through :func:`binarise`.
+    float32 CPU scores are binarised and packed in one compiled pass (top-k: a sample select, see
+    ``csrc/cpu/binarize.cpp``); elsewhere the selection runs in PyTorch and
+    :func:`~supsup_fast.ops.pack_masks` packs it.
     """
     if not scores.is_floating_point():
         raise SupsupError(f"scores must be a floating tensor, got {scores.dtype}")
+    if scores.dim() < 1:
+        raise SupsupError("scores must have at least one dim [N, ...]")
+    flat = scores.detach().reshape(scores.shape[0], -1)
     if binariser == "threshold":
-        return scores.detach() >= 0, scores
+        native = _native_op("threshold_words")
+        return native(flat) if native is not None and _native_ok(flat) else ops.pack_masks(flat >= 0)
     if binariser == "topk":
-        k = kept_count(scores.numel(), density)
-        if _native_op("largest_k") is not None and _native_op("mul_sign") is not None and _native_ok(scores):
-            # |S| is formed inside the selection, and sign(S) only in the backward pass
-            keep = _native_op("largest_k")(scores.detach().reshape(-1), k, True)
-            return keep.reshape(scores.shape), _SignStraightThrough.apply(scores)
-        magnitude = scores.abs()
-        keep = _largest_k(magnitude.detach().reshape(-1), k)
-        return keep.reshape(scores.shape), magnitude
+        k = kept_count(flat.numel(), density)
+        native = _native_op("topk_words")
+        if native is not None and _native_ok(flat):
+            return native(flat, k)  # |S| is formed inside the selection
+        return ops.pack_masks(_largest_k(flat.abs().reshape(-1), k).reshape(flat.shape))
     raise SupsupError(f"unknown binariser {binariser!r}; expected 'topk' or 'threshold'")
+
+
+def straight_through_sign(binariser: str) -> bool:
+    """Whether the binariser's straight-through derivative is ``sign(S)`` (top-k, a function of
+    ``|S|``) rather than ``1`` (threshold): the packed-mask ops' ``score_sign`` argument."""
+    if binariser not in ("topk", "threshold"):
+        raise SupsupError(f"unknown binariser {binariser!r}; expected 'topk' or 'threshold'")
+    return binariser == "topk"
 
 
 def binarise(scores: torch.Tensor, binariser: str, density: float = 1.0) -> torch.Tensor:

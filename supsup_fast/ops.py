@@ -207,10 +207,11 @@ _SCHEMAS = {
     "pack_masks": "pack_masks(Tensor masks) -> Tensor",
     "unpack_masks": "unpack_masks(Tensor words, SymInt k, ScalarType dtype) -> Tensor",
     "apply_mask": "apply_mask(Tensor weight, Tensor mask_words) -> Tensor",
-    "apply_mask_st": "apply_mask_st(Tensor weight, Tensor mask_words, Tensor scores) -> Tensor",
+    "apply_mask_st": "apply_mask_st(Tensor weight, Tensor mask_words, Tensor scores, bool score_sign=False) -> Tensor",
     "masked_linear": "masked_linear(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias) -> Tensor",
     "masked_linear_st": (
-        "masked_linear_st(Tensor x, Tensor weight, Tensor mask_words, Tensor scores, Tensor? bias) -> Tensor"
+        "masked_linear_st(Tensor x, Tensor weight, Tensor mask_words, Tensor scores, Tensor? bias, "
+        "bool score_sign=False) -> Tensor"
     ),
     "masked_linear_grad_input": "masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor mask_words) -> Tensor",
     "masked_weight_grad": "masked_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> Tensor",
@@ -261,7 +262,7 @@ def _apply_mask(weight, mask_words):
 
 
 @_impl("apply_mask_st")
-def _apply_mask_st(weight, mask_words, scores):
+def _apply_mask_st(weight, mask_words, scores, score_sign=False):
     return _run("apply_mask", weight.device.type, weight.dtype, weight, mask_words)
 
 
@@ -271,7 +272,7 @@ def _masked_linear(x, weight, mask_words, bias):
 
 
 @_impl("masked_linear_st")
-def _masked_linear_st(x, weight, mask_words, scores, bias):
+def _masked_linear_st(x, weight, mask_words, scores, bias, score_sign=False):
     return _run("masked_linear", x.device.type, x.dtype, x, weight, mask_words, bias)
 
 
@@ -396,7 +397,7 @@ def _apply_mask_fake(weight, mask_words):
 
 
 @torch.library.register_fake("supsup_fast::apply_mask_st")
-def _apply_mask_st_fake(weight, mask_words, scores):
+def _apply_mask_st_fake(weight, mask_words, scores, score_sign=False):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -406,7 +407,7 @@ def _masked_linear_fake(x, weight, mask_words, bias):
 
 
 @torch.library.register_fake("supsup_fast::masked_linear_st")
-def _masked_linear_st_fake(x, weight, mask_words, scores, bias):
+def _masked_linear_st_fake(x, weight, mask_words, scores, bias, score_sign=False):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
@@ -481,10 +482,17 @@ def _apply_mask_bwd(ctx, grad):
     return _fast.apply_mask(grad, mask_words), None
 
 
+def _setup_apply_mask_st(ctx, inputs, output):
+    weight, mask_words, scores, score_sign = inputs
+    ctx.score_sign = score_sign
+    ctx.save_for_backward(weight, scores if score_sign else None)
+
+
 def _apply_mask_st_bwd(ctx, grad):
-    weight, mask_words = ctx.saved_tensors
-    # straight-through: d(W*M)/dM = W, and dM/dS = 1
-    return None, None, grad * weight
+    weight, scores = ctx.saved_tensors
+    # straight-through: d(W*M)/dM = W, and dM/dS = 1 (threshold) or sign(S) (top-k, through |S|)
+    gs = grad * weight
+    return None, None, gs * scores.sign() if ctx.score_sign else gs, None
 
 
 def _setup_linear(ctx, inputs, output):
@@ -505,16 +513,37 @@ def _masked_linear_bwd(ctx, grad):
     return gx, gw, None, gb
 
 
+def _setup_linear_st(ctx, inputs, output):
+    x, weight, mask_words, scores, bias, score_sign = inputs
+    ctx.save_for_backward(x, weight, mask_words, scores if score_sign else None)
+    ctx.has_bias, ctx.score_sign = bias is not None, score_sign
+
+
+#: ``(masked_weight_grad kernel, its fused * sign(S) twin)`` of the compiled CPU backend, set by
+#: :mod:`supsup_fast._native`; the twin serves only where that kernel is the one chosen.
+SIGN_FUSED_WEIGHT_GRAD: Optional[tuple[Callable, Callable]] = None
+
+
+def _signed_score_grad(grad, x, weight, scores):
+    """``(dL/dy^T x) * W * sign(S)``: the top-k binariser's score gradient (dM/dS = sign(S))."""
+    fused = SIGN_FUSED_WEIGHT_GRAD
+    if (fused is not None and x.device.type == "cpu" and scores.dtype == weight.dtype
+            and _direct((grad, x, weight, scores))):
+        if _direct_impl("masked_weight_grad", "cpu", x.dtype, (grad, x, weight)) is fused[0]:
+            return fused[1](grad, x, weight, scores)  # the sign in the GEMM's epilogue: no extra pass
+    return _fast.masked_weight_grad(grad, x, weight) * scores.sign()
+
+
 def _masked_linear_st_bwd(ctx, grad):
-    x, weight, mask_words = ctx.saved_tensors
+    x, weight, mask_words, scores = ctx.saved_tensors
     gx = gs = gb = None
     if ctx.needs_input_grad[0]:
         gx = _fast.masked_linear_grad_input(grad, weight, mask_words)
     if ctx.needs_input_grad[3]:
-        gs = _fast.masked_weight_grad(grad, x, weight)
+        gs = _signed_score_grad(grad, x, weight, scores) if ctx.score_sign else _fast.masked_weight_grad(grad, x, weight)
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _bias_grad(grad)
-    return gx, None, None, gs, gb
+    return gx, None, None, gs, gb, None
 
 
 def _setup_conv(ctx, inputs, output):
@@ -656,9 +685,9 @@ torch.library.register_autograd(
     "supsup_fast::masked_linear_seeded", _masked_linear_seeded_bwd, setup_context=_setup_seeded
 )
 torch.library.register_autograd("supsup_fast::apply_mask", _apply_mask_bwd, setup_context=_setup_apply_mask)
-torch.library.register_autograd("supsup_fast::apply_mask_st", _apply_mask_st_bwd, setup_context=_setup_apply_mask)
+torch.library.register_autograd("supsup_fast::apply_mask_st", _apply_mask_st_bwd, setup_context=_setup_apply_mask_st)
 torch.library.register_autograd("supsup_fast::masked_linear", _masked_linear_bwd, setup_context=_setup_linear)
-torch.library.register_autograd("supsup_fast::masked_linear_st", _masked_linear_st_bwd, setup_context=_setup_linear)
+torch.library.register_autograd("supsup_fast::masked_linear_st", _masked_linear_st_bwd, setup_context=_setup_linear_st)
 torch.library.register_autograd("supsup_fast::masked_conv2d", _masked_conv2d_bwd, setup_context=_setup_conv)
 torch.library.register_autograd("supsup_fast::superpose", _superpose_bwd, setup_context=_setup_superpose)
 torch.library.register_autograd("supsup_fast::mask_dots", _mask_dots_bwd, setup_context=_setup_mask_dots)
@@ -724,8 +753,10 @@ def unpack_masks(words: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -
     return _fast.unpack_masks(words, k, dtype)
 
 
-def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``W * M``. With ``scores``, gradients flow straight through to them (training)."""
+def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[torch.Tensor] = None,
+               score_sign: bool = False) -> torch.Tensor:
+    """``W * M``. With ``scores``, gradients flow straight through to them (training):
+    ``dL/dscores = dL/d(W*M) * W``, times ``sign(scores)`` with ``score_sign`` (see :func:`masked_linear`)."""
     _check_float("weight", weight)
     n, k = _nk(weight)
     _check_words("mask_words", mask_words, n, k, 0)
@@ -733,7 +764,7 @@ def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores: Optional[
     if scores is None:
         return _fast.apply_mask(weight, mask_words)
     _require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
-    return _fast.apply_mask_st(weight, mask_words, scores)
+    return _fast.apply_mask_st(weight, mask_words, scores, bool(score_sign))
 
 
 def _check_linear(x, weight, mask_words, bias):
@@ -757,17 +788,20 @@ def _check_linear(x, weight, mask_words, bias):
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
 
 
-def masked_linear(x, weight, mask_words, bias=None, scores=None):
+def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=False):
     """``y = x (W * M)^T + b`` for one task's packed mask.
 
     With ``scores`` (same shape as ``weight``), the mask's gradient flows straight through to
-    them: ``dL/dscores = (dL/dy^T x) * W`` (training a supermask).
+    them: ``dL/dscores = (dL/dy^T x) * W`` (training a supermask whose mask is ``[S >= 0]``).
+    ``score_sign=True`` is for a mask chosen by ``|S|`` (the top-k binariser): the straight-through
+    derivative is ``sign(S)``, and ``dL/dscores = (dL/dy^T x) * W * sign(S)`` -- on the compiled
+    CPU backend in the weight-gradient GEMM's epilogue, with no pass of its own.
     """
     _check_linear(x, weight, mask_words, bias)
     if scores is None:
         return _fast.masked_linear(x, weight, mask_words, bias)
     _require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
-    return _fast.masked_linear_st(x, weight, mask_words, scores, bias)
+    return _fast.masked_linear_st(x, weight, mask_words, scores, bias, bool(score_sign))
 
 
 def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilation=1, groups=1):

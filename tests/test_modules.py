@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from supsup_fast import SupsupError, format, reference
 from supsup_fast import binarize as binarize_module
 from supsup_fast import ops
-from supsup_fast.binarize import _largest_k, binarise, binarise_bits, kept_count, threshold_mask, topk_mask
+from supsup_fast.binarize import (_largest_k, binarise, binarise_words, kept_count, straight_through_sign, threshold_mask,
+                                  topk_mask)
 from supsup_fast.config import SupsupConfig
 from supsup_fast.nn import MaskedConv2d, MaskedLinear, TaskBatchNorm
 
@@ -114,33 +115,89 @@ def test_topk_gradient_is_sign_of_scores():
 
 @pytest.mark.parametrize("binariser", ["topk", "threshold"])
 @pytest.mark.parametrize("native", [True, False], ids=["compiled", "python"])
-@pytest.mark.parametrize("shape", [(37, 53), (300, 784)])
-def test_binarise_bits_matches_float_binariser(binariser, native, shape, monkeypatch):
-    """Bits + carrier give the same mask and the same score gradient as the float binariser,
-    with the compiled top-k selection and with the Python fallback."""
+@pytest.mark.parametrize("shape", [(37, 53), (300, 784), (6, 5, 3, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binarise_words_matches_float_binariser(binariser, native, shape, dtype, monkeypatch):
+    """Packed words + score_sign give the same mask and the same score gradient as the float
+    binariser, with the compiled selection and fused sign epilogue and with the PyTorch fallbacks."""
     if not native:
-        monkeypatch.setattr(binarize_module, "_NATIVE", {"largest_k": None, "mul_sign": None})
+        monkeypatch.setattr(binarize_module, "_NATIVE", {"largest_k": None, "topk_words": None, "threshold_words": None})
+        monkeypatch.setattr(ops, "SIGN_FUSED_WEIGHT_GRAD", None)
     gen = torch.Generator().manual_seed(shape[0])
-    s = torch.randn(shape, generator=gen).requires_grad_()
-    x, w = torch.randn(5, shape[1], generator=gen), torch.randn(shape, generator=gen)
-    g = torch.randn(5, shape[0], generator=gen)
-    keep, carrier = binarise_bits(s, binariser, 0.37)
+    s = torch.randn(shape, generator=gen, dtype=dtype).requires_grad_()
+    n, k = shape[0], s[0].numel()
+    x, w = torch.randn(5, k, generator=gen, dtype=dtype), torch.randn(n, k, generator=gen, dtype=dtype)
+    g = torch.randn(5, n, generator=gen, dtype=dtype)
+    words = binarise_words(s, binariser, 0.37)
     want = binarise(s.detach(), binariser, 0.37)
-    assert keep.dtype == torch.bool and torch.equal(keep.float(), want)
-    (ops.masked_linear(x, w, ops.pack_masks(keep), scores=carrier) * g).sum().backward()
+    assert words.dtype == torch.int32 and torch.equal(ops.unpack_masks(words, k, dtype).reshape(shape), want)
+    sign = straight_through_sign(binariser)
+    (ops.masked_linear(x, w, words, scores=s.reshape(n, k), score_sign=sign) * g).sum().backward()
     s2 = s.detach().clone().requires_grad_()
-    (F.linear(x, w * binarise(s2, binariser, 0.37)) * g).sum().backward()
+    (F.linear(x, w * binarise(s2, binariser, 0.37).reshape(n, k)) * g).sum().backward()
     torch.testing.assert_close(s.grad, s2.grad)
+    # the same through apply_mask (the conv layers' path)
+    s3 = s.detach().clone().requires_grad_()
+    (F.linear(x, ops.apply_mask(w, words, scores=s3.reshape(n, k), score_sign=sign)) * g).sum().backward()
+    torch.testing.assert_close(s3.grad, s2.grad)
 
 
-def test_binarise_bits_topk_twice_differentiable():
-    """The carrier's backward stays differentiable under create_graph: d/du of (u * sign(s)) . h."""
-    s, u, h = torch.randn(40, 30, requires_grad=True), torch.randn(40, 30, requires_grad=True), torch.randn(40, 30)
-    _, carrier = binarise_bits(s, "topk", 0.5)
-    (gs,) = torch.autograd.grad((carrier * u).sum(), s, create_graph=True)
-    torch.testing.assert_close(gs, u.detach() * s.detach().sign())
-    (gu,) = torch.autograd.grad((gs * h).sum(), u)
-    torch.testing.assert_close(gu, h * s.detach().sign())
+@pytest.mark.parametrize("sizes", [(64, 64), (300, 784), (1024, 1024), (7, 70_001), (3, 5)])
+@pytest.mark.parametrize("density", [0.5, 0.05, 0.97])
+def test_compiled_topk_words_is_the_exact_selection(sizes, density):
+    """The sample select picks exactly the radix select's set (ties in index order), packed, on
+    continuous, tied, sorted and NaN-holding scores, and whatever the thread count."""
+    native = binarize_module._native_op("topk_words")
+    if native is None:
+        pytest.skip("compiled extension not loaded")
+    n, k = sizes
+    gen = torch.Generator().manual_seed(n * 7 + k)
+    cases = {
+        "uniform": torch.rand(n, k, generator=gen) * 2 - 1,
+        "ties": (torch.randint(0, 5, (n, k), generator=gen) - 2).float(),
+        "sorted": torch.linspace(-1, 1, n * k).reshape(n, k),
+        "rows": torch.randn(n, k, generator=gen) * torch.arange(1, n + 1).float()[:, None],  # one scale per row
+    }
+    cases["nan"] = cases["uniform"].clone()
+    cases["nan"].view(-1)[:: max(1, n * k // 50)] = float("nan")
+    keep = kept_count(n * k, density)
+    threads = torch.get_num_threads()
+    for name, s in cases.items():
+        want = ops.pack_masks(binarize_module._native_op("largest_k")(s.reshape(-1), keep, True).reshape(n, k))
+        try:
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                assert torch.equal(native(s, keep), want), (name, t)
+        finally:
+            torch.set_num_threads(threads)
+        assert int(ops.unpack_masks(want, k).sum()) == keep
+
+
+def test_compiled_threshold_words():
+    native = binarize_module._native_op("threshold_words")
+    if native is None:
+        pytest.skip("compiled extension not loaded")
+    s = torch.randn(37, 101)
+    s[0, :4] = torch.tensor([0.0, -0.0, float("nan"), -float("inf")])
+    assert torch.equal(native(s), ops.pack_masks(s >= 0))
+
+
+def test_signed_score_gradient_twice_differentiable():
+    """With score_sign the score gradient stays differentiable under create_graph (the unfused path)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 30, generator=gen, dtype=torch.float64, requires_grad=True)
+    w, s = torch.randn(20, 30, generator=gen, dtype=torch.float64), torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    s.requires_grad_()
+    words = binarise_words(s, "topk", 0.5)
+    (gs,) = torch.autograd.grad(ops.masked_linear(x, w, words, scores=s, score_sign=True).square().sum(), s,
+                                create_graph=True)
+    y = x @ (w * binarise(s.detach(), "topk", 0.5)).t()
+    torch.testing.assert_close(gs, ((2 * y).t() @ x) * w * s.detach().sign())
+    (gx,) = torch.autograd.grad(gs.sum(), x)
+    x2 = x.detach().clone().requires_grad_()
+    y2 = x2 @ (w * binarise(s.detach(), "topk", 0.5)).t()
+    want = torch.autograd.grad((((2 * y2).t() @ x2) * w * s.detach().sign()).sum(), x2)[0]
+    torch.testing.assert_close(gx, want)
 
 
 def test_threshold_mask_and_unit_gradient():

@@ -212,8 +212,12 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   return at::matmul(grad_out, scratch_masked_weight(weight, mask_words));
 }
 
-at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
-  const char* op = "masked_weight_grad";
+namespace {
+
+// (dL/dy^T x) * W, times sign(S) when `sign_of` is given (the top-k binariser's dM/dS), in the
+// GEMM's epilogue: one parallel pass over the GEMM result.
+at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor* sign_of) {
   check_float(grad_out, op, "grad_out");
   check_float(x, op, "x");
   check_float(weight, op, "weight");
@@ -224,6 +228,14 @@ at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, c
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x has shape ", x.sizes(), "; its last dim must be K=", k);
   TORCH_CHECK(grad_out.numel() / std::max<int64_t>(n, 1) == x.numel() / std::max<int64_t>(k, 1), op,
               ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " have different numbers of rows");
+  at::Tensor sg;
+  if (sign_of) {
+    check_float(*sign_of, op, "scores");
+    TORCH_CHECK(sign_of->sizes() == weight.sizes() && sign_of->scalar_type() == weight.scalar_type(), op,
+                ": scores must match weight ", weight.sizes(), " ", weight.scalar_type(), ", got ", sign_of->sizes(),
+                " ", sign_of->scalar_type());
+    sg = sign_of->contiguous();
+  }
   // float32 accumulation (float64 for float64), as the reference does for low precision
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_out.reshape({-1, n}).to(acc), xx = x.reshape({-1, k}).to(acc);
@@ -231,17 +243,36 @@ at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, c
   const at::Tensor w = weight.contiguous();
   // in the GEMM result's own buffer when no cast is needed
   at::Tensor out = w.scalar_type() == acc ? dense.view(w.sizes()) : at::empty(w.sizes(), w.options());
-  // epilogue: multiply by W and cast in one parallel pass over the GEMM result
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_grad", [&] {
     using A = acc_t<scalar_t>;
     const A* d = dense.data_ptr<A>();
     const scalar_t* ws = w.data_ptr<scalar_t>();
+    const scalar_t* ss = sg.defined() ? sg.data_ptr<scalar_t>() : nullptr;
     scalar_t* o = out.data_ptr<scalar_t>();
     at::parallel_for(0, w.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]));
+      if (ss == nullptr) {
+        for (int64_t i = i0; i < i1; ++i) o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]));
+        return;
+      }
+      for (int64_t i = i0; i < i1; ++i) {
+        const A v = static_cast<A>(ss[i]);
+        const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : (v == v ? A(0) : v);  // NaN stays NaN, as sgn
+        o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]) * sign);
+      }
     });
   });
   return out;
+}
+
+}  // namespace
+
+at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight) {
+  return weight_grad_impl("masked_weight_grad", grad_out, x, weight, nullptr);
+}
+
+at::Tensor masked_weight_grad_sign(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& scores) {
+  return weight_grad_impl("masked_weight_grad_sign", grad_out, x, weight, &scores);
 }
 
 at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bank,

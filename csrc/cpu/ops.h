@@ -19,15 +19,20 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
 at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
                                     const at::Tensor& mask_words);
 at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight);
+// (dL/dy^T x) * W * sign(scores): the top-k binariser's score gradient in one epilogue
+at::Tensor masked_weight_grad_sign(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& scores);
 at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bank,
                                  const at::Tensor& task_ids, const std::optional<at::Tensor>& bias);
 at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
                                 double scale, const std::optional<at::Tensor>& bias);
 
-// the top-k binariser: bool mask of the k largest entries (of |a| with `magnitude`) of a flat
-// float32 tensor, and its straight-through derivative grad * sign(s)
+// the top-k binariser's selection: bool mask of the k largest entries (of |a| with `magnitude`)
+// of a flat float32 tensor
 at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude);
-at::Tensor mul_sign(const at::Tensor& grad, const at::Tensor& s);
+// the binarisers' masks packed straight from [N, K] float32 scores: [S >= 0], and top-k of |S|
+at::Tensor threshold_words(const at::Tensor& scores);
+at::Tensor topk_words(const at::Tensor& scores, int64_t k);
 
 at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at::Tensor& alpha);
 at::Tensor mask_dots(const at::Tensor& v, const at::Tensor& bank);

@@ -6,12 +6,16 @@
 // CPU-only helpers, declared here rather than with the device ops
 TORCH_LIBRARY_FRAGMENT(supsup_fast_C, m) {
   m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
-  m.def("mul_sign(Tensor grad, Tensor s) -> Tensor");
+  m.def("masked_weight_grad_sign(Tensor grad_out, Tensor x, Tensor weight, Tensor scores) -> Tensor");
+  m.def("threshold_words(Tensor scores) -> Tensor");
+  m.def("topk_words(Tensor scores, int k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("largest_k", &supsup::largest_k);
-  m.impl("mul_sign", &supsup::mul_sign);
+  m.impl("masked_weight_grad_sign", &supsup::masked_weight_grad_sign);
+  m.impl("threshold_words", &supsup::threshold_words);
+  m.impl("topk_words", &supsup::topk_words);
   m.impl("pack_masks", &supsup::pack_masks);
   m.impl("unpack_masks", &supsup::unpack_masks);
   m.impl("apply_mask", &supsup::apply_mask);

@@ -16,8 +16,8 @@ A :class:`MaskedLinear` / :class:`MaskedConv2d` holds
 ``forward`` by mode (see :mod:`supsup_fast.nn.base`):
 
 * ``"train"``: ``M = binarise(scores)`` (straight-through, :mod:`supsup_fast.binarize`), packed
-  from bools, and applied by the packed-mask op, which routes ``dL/dM = (dL/dy^T x) * W`` into the
-  binariser's carrier (``S`` or ``|S|``, see :func:`~supsup_fast.binarize.binarise_bits`);
+  as it is selected, and applied by the packed-mask op, which routes ``dL/dM = (dL/dy^T x) * W`` into
+  ``S`` times the binariser's straight-through derivative (see :mod:`supsup_fast.binarize`);
 * ``"task"``: ``ops.masked_linear`` / ``ops.masked_conv2d`` with ``bank[task_id]``;
 * ``"superpose"``: ``W_eff = ops.superpose(weight, bank, alpha)``, then ``F.linear`` / ``F.conv2d``,
   so ``d loss / d alpha`` flows through ``superpose``'s autograd (``mask_dots``).
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..binarize import binarise, binarise_bits, kept_count
+from ..binarize import binarise, binarise_words, kept_count, straight_through_sign
 from ..config import SupsupConfig
 from ..errors import SupsupError
 from ..format import gemm_shape, unpack, words_per_row
@@ -226,9 +226,8 @@ class MaskedLayerBase(TaskModule):
         scores = self.scores
         if scores is None:
             raise SupsupError(f"{type(self).__name__}: no task selected: call begin_task() or set_task(t)")
-        keep, carrier = binarise_bits(scores, self.binariser, self.density)
-        words = ops.pack_masks(keep.reshape(self.weight.shape[0], -1))
-        return self._forward_train(x, words, carrier)
+        words = binarise_words(scores, self.binariser, self.density)
+        return self._forward_train(x, words, scores, straight_through_sign(self.binariser))
 
     def _forward_words(self, x, words):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -236,7 +235,7 @@ class MaskedLayerBase(TaskModule):
     def _forward_dense(self, x, weight):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _forward_train(self, x, words, carrier):  # pragma: no cover - abstract
+    def _forward_train(self, x, words, scores, score_sign):  # pragma: no cover - abstract
         raise NotImplementedError
 
     # ---- state dict: the bank (and the open task's scores) follow the saved sizes ---------
@@ -339,9 +338,9 @@ class MaskedLinear(MaskedLayerBase):
     def _forward_dense(self, x, weight):
         return F.linear(x, weight, self.bias)
 
-    def _forward_train(self, x, words, carrier):
-        # the op's score gradient (dL/dy^T x) * W is exactly dL/dM; `carrier` turns it into dL/dS
-        return ops.masked_linear(x, self.weight, words, self.bias, scores=carrier)
+    def _forward_train(self, x, words, scores, score_sign):
+        # the op's score gradient (dL/dy^T x) * W is exactly dL/dM, times dM/dS (sign(S) for top-k)
+        return ops.masked_linear(x, self.weight, words, self.bias, scores=scores, score_sign=score_sign)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -427,9 +426,9 @@ class MaskedConv2d(MaskedLayerBase):
     def _forward_dense(self, x, weight):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _forward_train(self, x, words, carrier):
-        # W * M from the bits, with the straight-through gradient dL/dM = dL/dW_eff * W routed into `carrier`
-        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=carrier))
+    def _forward_train(self, x, words, scores, score_sign):
+        # W * M from the bits, with the straight-through gradient dL/dW_eff * W (* sign(S) for top-k) into S
+        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=scores, score_sign=score_sign))
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
