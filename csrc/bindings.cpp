@@ -5,6 +5,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/ops.h"
+
 TORCH_LIBRARY(supsup_fast_C, m) {
   m.def("pack_masks(Tensor masks) -> Tensor");
   m.def("unpack_masks(Tensor words, SymInt k, ScalarType dtype) -> Tensor");
@@ -21,6 +23,10 @@ TORCH_LIBRARY(supsup_fast_C, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "supsup_fast compiled kernels; the ops live in torch.ops.supsup_fast_C";
+  // the CPU GEMV-sized forward without the dispatcher's boxing (a few microseconds that are most
+  // of a small layer's call); the eager fast path uses it only when no autograd is recorded
+  m.def("masked_linear_cpu", &supsup::masked_linear, "masked_linear's CPU kernel, called directly",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef SUPSUP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

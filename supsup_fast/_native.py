@@ -62,7 +62,8 @@ def _cpu_ext_impls() -> dict:
         "pack_masks": C.pack_masks.default,
         "unpack_masks": C.unpack_masks.default,
         "apply_mask": C.apply_mask.default,
-        "masked_linear": C.masked_linear.default,
+        # bound without the dispatcher: same kernel, ~1.3 us less per call (most of a small GEMV)
+        "masked_linear": _C.masked_linear_cpu,
         "masked_linear_grad_input": C.masked_linear_grad_input.default,
         "masked_weight_grad": C.masked_weight_grad.default,
         "masked_conv2d": masked_conv2d,

@@ -50,23 +50,34 @@ int64_t rows_per_chunk(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 1
 // Bits [0, nb) of one word set (the valid bits of a row's last word).
 inline uint32_t low_bits(int nb) { return nb >= 32 ? 0xFFFFFFFFu : ((1u << nb) - 1u); }
 
-// The `need`-th largest of `keys` (need >= 1), all of which lie in [base, base + (2048 << shift)):
-// a radix select, 11 bits a level. On return `need` is how many copies of the result rank within
-// the `need` largest, and `copies` (if given) how many there are. Branch-free inner loops: which side of a bin a key falls on is a coin toss,
-// and a mispredicted branch per key would cost more than the whole level. `keys` is consumed.
-uint32_t radix_select(std::vector<uint32_t>& keys, uint32_t base, int shift, int64_t& need, int64_t* copies = nullptr) {
-  std::vector<int64_t> hist(4 * 2048);
+// The `need`-th largest of `keys` (need >= 1), all of which lie in [base, base + 2^span_bits): a
+// radix select, up to 11 bits a level (fewer for few keys: a level's fixed cost is its bins). On
+// return `need` is how many copies of the result rank within the `need` largest, and `copies` (if
+// given) how many there are. Branch-free inner loops: which side of a bin a key falls on is a coin
+// toss, and a mispredicted branch per key would cost more than the whole level. `keys` is consumed.
+uint32_t radix_select(std::vector<uint32_t>& keys, uint32_t base, int span_bits, int64_t& need,
+                      int64_t* copies = nullptr) {
+  constexpr int kMaxBits = 11, kBins = 1 << kMaxBits;
+  std::vector<int64_t> hist(kBins);
+  std::vector<int32_t> sub;
   for (;;) {
-    // four interleaved counters: keys crowd into few bins, and one counter would serialise
-    std::fill(hist.begin(), hist.end(), 0);
     const size_t m = keys.size();
-    size_t i = 0;
-    for (; i + 4 <= m; i += 4)
-      for (int j = 0; j < 4; ++j) ++hist[j * 2048 + ((keys[i + j] - base) >> shift)];
-    for (; i < m; ++i) ++hist[(keys[i] - base) >> shift];
-    for (int b = 0; b < 2048; ++b) hist[b] += hist[2048 + b] + hist[4096 + b] + hist[6144 + b];
+    const int bits = std::min(span_bits, std::clamp(bit_length(static_cast<uint32_t>(m)) - 3, 6, kMaxBits));
+    const int shift = span_bits - bits, bins = 1 << bits;
+    std::fill(hist.begin(), hist.begin() + bins, 0);
+    if (m >= 16384) {
+      // four interleaved counters: keys crowd into few bins, and one counter would serialise
+      sub.assign(4 * static_cast<size_t>(bins), 0);
+      size_t i = 0;
+      for (; i + 4 <= m; i += 4)
+        for (int j = 0; j < 4; ++j) ++sub[j * bins + ((keys[i + j] - base) >> shift)];
+      for (; i < m; ++i) ++sub[(keys[i] - base) >> shift];
+      for (int b = 0; b < bins; ++b) hist[b] = sub[b] + sub[bins + b] + sub[2 * bins + b] + sub[3 * bins + b];
+    } else {
+      for (const uint32_t key : keys) ++hist[(key - base) >> shift];
+    }
     int64_t above = 0;
-    const int b = pick_bin(hist.data(), 2048, need, above);
+    const int b = pick_bin(hist.data(), bins, need, above);
     need -= above;
     base += static_cast<uint32_t>(b) << shift;
     if (shift == 0) {
@@ -80,7 +91,7 @@ uint32_t radix_select(std::vector<uint32_t>& keys, uint32_t base, int shift, int
       kept += (key - base) <= width;
     }
     keys.resize(kept);
-    shift = std::max(0, shift - 11);
+    span_bits = shift;
   }
 }
 
@@ -224,9 +235,15 @@ namespace {
 
 // Below this many scores one radix select over all of them answers: a sample would not pay.
 constexpr int64_t kSampleSelectMin = 4096;
-// The sample: up to 1024 evenly spaced runs of kSampleRun contiguous keys (one cache line each, so
-// the sample costs ~1K memory accesses, not 16K), at most a quarter of the keys.
+// The sample: evenly spaced runs of kSampleRun contiguous keys (one cache line each: a 16K sample
+// costs ~1K memory accesses, not 16K). Its size balances selecting within the sample (~ s) against
+// the candidates the bracket lets through (~ n / sqrt(s)): ~2 n^(2/3), at most 16K and n / 4.
 constexpr int64_t kMaxSampleBlocks = 1024, kSampleRun = 16;
+
+int64_t sample_blocks(int64_t n) {
+  const double want = 2.0 * std::cbrt(static_cast<double>(n) * static_cast<double>(n)) / kSampleRun;
+  return std::max<int64_t>(1, std::min({kMaxSampleBlocks, n / (4 * kSampleRun), static_cast<int64_t>(want)}));
+}
 // The bracket is the sample rank of the k-th key +- (kSigmas standard deviations + 8 ranks).
 constexpr double kSigmas = 6.0;
 
@@ -326,7 +343,7 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
     std::vector<uint32_t> keys(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(p + i);
     int64_t ties_left = k;
-    const uint32_t edge = radix_select(keys, 0, 20, ties_left);
+    const uint32_t edge = radix_select(keys, 0, 31, ties_left);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t wi = 0; wi < nw; ++wi) {
         const int64_t c0 = wi * kWordBits, c1 = std::min(cols, c0 + kWordBits);
@@ -344,7 +361,7 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   }
 
   // 1. bracket the k-th largest key between two keys of an evenly spaced sample
-  const int64_t n_blocks = std::min(kMaxSampleBlocks, n / (4 * kSampleRun)), kSample = n_blocks * kSampleRun;
+  const int64_t n_blocks = sample_blocks(n), kSample = n_blocks * kSampleRun;
   std::vector<uint32_t> sample(kSample);
   const int64_t gap = n / n_blocks;  // >= 4 * kSampleRun
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -360,11 +377,11 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   if (r_hi >= 0) {
     std::vector<uint32_t> work(sample);
     int64_t need_hi = r_hi + 1;
-    hi = radix_select(work, 0, 20, need_hi);
+    hi = radix_select(work, 0, 31, need_hi);
   }
   if (r_lo < kSample) {
     int64_t need_lo = r_lo + 1;
-    lo = radix_select(sample, 0, 20, need_lo);
+    lo = radix_select(sample, 0, 31, need_lo);
   }
 
   // 2. one pass: bits above the bracket written, keys inside it gathered, per fixed row chunk
@@ -407,7 +424,7 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   keys.reserve(static_cast<size_t>(n_cand));
   for (const auto& cc : cand) keys.insert(keys.end(), cc.key.begin(), cc.key.begin() + cc.size);
   int64_t copies = 0;  // keys equal to the k-th
-  const uint32_t edge = radix_select(keys, lo, std::max(0, bit_length(hi - lo) - 11), need, &copies);
+  const uint32_t edge = radix_select(keys, lo, bit_length(hi - lo), need, &copies);
   // 4. mark the candidates above the k-th key, and `need` of its copies in index order; when every
   // copy is taken (the usual case: ties are rare among float scores) chunks mark in parallel
   const auto mark = [&](int64_t c, bool all_ties, int64_t& ties_left) {
