@@ -325,6 +325,8 @@ inline uint32_t split_block(const float* src, int nb, int32_t bit0, uint32_t lo,
 at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   check_scores_2d(scores, "topk_words");
   TORCH_CHECK(k >= 0, "topk_words: k must be non-negative, got ", k);
+  // candidates record their bit within a row chunk as int32
+  TORCH_CHECK(scores.size(1) < (int64_t{1} << 30), "topk_words: rows of ", scores.size(1), " scores are too long");
   const at::Tensor s = scores.contiguous();
   const int64_t rows = s.size(0), cols = s.size(1), nw = words_per_row(cols), n = rows * cols;
   at::Tensor out = at::zeros({rows, nw}, s.options().dtype(at::kInt));
@@ -417,7 +419,7 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   }
   if (above > k || above + n_cand < k) return full_select();  // the bracket missed the k-th key
 
-  // 3. the k-th largest key among the candidates: radix select over [lo, hi], 11 bits at a time
+  // 3. the k-th largest key among the candidates: a radix select over [lo, hi]
   int64_t need = k - above;
   if (need == 0) return out;
   std::vector<uint32_t> keys;
