@@ -339,6 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             save_bank(model, args.out, task_names=[f"permuted-{t}" for t in range(args.tasks)],
                       metadata={"benchmark": bench.describe(), "steps": args.steps, "seed": args.seed,
                                 "world_size": dist.get_world_size()})
+        dist.barrier()  # no rank tears the process group down while another still has work in flight
     finally:
         dist.destroy_process_group()
     return 0

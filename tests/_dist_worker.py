@@ -146,4 +146,6 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
             json.dump(report, f)
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(out, f"rank{rank}.safetensors"))
+        if "error" not in report:
+            dist.barrier()  # no rank tears gloo down while the other still has work in flight
         dist.destroy_process_group()
