@@ -23,8 +23,9 @@ TORCH_LIBRARY(supsup_fast_C, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "supsup_fast compiled kernels; the ops live in torch.ops.supsup_fast_C";
-  // the CPU GEMV-sized forward without the dispatcher's boxing (a few microseconds that are most
-  // of a small layer's call); the eager fast path uses it only when no autograd is recorded
+  // masked_linear's CPU kernel without the dispatcher's boxing (a few microseconds that are most
+  // of a small layer's call): the cpu_ext backend's kernel, which the op layer calls on plain
+  // tensors only (autograd is recorded around it, never through it)
   m.def("masked_linear_cpu", &supsup::masked_linear, "masked_linear's CPU kernel, called directly",
         pybind11::call_guard<pybind11::gil_scoped_release>());
 #ifdef SUPSUP_WITH_CUDA

@@ -50,7 +50,7 @@ _RADIX_BINS = 2048
 def _native_op(name: str):
     """A compiled float32 CPU helper (``largest_k``, ``topk_words``, ``threshold_words``), or
     ``None`` without the extension."""
-    if name not in _NATIVE:  # resolved on first use: the extension loads after this module
+    if name not in _NATIVE:  # looked up once; _native has loaded (or failed to load) the extension
         from . import _native
 
         _NATIVE[name] = getattr(torch.ops.supsup_fast_C, name, None) if _native.EXT_LOADED else None

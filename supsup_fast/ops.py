@@ -329,24 +329,30 @@ _DIRECT_KERNEL = {
 }
 
 
-def _direct(args) -> bool:
-    """Whether a call may skip the dispatcher: eager, no autograd to record, plain tensors, no mode."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    grad = torch.is_grad_enabled()
-    for a in args:
-        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
-            return False
-    return True
+def _traced() -> bool:
+    """Whether tensors are being traced or transformed: torch.compile, a dispatch mode, or a
+    functorch transform (a vmapped tensor has no storage a kernel could read)."""
+    return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._are_functorch_transforms_active())
 
 
 def _plain_eager(args) -> bool:
-    """Whether autograd may be recorded by a plain ``autograd.Function`` instead of the dispatcher:
-    eager, plain tensors, no dispatch mode and no functorch transform."""
-    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active()):
+    """Whether a call may bypass the dispatcher's wrappers: not :func:`_traced`, plain tensors."""
+    if _traced():
         return False
     return all(type(a) in _PLAIN_TENSORS for a in args if isinstance(a, torch.Tensor))
+
+
+def _direct(args) -> bool:
+    """Whether a call may skip the dispatcher altogether: :func:`_plain_eager` with no autograd to
+    record (a plain ``autograd.Function`` may record it instead, see :class:`_MaskedLinearST`)."""
+    if _traced():
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:  # one loop: this runs on every eager call
+        if isinstance(a, torch.Tensor) and (type(a) not in _PLAIN_TENSORS or (grad and a.requires_grad)):
+            return False
+    return True
 
 
 def _direct_impl(op: str, device_type: str, dtype: Optional[torch.dtype], args: tuple) -> Callable:

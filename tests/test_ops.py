@@ -450,3 +450,15 @@ def test_eager_path_follows_the_forced_backend(monkeypatch):
     assert len(calls) == 2 + (automatic == "reference")
     ops.masked_linear(x, w, words)
     assert len(calls) == 2 + 2 * (automatic == "reference")
+
+
+def test_eager_path_leaves_vmap_to_the_dispatcher():
+    """Under a functorch transform the eager shortcut must not hand batched tensors to a kernel:
+    vmap over masked_linear (inference and training) equals the per-sample loop."""
+    xs, w = _rand((3, 2, 40), torch.float32, 4), _rand((5, 40), torch.float32, 5)
+    words = _bank(1, 5, 40, 6)[0]
+    want = torch.stack([ops.masked_linear(x, w, words) for x in xs])
+    torch.testing.assert_close(torch.vmap(lambda x: ops.masked_linear(x, w, words))(xs), want, rtol=0, atol=0)
+    s = _rand((5, 40), torch.float32, 7)
+    got = torch.vmap(lambda x: ops.masked_linear(x, w, words, scores=s, score_sign=True))(xs)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -233,7 +233,7 @@ at::Tensor threshold_words(const at::Tensor& scores) {
 
 namespace {
 
-// Below this many scores one radix select over all of them answers: a sample would not pay.
+// Below this many scores there is no sample: every score is a candidate of the radix select.
 constexpr int64_t kSampleSelectMin = 4096;
 // The sample: evenly spaced runs of kSampleRun contiguous keys (one cache line each: a 16K sample
 // costs ~1K memory accesses, not 16K). Its size balances selecting within the sample (~ s) against
@@ -340,56 +340,38 @@ at::Tensor topk_words(const at::Tensor& scores, int64_t k) {
   }
   const float* p = s.data_ptr<float>();
   const auto full_select = [&] { return pack_masks(largest_k(s.reshape({-1}), k, true).view({rows, cols})); };
-  if (n < kSampleSelectMin) {
-    // few: the k-th key by a radix select over all keys, then one marking pass in index order
-    std::vector<uint32_t> keys(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) keys[i] = magnitude_key(p + i);
-    int64_t ties_left = k;
-    const uint32_t edge = radix_select(keys, 0, 31, ties_left);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t wi = 0; wi < nw; ++wi) {
-        const int64_t c0 = wi * kWordBits, c1 = std::min(cols, c0 + kWordBits);
-        uint32_t w = 0;
-        for (int64_t c = c0; c < c1; ++c) {
-          const uint32_t key = magnitude_key(p + r * cols + c);
-          const bool tie = key == edge;
-          const bool keep = (key > edge) | (tie & (ties_left > 0));
-          ties_left -= tie & keep;
-          w |= static_cast<uint32_t>(keep) << (c - c0);
-        }
-        o[r * nw + wi] = w;
-      }
-    return out;
-  }
-
-  // 1. bracket the k-th largest key between two keys of an evenly spaced sample
-  const int64_t n_blocks = sample_blocks(n), kSample = n_blocks * kSampleRun;
-  std::vector<uint32_t> sample(kSample);
-  const int64_t gap = n / n_blocks;  // >= 4 * kSampleRun
-  for (int64_t b = 0; b < n_blocks; ++b) {
-    if (b + 16 < n_blocks) __builtin_prefetch(p + (b + 16) * gap);  // ~1K memory latencies otherwise
-    for (int64_t j = 0; j < kSampleRun; ++j) sample[b * kSampleRun + j] = magnitude_key(p + b * gap + j);
-  }
-  const double frac = static_cast<double>(k) / static_cast<double>(n);
-  const double rank = frac * kSample;  // the k-th key's expected rank in the sample, from the top
-  const double sigma = std::sqrt(static_cast<double>(kSample) * frac * (1.0 - frac));
-  const int64_t spread = static_cast<int64_t>(std::ceil(kSigmas * sigma)) + 8;
-  const int64_t r_hi = static_cast<int64_t>(rank) - spread, r_lo = static_cast<int64_t>(rank) + spread;
+  // 1. bracket the k-th largest key between two keys of an evenly spaced sample; with few keys
+  // there is no bracket and every key is a candidate
   uint32_t hi = 0x7FFFFFFFu, lo = 0;  // no bound: no key lies above 0x7FFFFFFF or below 0
-  if (r_hi >= 0) {
-    std::vector<uint32_t> work(sample);
-    int64_t need_hi = r_hi + 1;
-    hi = radix_select(work, 0, 31, need_hi);
-  }
-  if (r_lo < kSample) {
-    int64_t need_lo = r_lo + 1;
-    lo = radix_select(sample, 0, 31, need_lo);
+  double expect = 1.0;                // expected fraction of the keys inside the bracket
+  if (n >= kSampleSelectMin) {
+    const int64_t n_blocks = sample_blocks(n), kSample = n_blocks * kSampleRun;
+    std::vector<uint32_t> sample(kSample);
+    const int64_t gap = n / n_blocks;  // >= 4 * kSampleRun
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      if (b + 16 < n_blocks) __builtin_prefetch(p + (b + 16) * gap);  // ~1K memory latencies otherwise
+      for (int64_t j = 0; j < kSampleRun; ++j) sample[b * kSampleRun + j] = magnitude_key(p + b * gap + j);
+    }
+    const double frac = static_cast<double>(k) / static_cast<double>(n);
+    const double rank = frac * kSample;  // the k-th key's expected rank in the sample, from the top
+    const double sigma = std::sqrt(static_cast<double>(kSample) * frac * (1.0 - frac));
+    const int64_t spread = static_cast<int64_t>(std::ceil(kSigmas * sigma)) + 8;
+    const int64_t r_hi = static_cast<int64_t>(rank) - spread, r_lo = static_cast<int64_t>(rank) + spread;
+    if (r_hi >= 0) {
+      std::vector<uint32_t> work(sample);
+      int64_t need_hi = r_hi + 1;
+      hi = radix_select(work, 0, 31, need_hi);
+    }
+    if (r_lo < kSample) {
+      int64_t need_lo = r_lo + 1;
+      lo = radix_select(sample, 0, 31, need_lo);
+    }
+    expect = std::min(1.0, 2.0 * spread / kSample);
   }
 
   // 2. one pass: bits above the bracket written, keys inside it gathered, per fixed row chunk
   const int64_t rpc = rows_per_chunk(cols), n_chunks = (rows + rpc - 1) / rpc;
   const int64_t row_bits = nw * kWordBits;
-  const double expect = std::min(1.0, 2.0 * spread / kSample);  // expected fraction inside the bracket
   std::vector<Candidates> cand(n_chunks);
   std::vector<int64_t> above_count(n_chunks, 0);
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {

@@ -2,8 +2,6 @@
 #include "cpu/bits.h"
 #include "cpu/ops.h"
 
-#include <vector>
-
 namespace supsup {
 
 namespace {
