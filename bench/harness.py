@@ -31,6 +31,7 @@ import torch
 
 import supsup_fast
 from supsup_fast import ops
+from supsup_fast.info import avx512_gemm_state
 
 # Relative error ||out - expected|| / ||expected|| allowed per dtype (fp32 well under 1e-3,
 # tf32 ~3e-4, half precision 1e-3..1e-2).
@@ -362,6 +363,7 @@ def machine_info(size: str, device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "extension_loaded": supsup_fast.EXT_LOADED,
+        "cpu_avx512_gemm": avx512_gemm_state(),
         "backends": [b.name for b in ops.backends() if b.available],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **versions(),

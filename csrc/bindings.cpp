@@ -5,6 +5,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
 
 TORCH_LIBRARY(supsup_fast_C, m) {
@@ -28,6 +29,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // tensors only (autograd is recorded around it, never through it)
   m.def("masked_linear_cpu", &supsup::masked_linear, "masked_linear's CPU kernel, called directly",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  // the AVX-512 masked GEMM (masked_linear with more than a few rows, fp32): whether the CPU
+  // has it, and a switch to compare it with the AVX2 path it replaces
+  m.def("cpu_has_avx512", &supsup::cpu_has_avx512);
+  m.def("avx512_enabled", &supsup::masked_gemm_available);
+  m.def("set_avx512_enabled", &supsup::set_avx512_enabled, pybind11::arg("enabled"));
 #ifdef SUPSUP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

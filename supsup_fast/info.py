@@ -37,6 +37,7 @@ def collect() -> dict:
         "extension_loaded": EXT_LOADED,
         "extension_error": EXT_ERROR,
         "extension_cuda": ext_has_cuda(),
+        "cpu_avx512_gemm": avx512_gemm_state(),
         "forced": os.environ.get(ops.ENV_BACKEND, ""),
         "backends": {
             b.name: ("available" if b.available else f"unavailable: {b.why_unavailable}") for b in ops.backends()
@@ -45,11 +46,23 @@ def collect() -> dict:
     }
 
 
+def avx512_gemm_state() -> str:
+    """Whether masked_linear's many-row fp32 CPU kernel is the AVX-512 masked GEMM."""
+    if not EXT_LOADED:
+        return "no (extension not loaded)"
+    from . import _C
+
+    if not _C.cpu_has_avx512():
+        return "no (the CPU has no AVX-512F)"
+    return "yes" if _C.avx512_enabled() else "no (switched off: SUPSUP_FAST_NO_AVX512=1 or _C.set_avx512_enabled)"
+
+
 def render(info: dict) -> str:
     lines = [f"supsup_fast on {info['device']} ({info['threads']} threads)"]
     lines += [f"  {k}: {info[k]}" for k in ("python", "torch", "triton", "cuda_available")]
     ext = "loaded" if info["extension_loaded"] else f"NOT loaded ({info['extension_error']})"
     lines.append(f"  compiled extension: {ext}" + (" with CUDA kernels" if info["extension_cuda"] else ""))
+    lines.append(f"  AVX-512 masked GEMM: {info['cpu_avx512_gemm']}")
     if info["forced"]:
         lines.append(f"  forced by {ops.ENV_BACKEND}: {info['forced']}")
     lines.append("backends (highest priority first):")

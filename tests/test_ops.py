@@ -163,6 +163,72 @@ def test_backward_products(backend, dtype, lead, n, k):
     _check(ds, (g.double().reshape(-1, n).t() @ x.double().reshape(-1, k)) * w.double(), dtype, SCORE_TOL)
 
 
+def _avx512_gemm_state():
+    from supsup_fast import _C
+
+    return _C if EXT_LOADED and _C.cpu_has_avx512() else None
+
+
+needs_avx512 = pytest.mark.skipif(_avx512_gemm_state() is None, reason="no AVX-512F CPU or no compiled extension")
+
+
+@pytest.fixture
+def avx512_switch():
+    """The extension module, with the AVX-512 masked GEMM switched back on afterwards."""
+    from supsup_fast import _C
+
+    yield _C
+    _C.set_avx512_enabled(True)
+
+
+# rows: the microkernel's 8-row blocks and every remainder, 128-row chunks, the platform GEMM
+# beyond 512 rows of a large layer. outputs: 16/32-wide panels and their remainders. K: the
+# 16-column steps, the last partial step, and 256-column blocks.
+GEMM_CASES = [
+    (9, 1, 1), (10, 15, 16), (11, 16, 17), (12, 17, 31), (13, 31, 255), (14, 33, 256), (15, 47, 257),
+    (16, 100, 300), (23, 64, 513), (129, 10, 100), (200, 33, 40), (300, 100, 300), (1100, 20, 50), (700, 520, 520),
+]
+
+
+@needs_avx512
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m,n,k", GEMM_CASES)
+def test_masked_gemm_avx512(avx512_switch, m, n, k, threads):
+    """The AVX-512 masked GEMM against float64, and against the path it replaces."""
+    _C = avx512_switch
+    x, w = _rand((m, k), torch.float32, m), _rand((n, k), torch.float32, n + 1)
+    words, bias = _bank(1, n, k, k)[0], (_rand((n,), torch.float32, 3) if (m + n) % 2 else None)
+    exact = ref.masked_linear(x.double(), w.double(), words, None if bias is None else bias.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _C.set_avx512_enabled(True)
+        assert _C.avx512_enabled()
+        fast = _C.masked_linear_cpu(x, w, words, bias)
+        _C.set_avx512_enabled(False)
+        assert not _C.avx512_enabled()
+        baseline = _C.masked_linear_cpu(x, w, words, bias)
+    finally:
+        torch.set_num_threads(before)
+    _check(fast, exact, torch.float32)
+    _check(baseline, exact, torch.float32)
+
+
+@needs_avx512
+def test_masked_gemm_avx512_layouts(avx512_switch):
+    """3-D and strided x, a strided weight, and zero rows go through the masked GEMM unchanged."""
+    _C = avx512_switch
+    _C.set_avx512_enabled(True)
+    x = _rand((3, 40, 2 * 70), torch.float32, 1)[..., ::2]  # [3, 40, 70], not contiguous
+    w = _rand((70, 50), torch.float32, 2).t()  # [50, 70], not contiguous
+    words, bias = _bank(1, 50, 70, 3)[0], _rand((50,), torch.float32, 4)
+    out = ops.masked_linear(x, w, words, bias)
+    assert out.shape == (3, 40, 50)
+    _check(out, ref.masked_linear(x.double(), w.double(), words, bias.double()), torch.float32)
+    empty = ops.masked_linear(x[:, :0], w, words, bias)
+    assert empty.shape == (3, 0, 50)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_masked_conv2d(backend, dtype):
     x, w = _rand((2, 4, 7, 6), dtype, 1), _rand((6, 2, 3, 3), dtype, 2)

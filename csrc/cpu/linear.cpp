@@ -5,6 +5,7 @@
 // bit once and never writes W*M. Many rows are compute-bound: one fused W*M pass feeds the
 // platform GEMM, which beats anything hand-written here.
 #include "cpu/bits.h"
+#include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
 
 #include <vector>
@@ -17,6 +18,18 @@ namespace {
 // the forward reuses each masked weight vector across 4 rows in registers, dX only across 2.
 constexpr int64_t kFusedMaxRows = 16;
 constexpr int64_t kFusedGradMaxRows = 8;
+
+// The forward's kernel for fp32 x with m rows: the fused kernel up to 8 rows where the AVX-512
+// masked GEMM runs (it wins from 9 rows on), and the masked GEMM until the problem is large
+// enough that the platform GEMM's higher peak outweighs its extra W*M pass (measured on a
+// 2-core AVX-512 Xeon: from ~1024 rows of a 1024 x 1024 layer on; LeNet-sized layers never).
+enum class Forward { kFused, kMaskedGemm, kPlatformGemm };
+Forward forward_kernel(int64_t m, int64_t n, int64_t k) {
+  const bool gemm = masked_gemm_available();
+  if (SUPSUP_AVX2 && m <= (gemm ? 8 : kFusedMaxRows)) return Forward::kFused;
+  if (gemm && (m <= 512 || n * k < (1 << 18))) return Forward::kMaskedGemm;
+  return Forward::kPlatformGemm;
+}
 
 at::Tensor flat_rows(const at::Tensor& t) {
   const int64_t last = t.dim() ? t.size(-1) : 1;
@@ -175,17 +188,21 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_linear(x, weight, mask_words, bias, "masked_linear");
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t m_rows = k ? x.numel() / k : (x.dim() ? x.numel() : 1);
+  const Forward kernel = x.scalar_type() == at::kFloat && k > 0 && n > 0 ? forward_kernel(m_rows, n, k)
+                                                                          : Forward::kPlatformGemm;
+  if (kernel == Forward::kPlatformGemm) return at::linear(x, scratch_masked_weight(weight, mask_words), bias);
+  const at::Tensor xx = flat_rows(x), w = weight.contiguous(), mw = mask_words.contiguous();
+  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::Tensor y = at::empty({xx.size(0), n}, x.options());
+  if (kernel == Forward::kMaskedGemm) {
+    masked_gemm_f32(xx.data_ptr<float>(), xx.size(0), k, w.data_ptr<float>(), word_ptr(mw), n, bp, y.data_ptr<float>());
+  } else {
 #if SUPSUP_AVX2
-  if (x.scalar_type() == at::kFloat && m_rows <= kFusedMaxRows && k > 0) {
-    const at::Tensor xx = flat_rows(x), w = weight.contiguous(), mw = mask_words.contiguous();
-    const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
-    at::Tensor y = at::empty({xx.size(0), n}, x.options());
-    fused_forward(xx.data_ptr<float>(), xx.size(0), k, w.data_ptr<float>(), word_ptr(mw), n,
-                  b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>());
-    return y.reshape(with_last(x, n));
-  }
+    fused_forward(xx.data_ptr<float>(), xx.size(0), k, w.data_ptr<float>(), word_ptr(mw), n, bp, y.data_ptr<float>());
 #endif
-  return at::linear(x, scratch_masked_weight(weight, mask_words), bias);
+  }
+  return y.reshape(with_last(x, n));
 }
 
 at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
@@ -335,7 +352,8 @@ at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_word
   const int64_t nw = mw.size(1);
   const int64_t m_rows = k ? x.numel() / k : 0;
 #if SUPSUP_AVX2
-  if (x.scalar_type() == at::kFloat && m_rows <= kFusedMaxRows && k > 0 && n > 0) {
+  // the kernel masked_linear would run on the regenerated weight, so both give the same bits
+  if (x.scalar_type() == at::kFloat && k > 0 && n > 0 && forward_kernel(m_rows, n, k) == Forward::kFused) {
     // one regenerated weight row at a time (in L1), never the whole weight
     const at::Tensor xx = flat_rows(x);
     const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
@@ -362,14 +380,10 @@ at::Tensor masked_linear_seeded(const at::Tensor& x, const at::Tensor& mask_word
     scalar_t* wp = w.data_ptr<scalar_t>();
     const scalar_t pos = static_cast<scalar_t>(c), neg = static_cast<scalar_t>(-c);
     at::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(k, 1)), [&](int64_t n0, int64_t n1) {
-      std::vector<scalar_t> row(k);
-      for (int64_t j = n0; j < n1; ++j) {
-        seeded_row<scalar_t>(j, k, key, pos, neg, row.data());
-        mask_row<scalar_t>(row.data(), bits + j * nw, k, wp + j * k);
-      }
+      for (int64_t j = n0; j < n1; ++j) seeded_row<scalar_t>(j, k, key, pos, neg, wp + j * k);
     });
   });
-  return at::linear(x, w, bias);
+  return masked_linear(x, w, mask_words, bias);
 }
 
 }  // namespace supsup
