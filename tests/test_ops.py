@@ -187,6 +187,7 @@ def avx512_switch():
 GEMM_CASES = [
     (9, 1, 1), (10, 15, 16), (11, 16, 17), (12, 17, 31), (13, 31, 255), (14, 33, 256), (15, 47, 257),
     (16, 100, 300), (23, 64, 513), (129, 10, 100), (200, 33, 40), (300, 100, 300), (1100, 20, 50), (700, 520, 520),
+    (40, 96, 17), (50, 40, 1),
 ]
 
 
@@ -194,24 +195,27 @@ GEMM_CASES = [
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m,n,k", GEMM_CASES)
 def test_masked_gemm_avx512(avx512_switch, m, n, k, threads):
-    """The AVX-512 masked GEMM against float64, and against the path it replaces."""
+    """The AVX-512 masked GEMMs (y and dL/dx) against float64, and against the paths they replace."""
     _C = avx512_switch
     x, w = _rand((m, k), torch.float32, m), _rand((n, k), torch.float32, n + 1)
     words, bias = _bank(1, n, k, k)[0], (_rand((n,), torch.float32, 3) if (m + n) % 2 else None)
+    g = _rand((m, n), torch.float32, 4)
     exact = ref.masked_linear(x.double(), w.double(), words, None if bias is None else bias.double())
+    exact_dx = ref.masked_linear_grad_input(g.double(), w.double(), words)
+    grad_input = torch.ops.supsup_fast_C.masked_linear_grad_input
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _C.set_avx512_enabled(True)
-        assert _C.avx512_enabled()
-        fast = _C.masked_linear_cpu(x, w, words, bias)
-        _C.set_avx512_enabled(False)
-        assert not _C.avx512_enabled()
-        baseline = _C.masked_linear_cpu(x, w, words, bias)
+        results = {}
+        for enabled in (True, False):
+            _C.set_avx512_enabled(enabled)
+            assert _C.avx512_enabled() == enabled
+            results[enabled] = _C.masked_linear_cpu(x, w, words, bias), grad_input(g, w, words)
     finally:
         torch.set_num_threads(before)
-    _check(fast, exact, torch.float32)
-    _check(baseline, exact, torch.float32)
+    for y, dx in results.values():
+        _check(y, exact, torch.float32)
+        _check(dx, exact_dx, torch.float32)
 
 
 @needs_avx512

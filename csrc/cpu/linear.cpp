@@ -23,12 +23,15 @@ constexpr int64_t kFusedGradMaxRows = 8;
 // masked GEMM runs (it wins from 9 rows on), and the masked GEMM until the problem is large
 // enough that the platform GEMM's higher peak outweighs its extra W*M pass (measured on a
 // 2-core AVX-512 Xeon: from ~1024 rows of a 1024 x 1024 layer on; LeNet-sized layers never).
+// dL/dx (a sum over the N outputs) takes the masked GEMM past its fused kernel's 8 rows when
+// N >= 32 and up to 256 rows of a large layer (measured the same way).
 enum class Forward { kFused, kMaskedGemm, kPlatformGemm };
+bool masked_gemm_wins(int64_t m, int64_t n, int64_t k, int64_t large_layer_max_rows) {
+  return masked_gemm_available() && (m <= large_layer_max_rows || n * k < (1 << 18));
+}
 Forward forward_kernel(int64_t m, int64_t n, int64_t k) {
-  const bool gemm = masked_gemm_available();
-  if (SUPSUP_AVX2 && m <= (gemm ? 8 : kFusedMaxRows)) return Forward::kFused;
-  if (gemm && (m <= 512 || n * k < (1 << 18))) return Forward::kMaskedGemm;
-  return Forward::kPlatformGemm;
+  if (SUPSUP_AVX2 && m <= (masked_gemm_available() ? 8 : kFusedMaxRows)) return Forward::kFused;
+  return masked_gemm_wins(m, n, k, 512) ? Forward::kMaskedGemm : Forward::kPlatformGemm;
 }
 
 at::Tensor flat_rows(const at::Tensor& t) {
@@ -226,6 +229,13 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
     return dx.reshape(with_last(grad_out, k));
   }
 #endif
+  if (grad_out.scalar_type() == at::kFloat && n >= 32 && k > 0 && masked_gemm_wins(m_rows, n, k, 256)) {
+    const at::Tensor g = flat_rows(grad_out), w = weight.contiguous(), mw = mask_words.contiguous();
+    at::Tensor dx = at::empty({g.size(0), k}, grad_out.options());
+    masked_gemm_grad_input_f32(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k,
+                               dx.data_ptr<float>());
+    return dx.reshape(with_last(grad_out, k));
+  }
   return at::matmul(grad_out, scratch_masked_weight(weight, mask_words));
 }
 

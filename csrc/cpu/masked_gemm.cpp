@@ -1,17 +1,20 @@
-// The many-row fp32 masked GEMM: y = x (W * M)^T + b with the mask applied while W is packed.
+// The many-row fp32 masked GEMMs: y = x (W * M)^T + b and dL/dx = dL/dy (W * M), with the mask
+// applied while W is packed.
 //
 // "W * M, then the platform GEMM" writes W * M to memory; the GEMM then reads it back and packs
 // it again. Here each thread packs the part of W it multiplies, straight from W and the mask:
 // an AVX-512 masked load takes 16 mask bits as its lane mask, so masking costs nothing, and the
 // masked weights never leave the core's caches.
 //
-// Packing: 16 rows x 16 columns of W are loaded (masked) and transposed in registers, so a
-// panel of 32 outputs is stored as [K][32]: one k's 32 weights side by side.
-// Microkernel: 8 rows of x times one panel into 8 x 2 vector accumulators; each step broadcasts
-// x[i, k] (read straight from x, which needs no packing) and multiplies two panel vectors.
-// Blocking: K in blocks of 256 (a panel's block stays in L1), rows in chunks of 128 (x's rows
-// stay in L2; W * M is packed once for all chunks); threads split the outputs or the rows, whichever leaves less work on the
-// busiest thread, counting the packing each thread does.
+// Packing: a panel holds 32 outputs side by side for every step of the sum. For y, 16 rows x
+// 16 columns of W are loaded (masked) and transposed in registers; for dL/dx the outputs are
+// W's columns, so a panel row is a masked copy of part of a W row.
+// Microkernel: 8 rows of x (or dL/dy) times one panel into 8 x 2 vector accumulators; each step
+// broadcasts one element of each row (read in place: the left operand needs no packing) and
+// multiplies two panel vectors.
+// Blocking: the sum in blocks of 256 (a panel's block stays in L1), rows in chunks of 128 (they
+// stay in L2; W * M is then packed once for all chunks); threads split the outputs or the rows,
+// whichever leaves less work on the busiest thread, counting the packing each thread does.
 //
 // The AVX-512 functions carry a target attribute: the file builds with the extension's AVX2
 // baseline, and the kernel runs only where the CPU has AVX-512F.
@@ -58,6 +61,19 @@ constexpr int64_t kKC = 256;         // K per block
 constexpr int64_t kMC = 128;         // rows of x per chunk
 constexpr int64_t kPackRows = 16;    // packing one output costs about as much as 16 rows of FMAs
 
+// y [m, outputs] = a [m, depth] B + bias, B = (W * M)^T (the forward: outputs are W's rows) or
+// B = W * M (dL/dx: outputs are W's columns).
+struct Problem {
+  const float* a;
+  const float* w;         // W [rows, wk], mask bits [rows, nw]
+  const uint32_t* bits;
+  const float* bias;      // [outputs] or null
+  float* y;
+  int64_t m, outputs, depth, wk, nw;
+  int64_t panel_rows;     // depth, rounded up to whole 16-row transposes for the forward
+  bool transposed;
+};
+
 #if SUPSUP_AVX512_DISPATCH
 #define SUPSUP_AVX512 __attribute__((target("avx512f")))
 
@@ -103,20 +119,11 @@ SUPSUP_AVX512 inline void transpose16(__m512* r) {
   }
 }
 
-struct Problem {
-  const float* x;
-  const float* w;
-  const uint32_t* bits;
-  const float* bias;
-  float* y;
-  int64_t m, n, k, nw, kpad;
-};
-
-// Outputs [n0, n0 + cols) (cols <= 32) of W * M, transposed into dst [kpad][width], width = 16
-// or 32: zeros past k and past the last output.
-SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t n0, int64_t cols, int64_t width, float* dst) {
-  const int64_t steps = p.kpad / kLanes;
-  const __mmask16 tail = p.k % kLanes ? static_cast<__mmask16>((1u << (p.k % kLanes)) - 1) : __mmask16(0xFFFF);
+// Forward: outputs [n0, n0 + cols) (cols <= 32) of W * M, transposed into dst [panel_rows][width],
+// width = 16 or 32; zeros past k and past the last output.
+SUPSUP_AVX512 void pack_rows_transposed(const Problem& p, int64_t n0, int64_t cols, int64_t width, float* dst) {
+  const int64_t steps = p.panel_rows / kLanes;
+  const __mmask16 tail = p.wk % kLanes ? static_cast<__mmask16>((1u << (p.wk % kLanes)) - 1) : __mmask16(0xFFFF);
   for (int64_t s = 0; s < steps; ++s) {
     const __mmask16 in_k = s + 1 == steps ? tail : __mmask16(0xFFFF);
     for (int64_t h = 0; h < width / kLanes; ++h) {
@@ -129,7 +136,7 @@ SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t n0, int64_t cols, int64_
         }
         const uint32_t* row_bits = p.bits + (n0 + col) * p.nw;
         const __mmask16 m = in_k & static_cast<__mmask16>(row_bits[s >> 1] >> ((s & 1) * 16));
-        r[i] = _mm512_maskz_loadu_ps(m, p.w + (n0 + col) * p.k + s * kLanes);
+        r[i] = _mm512_maskz_loadu_ps(m, p.w + (n0 + col) * p.wk + s * kLanes);
       }
       transpose16(r);
       for (int64_t c = 0; c < kLanes; ++c) _mm512_store_ps(dst + (s * kLanes + c) * width + h * kLanes, r[c]);
@@ -137,7 +144,31 @@ SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t n0, int64_t cols, int64_
   }
 }
 
-// y[r0 + i, n0 + j] (+)= sum over k in [k0, k1) of x[r0 + i, k] panel[k, j], for i < MR and
+// dL/dx: columns [c0, c0 + cols) of W * M (c0 a multiple of 16), row by row into
+// dst [panel_rows][width]; zeros past the last column.
+SUPSUP_AVX512 void pack_columns(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
+  for (int64_t h = 0; h < width / kLanes; ++h) {
+    const int64_t left = cols - h * kLanes;
+    const __mmask16 in_cols = left >= kLanes ? __mmask16(0xFFFF)
+                              : left <= 0    ? __mmask16(0)
+                                             : static_cast<__mmask16>((1u << left) - 1);
+    const int64_t s = c0 / kLanes + h;  // the 16-column step of W's rows
+    for (int64_t d = 0; d < p.depth; ++d) {
+      const uint32_t* row_bits = p.bits + d * p.nw;
+      const __mmask16 m = in_cols & static_cast<__mmask16>(row_bits[s >> 1] >> ((s & 1) * 16));
+      _mm512_store_ps(dst + d * width + h * kLanes, _mm512_maskz_loadu_ps(m, p.w + d * p.wk + s * kLanes));
+    }
+  }
+}
+
+SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
+  if (p.transposed)
+    pack_rows_transposed(p, c0, cols, width, dst);
+  else
+    pack_columns(p, c0, cols, width, dst);
+}
+
+// y[r0 + i, n0 + j] (+)= sum over k in [k0, k1) of a[r0 + i, k] panel[k, j], for i < MR and
 // j < cols (<= 16 NV). The first K block starts from the bias, later ones add to y.
 template <int NV, int MR>
 SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols,
@@ -147,7 +178,7 @@ SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0,
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   const float* xr[MR];
-  for (int64_t i = 0; i < MR; ++i) xr[i] = p.x + (r0 + i) * p.k;
+  for (int64_t i = 0; i < MR; ++i) xr[i] = p.a + (r0 + i) * p.depth;
   const float* b = panel + k0 * width;
   for (int64_t kk = k0; kk < k1; ++kk, b += width) {
     __m512 bv[NV];
@@ -165,7 +196,7 @@ SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0,
     base[v] = (k0 == 0 && p.bias) ? _mm512_maskz_loadu_ps(in_n[v], p.bias + n0 + v * kLanes) : _mm512_setzero_ps();
   }
   for (int64_t i = 0; i < rows; ++i) {
-    float* yr = p.y + (r0 + i) * p.n + n0;
+    float* yr = p.y + (r0 + i) * p.outputs + n0;
     for (int v = 0; v < NV; ++v) {
       const __m512 prev = k0 == 0 ? base[v] : _mm512_maskz_loadu_ps(in_n[v], yr + v * kLanes);
       _mm512_mask_storeu_ps(yr + v * kLanes, in_n[v], _mm512_add_ps(acc[i][v], prev));
@@ -197,8 +228,8 @@ SUPSUP_AVX512 void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t 
   // with more than one chunk of rows, W * M of these outputs is packed once for all chunks;
   // with one, each panel is packed just before its use, while it is still in L1/L2
   const bool pack_all = r1 - r0 > kMC;
-  float* packed = buffer.get(static_cast<size_t>((pack_all ? panels : 1) * p.kpad * kNR));
-  const auto panel_at = [&](int64_t q) { return packed + (pack_all ? q : 0) * p.kpad * kNR; };
+  float* packed = buffer.get(static_cast<size_t>((pack_all ? panels : 1) * p.panel_rows * kNR));
+  const auto panel_at = [&](int64_t q) { return packed + (pack_all ? q : 0) * p.panel_rows * kNR; };
   const auto pack = [&](int64_t q) {
     const int64_t n0 = c0 + q * kNR, cols = std::min(kNR, c1 - n0);
     pack_panel(p, n0, cols, cols > kLanes ? kNR : kLanes, panel_at(q));
@@ -211,8 +242,8 @@ SUPSUP_AVX512 void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t 
       if (!pack_all) pack(q);
       const int64_t n0 = c0 + q * kNR, cols = std::min(kNR, c1 - n0);
       const float* panel = panel_at(q);
-      for (int64_t k0 = 0; k0 < p.k; k0 += kKC) {
-        const int64_t k1 = std::min(p.k, k0 + kKC);
+      for (int64_t k0 = 0; k0 < p.depth; k0 += kKC) {
+        const int64_t k1 = std::min(p.depth, k0 + kKC);
         for (int64_t i = m0; i < m1; i += kMR) {
           const int64_t rows = std::min(kMR, m1 - i);
           if (cols > kLanes)
@@ -227,10 +258,11 @@ SUPSUP_AVX512 void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t 
 
 // Splits rows into `tm` and outputs (in 32-wide panels) into `tn` parts; part `t` of tn * tm.
 SUPSUP_AVX512 void gemm_part(const Problem& p, int64_t tn, int64_t tm, int64_t t) {
-  const int64_t row_blocks = (p.m + kMR - 1) / kMR, panels = (p.n + kNR - 1) / kNR;
+  const int64_t row_blocks = (p.m + kMR - 1) / kMR, panels = (p.outputs + kNR - 1) / kNR;
   const int64_t i = t / tn, j = t % tn;
   const int64_t r0 = std::min(p.m, row_blocks * i / tm * kMR), r1 = std::min(p.m, row_blocks * (i + 1) / tm * kMR);
-  const int64_t c0 = std::min(p.n, panels * j / tn * kNR), c1 = std::min(p.n, panels * (j + 1) / tn * kNR);
+  const int64_t c0 = std::min(p.outputs, panels * j / tn * kNR);
+  const int64_t c1 = std::min(p.outputs, panels * (j + 1) / tn * kNR);
   gemm_block(p, r0, r1, c0, c1);
 }
 #endif
@@ -253,42 +285,56 @@ bool masked_gemm_available() { return cpu_has_avx512() && g_avx512_enabled.load(
 
 void set_avx512_enabled(bool enabled) { g_avx512_enabled.store(enabled, std::memory_order_relaxed); }
 
-void masked_gemm_f32(const float* x, int64_t m, int64_t k, const float* w, const uint32_t* bits, int64_t n,
-                     const float* bias, float* y) {
+namespace {
+
+// y = a B (+ bias) over all threads: the split of outputs and rows with the least work on the
+// busiest thread, counting its outputs x (its rows + the packing, in rows' worth); only as
+// many threads as get >= ~0.25 MFLOP each.
+void run_problem(const Problem& p) {
 #if SUPSUP_AVX512_DISPATCH
-  TORCH_CHECK(masked_gemm_available(), "masked_gemm_f32: AVX-512F is not available or is switched off");
-  if (m <= 0 || n <= 0) return;
-  const Problem p{x, w, bits, bias, y, m, n, k, (k + 31) / 32, (k + kLanes - 1) / kLanes * kLanes};
-  if (k == 0) {  // no products: y is the bias
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) y[i * n + j] = bias ? bias[j] : 0.f;
+  TORCH_CHECK(masked_gemm_available(), "masked GEMM: AVX-512F is not available or is switched off");
+  if (p.m <= 0 || p.outputs <= 0) return;
+  if (p.depth == 0) {  // no products: y is the bias
+    for (int64_t i = 0; i < p.m; ++i)
+      for (int64_t j = 0; j < p.outputs; ++j) p.y[i * p.outputs + j] = p.bias ? p.bias[j] : 0.f;
     return;
   }
-  // threads: enough that each gets >= ~0.25 MFLOP; then the split with the least work on the
-  // busiest thread: its outputs x (its rows + the packing, in rows' worth)
-  const int64_t flops = 2 * m * n * k;
+  const int64_t flops = 2 * p.m * p.outputs * p.depth;
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), flops >> 18));
-  const int64_t row_blocks = (m + kMR - 1) / kMR, panels = (n + kNR - 1) / kNR;
+  const int64_t row_blocks = (p.m + kMR - 1) / kMR, panels = (p.outputs + kNR - 1) / kNR;
   int64_t tn = 1, tm = 1, best = -1;
   for (int64_t a = 1; a <= threads; ++a) {
     const int64_t b = threads / a;  // a parts of the outputs, b of the rows
     if (threads % a || a > panels || b > row_blocks) continue;
     int64_t widest = 0;  // in 16-output strips, as the microkernel computes them
     for (int64_t j = 0; j < a; ++j) {
-      const int64_t c0 = std::min(n, panels * j / a * kNR), c1 = std::min(n, panels * (j + 1) / a * kNR);
+      const int64_t c0 = std::min(p.outputs, panels * j / a * kNR);
+      const int64_t c1 = std::min(p.outputs, panels * (j + 1) / a * kNR);
       widest = std::max(widest, (c1 - c0 + kLanes - 1) / kLanes);
     }
     const int64_t cost = widest * ((row_blocks + b - 1) / b * kMR + kPackRows);
     if (best < 0 || cost < best) best = cost, tn = a, tm = b;
   }
-  const int64_t parts = tn * tm;
-  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, tn * tm, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) gemm_part(p, tn, tm, t);
   });
 #else
-  (void)x, (void)m, (void)k, (void)w, (void)bits, (void)n, (void)bias, (void)y;
-  TORCH_CHECK(false, "masked_gemm_f32: this build has no AVX-512 kernels");
+  (void)p;
+  TORCH_CHECK(false, "masked GEMM: this build has no AVX-512 kernels");
 #endif
+}
+
+}  // namespace
+
+void masked_gemm_f32(const float* x, int64_t m, int64_t k, const float* w, const uint32_t* bits, int64_t n,
+                     const float* bias, float* y) {
+  const int64_t nw = (k + 31) / 32, panel_rows = (k + kLanes - 1) / kLanes * kLanes;
+  run_problem(Problem{x, w, bits, bias, y, m, n, k, k, nw, panel_rows, true});
+}
+
+void masked_gemm_grad_input_f32(const float* grad_out, int64_t m, int64_t n, const float* w, const uint32_t* bits,
+                                int64_t k, float* grad_x) {
+  run_problem(Problem{grad_out, w, bits, nullptr, grad_x, m, k, n, k, (k + 31) / 32, n, false});
 }
 
 }  // namespace supsup

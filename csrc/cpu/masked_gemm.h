@@ -1,4 +1,5 @@
-// The many-row fp32 masked GEMM, y = x (W * M)^T + b, with the mask applied while W is packed
+// The many-row fp32 masked GEMMs, y = x (W * M)^T + b and dL/dx = dL/dy (W * M), with the mask
+// applied while W is packed
 // (AVX-512F, chosen at run time: the rest of the extension is built for the AVX2 baseline).
 #pragma once
 
@@ -18,5 +19,8 @@ void set_avx512_enabled(bool enabled);
 // masked_gemm_available() first.
 void masked_gemm_f32(const float* x, int64_t m, int64_t k, const float* w, const uint32_t* bits, int64_t n,
                      const float* bias, float* y);
+// grad_x [m, k] = grad_out [m, n] (W [n, k] * bits): the same kernel, W * M packed by columns.
+void masked_gemm_grad_input_f32(const float* grad_out, int64_t m, int64_t n, const float* w, const uint32_t* bits,
+                                int64_t k, float* grad_x);
 
 }  // namespace supsup
