@@ -853,7 +853,7 @@ def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilatio
     _check_words("mask_words", mask_words, n, k, 0)
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
     pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
-    return _op.masked_conv2d(x, weight, mask_words, bias, pair(stride), pair(padding), pair(dilation), int(groups))
+    return _fast.masked_conv2d(x, weight, mask_words, bias, pair(stride), pair(padding), pair(dilation), int(groups))
 
 
 def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
