@@ -576,6 +576,20 @@ def _masked_linear_st_bwd(ctx, grad):
     return gx, None, None, gs, gb, None
 
 
+class _MaskedConv2dEager(torch.autograd.Function):
+    """The ``masked_conv2d`` op's autograd for plain eager tensors, without the dispatcher's
+    autograd wrapper (the kernel is the registry's, the backward is the op's own)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, mask_words, bias, stride, padding, dilation, groups, kernel):
+        _setup_conv(ctx, (x, weight, mask_words, bias, stride, padding, dilation, groups), None)
+        return kernel(x, weight, mask_words, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_masked_conv2d_bwd(ctx, grad), None)
+
+
 def _setup_conv(ctx, inputs, output):
     x, weight, mask_words, bias, stride, padding, dilation, groups = inputs
     ctx.save_for_backward(x, weight, mask_words)
@@ -853,7 +867,12 @@ def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilatio
     _check_words("mask_words", mask_words, n, k, 0)
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
     pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
-    return _fast.masked_conv2d(x, weight, mask_words, bias, pair(stride), pair(padding), pair(dilation), int(groups))
+    args = (x, weight, mask_words, bias, pair(stride), pair(padding), pair(dilation), int(groups))
+    if torch.is_grad_enabled() and _plain_eager(args) and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in (x, weight, bias)):
+        kernel = _direct_impl("masked_conv2d", x.device.type, x.dtype, args)
+        return _MaskedConv2dEager.apply(*args, kernel)
+    return _fast.masked_conv2d(*args)
 
 
 def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
