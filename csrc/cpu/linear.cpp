@@ -2,8 +2,9 @@
 // variant whose signed-constant weight is regenerated from the hash instead of read.
 //
 // Few rows (a GEMV-like shape) are memory-bound: a fused kernel reads each weight and its mask
-// bit once and never writes W*M. Many rows are compute-bound: one fused W*M pass feeds the
-// platform GEMM, which beats anything hand-written here.
+// bit once and never writes W*M. Many rows are compute-bound: on AVX-512 CPUs the masked GEMM
+// (masked_gemm.cpp) applies the mask while it packs W; elsewhere, and for large problems where
+// the platform GEMM's peak wins, one W*M pass into a reused buffer feeds the platform GEMM.
 #include "cpu/bits.h"
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
