@@ -868,11 +868,11 @@ def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilatio
     _check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
     pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]  # noqa: E731
     args = (x, weight, mask_words, bias, pair(stride), pair(padding), pair(dilation), int(groups))
-    if torch.is_grad_enabled() and _plain_eager(args) and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in (x, weight, bias)):
-        kernel = _direct_impl("masked_conv2d", x.device.type, x.dtype, args)
-        return _MaskedConv2dEager.apply(*args, kernel)
-    return _fast.masked_conv2d(*args)
+    if _direct(args):  # nothing for autograd to record
+        return _direct_impl("masked_conv2d", x.device.type, x.dtype, args)(*args)
+    if _plain_eager(args):
+        return _MaskedConv2dEager.apply(*args, _direct_impl("masked_conv2d", x.device.type, x.dtype, args))
+    return _op.masked_conv2d(*args)
 
 
 def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

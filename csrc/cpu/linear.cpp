@@ -222,19 +222,20 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   check_words(mask_words, weight.size(0), weight.size(1), 0, op, "mask_words");
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t m_rows = n ? grad_out.numel() / n : 0;
+  const bool fp32 = grad_out.scalar_type() == at::kFloat && n > 0 && k > 0;
+  const bool fused = SUPSUP_AVX2 && fp32 && m_rows <= kFusedGradMaxRows;
+  const bool gemm = !fused && fp32 && n >= 32 && masked_gemm_wins(m_rows, n, k, 256);
+  if (fused || gemm) {
+    const at::Tensor g = flat_rows(grad_out), w = weight.contiguous(), mw = mask_words.contiguous();
+    at::Tensor dx = at::empty({g.size(0), k}, grad_out.options());
+    if (gemm) {
+      masked_gemm_grad_input_f32(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k,
+                                 dx.data_ptr<float>());
+    } else {
 #if SUPSUP_AVX2
-  if (grad_out.scalar_type() == at::kFloat && m_rows <= kFusedGradMaxRows && n > 0 && k > 0) {
-    const at::Tensor g = flat_rows(grad_out), w = weight.contiguous(), mw = mask_words.contiguous();
-    at::Tensor dx = at::empty({g.size(0), k}, grad_out.options());
-    fused_grad_input(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k, dx.data_ptr<float>());
-    return dx.reshape(with_last(grad_out, k));
-  }
+      fused_grad_input(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k, dx.data_ptr<float>());
 #endif
-  if (grad_out.scalar_type() == at::kFloat && n >= 32 && k > 0 && masked_gemm_wins(m_rows, n, k, 256)) {
-    const at::Tensor g = flat_rows(grad_out), w = weight.contiguous(), mw = mask_words.contiguous();
-    at::Tensor dx = at::empty({g.size(0), k}, grad_out.options());
-    masked_gemm_grad_input_f32(g.data_ptr<float>(), g.size(0), n, w.data_ptr<float>(), word_ptr(mw), k,
-                               dx.data_ptr<float>());
+    }
     return dx.reshape(with_last(grad_out, k));
   }
   return at::matmul(grad_out, scratch_masked_weight(weight, mask_words));

@@ -173,18 +173,18 @@ SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_
 template <int NV, int MR>
 SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols,
                                int64_t k0, int64_t k1) {
-  constexpr int64_t width = NV * kLanes, rows = MR;
+  constexpr int64_t width = NV * kLanes;
   __m512 acc[MR][NV];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
-  const float* xr[MR];
-  for (int64_t i = 0; i < MR; ++i) xr[i] = p.a + (r0 + i) * p.depth;
+  const float* ar[MR];  // the rows of a, read in place
+  for (int64_t i = 0; i < MR; ++i) ar[i] = p.a + (r0 + i) * p.depth;
   const float* b = panel + k0 * width;
   for (int64_t kk = k0; kk < k1; ++kk, b += width) {
     __m512 bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(b + v * kLanes);
     for (int64_t i = 0; i < MR; ++i) {
-      const __m512 a = _mm512_set1_ps(xr[i][kk]);
+      const __m512 a = _mm512_set1_ps(ar[i][kk]);
       for (int v = 0; v < NV; ++v) acc[i][v] = _mm512_fmadd_ps(a, bv[v], acc[i][v]);
     }
   }
@@ -195,7 +195,7 @@ SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0,
     in_n[v] = c >= kLanes ? __mmask16(0xFFFF) : c <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << c) - 1);
     base[v] = (k0 == 0 && p.bias) ? _mm512_maskz_loadu_ps(in_n[v], p.bias + n0 + v * kLanes) : _mm512_setzero_ps();
   }
-  for (int64_t i = 0; i < rows; ++i) {
+  for (int64_t i = 0; i < MR; ++i) {
     float* yr = p.y + (r0 + i) * p.outputs + n0;
     for (int v = 0; v < NV; ++v) {
       const __m512 prev = k0 == 0 ? base[v] : _mm512_maskz_loadu_ps(in_n[v], yr + v * kLanes);
