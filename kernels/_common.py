@@ -64,7 +64,7 @@ def bits_kn(words_ptr, offs_n, n_mask, kw0, WPR, BLOCK_K: tl.constexpr, BLOCK_N:
 
 @triton.jit
 def hash32(x):
-    """lowbias32 on uint32 (wrapping multiplies), the same finaliser as ``reference.hash32``."""
+    """lowbias32 on uint32 (wrapping multiplies), the same finaliser as ``supsup_fast.base_weights.hash32``."""
     x = x ^ (x >> 16)
     x = x * tl.full(x.shape, 0x7FEB352D, tl.uint32)
     x = x ^ (x >> 15)

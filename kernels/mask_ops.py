@@ -196,7 +196,7 @@ def mask_dots(v, bank):
 
 def signed_constant(seed, layer, n, k, scale, dtype=torch.float32, device="cuda"):
     """``[N, K]`` signed-constant weights ``+-scale``, bit-identical to the reference's."""
-    from supsup_fast.reference import layer_key
+    from supsup_fast.base_weights import layer_key
 
     out = torch.empty(n, k, dtype=dtype, device=device)
     if out.numel():

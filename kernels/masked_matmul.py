@@ -237,7 +237,7 @@ def masked_linear(x, weight, mask_words, bias=None):
 
 def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
     """``masked_linear`` with ``W = +-scale`` regenerated in-kernel from ``(seed, layer)``."""
-    from supsup_fast.reference import layer_key
+    from supsup_fast.base_weights import layer_key
 
     return _forward(x, None, mask_words, bias, key_i32(layer_key(seed, layer)), float(scale), True)
 

@@ -380,7 +380,7 @@ def run_hopsupsup(*, hidden=(256, 256), train_steps: int = 300, recover_steps: i
     descent on output entropy then Hopfield energy, and compared with the exact one: Hamming
     distance and accuracy of both masks on the task's test split.
     """
-    from . import hopfield, reference
+    from . import hopfield, objectives
 
     sizes = (784, *[int(h) for h in hidden], 2)
     bench = data.SplitMNIST(data.mnist_5k(), flatten=True)
@@ -394,7 +394,7 @@ def run_hopsupsup(*, hidden=(256, 256), train_steps: int = 300, recover_steps: i
     recovered = []
     for t in tqdm(range(bench.num_tasks), desc="recovering masks", disable=not progress):
         batches = bench.infinite_batches(t, 64, seed=seed + 1, split="test")
-        recovered.append(hopfield.recover(store, lambda m, b=batches: reference.entropy(model(next(b)[0], m)),
+        recovered.append(hopfield.recover(store, lambda m, b=batches: objectives.entropy(model(next(b)[0], m)),
                                           steps=recover_steps, gamma=gamma))
     report = hopfield.recovery_report(
         masks, recovered, lambda t, m: hopfield.mask_accuracy(model, m, bench.test_loader(t, 500)))

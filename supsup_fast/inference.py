@@ -48,54 +48,15 @@ from torch import nn
 
 from . import convert, ops
 from .errors import SupsupError
+from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 from .nn import MaskedLayerBase
 from .nn.base import TaskModule
 
 METHODS = ("one_shot", "binary", "gradient_descent")
-OBJECTIVES = ("entropy", "g")
 BATCH_MODES = ("batch", "per_example")
 
 #: Per-example weight gradients are formed for at most this many elements at a time.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-
-
-# ======================================================================================
-# Objectives (per row; the reference's versions are their means)
-# ======================================================================================
-def entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Output entropy of every row: ``-sum_j p_j log p_j``, ``p = softmax(logits)`` -> ``[R]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def g_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    """The G objective of every row: ``logsumexp(z_hat)`` with the real classes' logits detached.
-
-    Its gradient is 0 on the ``num_real`` real classes and ``softmax(z)_j`` on superfluous neuron ``j``.
-    """
-    z = logits.float()
-    z_hat = torch.cat([z[..., :num_real].detach(), z[..., num_real:]], dim=-1)
-    return torch.logsumexp(z_hat, dim=-1)
-
-
-def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-row objective function named ``objective`` (``"entropy"`` or ``"g"``)."""
-    if objective == "entropy":
-        return entropy_rows
-    if objective == "g":
-        if num_real is None or isinstance(num_real, bool) or not isinstance(num_real, int) or num_real < 1:
-            raise SupsupError(f"the G objective needs num_real, the number of real classes (>= 1), got {num_real!r}")
-        return lambda logits: _checked_g(logits, num_real)
-    raise SupsupError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-
-
-def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    if num_real >= logits.shape[-1]:
-        raise SupsupError(
-            f"the G objective needs superfluous output neurons: num_real={num_real} but the model has only "
-            f"{logits.shape[-1]} outputs"
-        )
-    return g_rows(logits, num_real)
 
 
 # ======================================================================================

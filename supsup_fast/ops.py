@@ -669,7 +669,9 @@ def _masked_linear_seeded_bwd(ctx, grad):
     seed, layer, scale, k, dtype = ctx.conf
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        signs = ref.signed_constant_signs(seed, layer, mask_words.shape[0] * k, grad.device)
+        from .base_weights import signed_constant_signs
+
+        signs = signed_constant_signs(seed, layer, mask_words.shape[0] * k, grad.device)
         weight = torch.where(signs, scale, -scale).to(dtype).reshape(mask_words.shape[0], k)
         gx = _fast.masked_linear_grad_input(grad, weight, mask_words)
     if ctx.has_bias and ctx.needs_input_grad[5]:

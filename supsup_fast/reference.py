@@ -15,7 +15,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .base_weights import hash32, layer_key, signed_constant_signs  # noqa: F401  (the hash spec)
 from .format import WORD_BITS, words_per_row
+from .objectives import entropy, g_objective  # noqa: F401  (kept importable from here)
 
 _BIT_POSITIONS = torch.arange(WORD_BITS, dtype=torch.int64)
 _U32 = 0xFFFFFFFF
@@ -143,32 +145,8 @@ def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------
-# Frozen base weights: signed Kaiming constant from a counter-based hash
+# Frozen base weights: the signed Kaiming constant (its hash is specified in base_weights)
 # --------------------------------------------------------------------------------------
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32), on uint32 values held in int64 tensors."""
-    x = x & _U32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _U32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _U32
-    x = x ^ (x >> 16)
-    return x
-
-
-def layer_key(seed: int, layer: int) -> int:
-    """The per-layer hash key ``hash32(layer ^ hash32(seed))`` as a Python int."""
-    s = hash32(torch.tensor([seed & _U32], dtype=torch.int64))
-    return int(hash32(torch.tensor([layer & _U32], dtype=torch.int64) ^ s).item())
-
-
-def signed_constant_signs(seed: int, layer: int, numel: int, device=None) -> torch.Tensor:
-    """Bool signs (True = +) of weights ``0..numel-1``: bit 0 of ``hash32(index ^ key)``."""
-    key = layer_key(seed, layer)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return (hash32(idx ^ key) & 1).bool()
-
-
 def signed_constant(seed: int, layer: int, shape, gain: float = math.sqrt(2.0), dtype=torch.float32, device=None):
     """Signed Kaiming constant: every weight is ``+-gain / sqrt(fan_in)``, sign from the hash.
 
@@ -180,23 +158,3 @@ def signed_constant(seed: int, layer: int, shape, gain: float = math.sqrt(2.0), 
     c = gain / math.sqrt(fan_in)
     signs = signed_constant_signs(seed, layer, math.prod(shape), device)
     return torch.where(signs, c, -c).to(dtype).reshape(shape)
-
-
-# --------------------------------------------------------------------------------------
-# Task-inference objectives
-# --------------------------------------------------------------------------------------
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """``H = mean over rows of -sum_j p_j log p_j``, ``p = softmax(logits)``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1).mean()
-
-
-def g_objective(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    """The paper's G objective with superfluous neurons: ``logsumexp(z_hat)`` averaged over rows.
-
-    ``z_hat_j = stop_gradient(z_j)`` for the ``num_real`` real classes and ``z_j`` for the
-    superfluous ones, so ``dG/dz_j = softmax(z)_j`` on superfluous neurons and 0 on real ones.
-    """
-    z = logits.float()
-    z_hat = torch.cat([z[..., :num_real].detach(), z[..., num_real:]], dim=-1)
-    return torch.logsumexp(z_hat, dim=-1).mean()
