@@ -1,11 +1,10 @@
-"""Bandwidth-bound mask kernels: pack / unpack, ``W*M``, superposition, mask dot products,
-signed-constant regeneration, and the convolution built on ``W*M``.
+"""Bandwidth-bound mask kernels: pack / unpack, ``W*M``, superposition, mask dot products and
+signed-constant regeneration.
 
-``masked_conv2d`` choice: one fused ``W*M`` pass (:func:`apply_mask`, reads ``W`` and ``NK/8``
-bytes of bits, writes ``W*M`` once) followed by cuDNN ``F.conv2d``. A fused implicit-GEMM
-convolution would save one write and one read of the weight, which for convolutions is small next
-to the activations (the weight is reused over every output pixel), while cuDNN brings tuned
-algorithms (Winograd, FFT, tensor-core implicit GEMM) for every stride/padding/dilation/group
+``masked_conv2d`` on the ``triton`` backend is one fused ``W*M`` pass (:func:`apply_mask`) followed
+by cuDNN (``supsup_fast.backends._composite``). A fused implicit-GEMM convolution would save one
+write and one read of the weight, small next to the activations (the weight is reused over every
+output pixel), while cuDNN brings tuned algorithms for every stride/padding/dilation/group
 combination. The ratio of the two passes has to be measured on a GPU (``bench/gpu/roofline.py``
 times ``apply_mask`` against the convolution it feeds); none was measured yet.
 """
@@ -13,7 +12,6 @@ times ``apply_mask`` against the convolution it feeds); none was measured yet.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -194,22 +192,24 @@ def mask_dots(v, bank):
     return out[0] if squeeze else out
 
 
-def signed_constant(seed, layer, n, k, scale, dtype=torch.float32, device="cuda"):
-    """``[N, K]`` signed-constant weights ``+-scale``, bit-identical to the reference's."""
+def signed_constant_fill_(out, seed, layer, scale):
+    """Fill the contiguous ``out`` with ``+-scale`` in place, bit-identical to the reference's
+    (the constant is rounded to float32 first, then to ``out``'s dtype)."""
     from supsup_fast.base_weights import layer_key
 
-    out = torch.empty(n, k, dtype=dtype, device=device)
     if out.numel():
+        n = out.shape[0] if out.dim() else 1
+        k = out.numel() // n
         signed_constant_kernel[_grid2(n, k)](out, n, k, key_i32(layer_key(seed, layer)), float(scale),
                                              BLOCK_N=_BN, BLOCK_K=_BK)
     return out
 
 
-def masked_conv2d(x, weight, mask_words, bias, stride, padding, dilation, groups):
-    """One fused ``W*M`` pass, then the platform convolution (cuDNN on CUDA)."""
-    return F.conv2d(x, apply_mask(weight, mask_words), bias, stride, padding, dilation, groups)
+def signed_constant(seed, layer, n, k, scale, dtype=torch.float32, device="cuda"):
+    """``[N, K]`` signed-constant weights ``+-scale``, bit-identical to the reference's."""
+    return signed_constant_fill_(torch.empty(n, k, dtype=dtype, device=device), seed, layer, scale)
 
 
 __all__ = [
-    "apply_mask", "unpack_masks", "pack_masks", "superpose", "mask_dots", "signed_constant", "masked_conv2d",
+    "apply_mask", "unpack_masks", "pack_masks", "superpose", "mask_dots", "signed_constant", "signed_constant_fill_",
 ]

@@ -5,11 +5,11 @@ kernels that apply one mask, or an alpha-weighted superposition of all of them, 
 materialising a float mask.
 """
 
-from . import format, ops, reference  # noqa: F401  (ops registers the torch.library ops)
-from ._native import EXT_LOADED
-from .errors import BackendError, BankFileError, SupsupError
+from . import backends, format, ops, reference  # noqa: F401  (ops defines the torch.library ops)
+from .backends._ext import EXT_LOADED
+from .binarise import threshold_mask, topk_mask
 from .config import SupsupConfig
-from .binarize import threshold_mask, topk_mask
+from .errors import BackendError, BankFileError, SupsupError
 from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 from .convert import (
     begin_task,
@@ -23,7 +23,7 @@ from .convert import (
     task_parameters,
 )
 
-from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: E402,F401
+from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -35,3 +35,6 @@ __all__ = [
     "num_tasks", "task_parameters", "mask_nbytes",
     "checkpoint", "data", "hopfield", "inference", "models", "nns", "training",
 ]
+
+# every backend this installation can run; an explicit call, never a side effect of an import
+backends.register_all()

@@ -14,6 +14,7 @@ from typing import Sequence
 
 import torch
 
+from . import ops
 from .errors import SupsupError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -68,8 +69,8 @@ def signed_constant(
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    Equal bit for bit to the reference path's ``signed_constant``; on CPU the compiled
-    extension fills it without materialising the hash's intermediates.
+    Filled by the ``signed_constant_fill_`` op: every backend writes the same bits as the
+    reference's; the compiled ones without materialising the hash's intermediates.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -81,12 +82,5 @@ def signed_constant(
     fan_in = math.prod(shape[1:])
     if fan_in == 0:
         raise SupsupError(f"signed_constant: fan_in is 0 for shape {shape}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    from ._native import EXT_LOADED
-
-    if EXT_LOADED and dev.type == "cpu":
-        out = torch.empty(shape, dtype=dtype, device=dev)
-        torch.ops.supsup_fast_C.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
-        return out
-    c = gain / math.sqrt(fan_in)
-    return torch.where(signed_constant_signs(seed, layer, math.prod(shape), dev), c, -c).to(dtype).reshape(shape)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return ops.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))

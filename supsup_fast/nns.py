@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import convert, ops
-from .binarize import binarise
+from .binarise import binarise
 from .errors import SupsupError
 from .inference import objective_rows
 from .nn import MaskedLayerBase, TaskBatchNorm

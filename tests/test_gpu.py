@@ -24,7 +24,7 @@ SHAPES = [(1, 7, 33), (5, 40, 300), (16, 100, 784), (17, 300, 100), (300, 513, 7
 
 
 def _backend_ops(name):
-    b = ops._BACKENDS.get(name)
+    b = {b.name: b for b in ops.backends()}.get(name)
     if b is None or not b.available:
         return set()
     return set(b.impls)

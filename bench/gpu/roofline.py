@@ -31,7 +31,7 @@ def bench(fn) -> float:
 
 
 def available(backend: str) -> bool:
-    b = ops._BACKENDS.get(backend)
+    b = {b.name: b for b in ops.backends()}.get(backend)
     return b is not None and b.available
 
 

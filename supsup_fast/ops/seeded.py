@@ -1,0 +1,62 @@
+"""The signed-constant base regenerated from its seed: the fill, and a masked linear layer that
+never stores its weight.
+
+* ``signed_constant_fill_(out, seed, layer, scale)`` -- ``out[i] = +-scale``, the sign of weight
+  ``i`` (row-major) from the hash of :mod:`supsup_fast.base_weights`;
+* ``masked_linear_seeded(x, M, seed, layer, scale, b)`` -- ``masked_linear`` with that weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_float, check_same_device, check_words, flat, require
+from ._define import define, on_first
+from ._fastpath import call, fast
+
+define("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()", dispatch=on_first,
+       fake=lambda out, seed, layer, scale: None)
+
+
+def signed_constant_fill_(out: torch.Tensor, seed: int, layer: int, scale: float) -> torch.Tensor:
+    """Fill the contiguous float tensor ``out`` with the signed constant ``+-scale`` in place; returns ``out``."""
+    check_float("out", out)
+    require(out.is_contiguous(), "signed_constant_fill_: out must be contiguous")
+    call("signed_constant_fill_", out, int(seed), int(layer), float(scale))
+    return out
+
+
+def _seeded_fake(x, mask_words, seed, layer, scale, bias):
+    return x.new_empty((*x.shape[:-1], mask_words.shape[0]))
+
+
+def _seeded_setup(ctx, inputs, output):
+    x, mask_words, seed, layer, scale, bias = inputs
+    ctx.save_for_backward(mask_words)
+    ctx.conf = (seed, layer, scale, x.shape[-1], x.dtype)
+    ctx.has_bias = bias is not None
+
+
+def _seeded_bwd(ctx, grad):
+    (mask_words,) = ctx.saved_tensors
+    seed, layer, scale, k, dtype = ctx.conf
+    gx = gb = None
+    if ctx.needs_input_grad[0]:
+        weight = torch.empty(mask_words.shape[0], k, dtype=dtype, device=grad.device)
+        fast.signed_constant_fill_(weight, seed, layer, scale)
+        gx = fast.masked_linear_grad_input(grad, weight, mask_words)
+    if ctx.has_bias and ctx.needs_input_grad[5]:
+        gb = flat(grad).sum(0)
+    return gx, None, None, None, None, gb
+
+
+define("masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor",
+       dispatch=on_first, fake=_seeded_fake, backward=_seeded_bwd, setup_context=_seeded_setup)
+
+
+def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bias=None):
+    """``masked_linear`` with the signed-constant weight ``+-scale`` regenerated from ``(seed, layer)``."""
+    check_float("x", x)
+    check_words("mask_words", mask_words, mask_words.shape[0] if mask_words.dim() else 0, x.shape[-1], 0)
+    check_same_device(x=x, mask_words=mask_words, bias=bias)
+    return call("masked_linear_seeded", x, mask_words, int(seed), int(layer), float(scale), bias)
