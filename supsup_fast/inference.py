@@ -37,7 +37,6 @@ training-mode normalisation couple the rows of a batch).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -48,9 +47,9 @@ from torch import nn
 
 from . import convert, ops
 from .errors import SupsupError
-from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 from .nn import MaskedLayerBase
-from .nn.base import TaskModule
+from .nn._model import model_device, preserved_mode, task_modules  # noqa: F401  (preserved_mode re-exported)
+from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 
 METHODS = ("one_shot", "binary", "gradient_descent")
 BATCH_MODES = ("batch", "per_example")
@@ -62,19 +61,6 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 # ======================================================================================
 # Model state: inference switches layers to superposition and puts them back afterwards
 # ======================================================================================
-@contextlib.contextmanager
-def preserved_mode(model: nn.Module):
-    """Restore every task module's mode, task id and alpha on exit."""
-    mods = [m for m in model.modules() if isinstance(m, TaskModule)]
-    saved = [(m.mode, m.task_id, m.__dict__.get("alpha")) for m in mods]
-    try:
-        yield
-    finally:
-        for m, (mode, task_id, alpha) in zip(mods, saved):
-            m.mode, m.task_id = mode, task_id
-            m.__dict__["alpha"] = alpha
-
-
 def _learned_tasks(model: nn.Module) -> int:
     k = convert.num_tasks(model)
     if k < 1:
@@ -102,13 +88,6 @@ def _uniform(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """``alpha`` uniform over the ``True`` entries of ``mask`` (``[..., T]``), zero elsewhere."""
     m = mask.to(dtype)
     return m / m.sum(-1, keepdim=True)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for layer in convert.masked_layers(model):
-        if isinstance(layer, MaskedLayerBase):
-            return layer.weight.device
-    raise SupsupError("the model has no masked layers; convert it with supsup_fast.convert.convert_ first")
 
 
 # ======================================================================================
@@ -158,7 +137,7 @@ def _rows(rows_fn, logits: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements) -> torch.Tensor:
-    layers = convert.masked_layers(model)
+    layers = task_modules(model)
     records: list[tuple[nn.Module, torch.Tensor, list]] = []
 
     def hook(layer, inputs, output):
@@ -321,7 +300,7 @@ def infer_task(
             if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
                 raise SupsupError(f"rows must be a positive int or None, got {rows!r}")
             x = x[:rows]
-    cand = _candidate_mask(model, candidates, _model_device(model))
+    cand = _candidate_mask(model, candidates, model_device(model))
 
     def grads_of(xs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """``[U, T]`` gradients: one row for batch mode, one per row of ``xs`` otherwise."""
@@ -484,7 +463,7 @@ def evaluate_inference(
             (x, y), t = batch, task
         else:
             raise SupsupError(f"batches must yield (x, y) or (x, y, task), got {len(batch)} items")
-        device = _model_device(model)
+        device = model_device(model)
         x, y = x.to(device), torch.as_tensor(y).to(device)
         t = torch.as_tensor(t, dtype=torch.int64).to(device)
         ids, classes = predict(model, x, **infer_kwargs)

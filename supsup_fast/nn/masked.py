@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..base_weights import signed_constant as _signed_constant
 from ..binarise import binarise, binarise_words, kept_count, straight_through_sign
 from ..config import SupsupConfig
 from ..errors import SupsupError
 from ..format import gemm_shape, words_per_row
 from .base import TaskModule, _as_task_id
-
-from ..base_weights import signed_constant as _signed_constant
 
 
 class MaskedLayerBase(TaskModule):
