@@ -13,7 +13,7 @@ import os
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("SUPSUP_FAST_NO_EXT", "") not in ("", "0")
@@ -95,7 +95,8 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["supsup_fast", "supsup_fast.nn", "supsup_fast.kernels"],
+    # the Triton kernels stay in the top-level kernels/ folder and are installed as supsup_fast.kernels
+    packages=[*find_packages(include=["supsup_fast", "supsup_fast.*"]), "supsup_fast.kernels"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -23,9 +23,24 @@ from .convert import (
     task_parameters,
 )
 
-from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: F401
-
 __version__ = "0.1.0"
+
+# Loaded on first use, so `import supsup_fast` stays light (no data loaders, tqdm, matplotlib,
+# safetensors): `sf.inference.infer_task(...)` and `from supsup_fast import checkpoint` both work.
+_LAZY = ("checkpoint", "data", "distributed", "experiment", "experiments", "hopfield", "inference", "info",
+         "models", "nns", "objectives", "testing", "training")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "format", "ops", "reference", "EXT_LOADED", "SupsupError", "BackendError", "BankFileError",
@@ -33,7 +48,7 @@ __all__ = [
     "MaskedLayerBase", "MaskedLinear", "MaskedConv2d", "TaskBatchNorm",
     "convert_", "masked_layers", "begin_task", "freeze_task", "set_task", "set_superposition",
     "num_tasks", "task_parameters", "mask_nbytes",
-    "checkpoint", "data", "hopfield", "inference", "models", "nns", "training",
+    "checkpoint", "hopfield", "inference", "nns", "training",
 ]
 
 # every backend this installation can run; an explicit call, never a side effect of an import

@@ -303,7 +303,7 @@ def _demo_model():
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import save_bank
     from .config import SupsupConfig
-    from .data import PermutedMNIST, mnist_5k
+    from .experiments.data import PermutedMNIST, mnist_5k
     from .training import evaluate, fit_task
 
     p = argparse.ArgumentParser(prog="python -m supsup_fast.distributed",

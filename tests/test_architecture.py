@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -151,3 +153,21 @@ def test_reference_is_imported_only_by_the_registry():
     allowed = {"supsup_fast", "supsup_fast.backends", "supsup_fast.reference"}
     users = {m for m, t in GRAPH.items() if {"supsup_fast.backends.reference", "supsup_fast.reference"} & t}
     assert users <= allowed, sorted(users - allowed)
+
+
+def test_import_loads_the_library_only():
+    """`import supsup_fast` loads neither the application (experiments, data, CLI) nor the heavy
+    optional modules; they load on first use, under their old names too."""
+    code = (
+        "import sys, supsup_fast as sf\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'safetensors') or m.startswith(("
+        "'supsup_fast.experiments', 'supsup_fast.data', 'supsup_fast.cli', 'supsup_fast.experiment',"
+        "'supsup_fast.checkpoint', 'supsup_fast.hopfield', 'supsup_fast.distributed'))]\n"
+        "assert not bad, bad\n"
+        "import supsup_fast.data, supsup_fast.experiments.data\n"
+        "assert supsup_fast.data is supsup_fast.experiments.data\n"
+        "assert sf.inference.infer_task and sf.checkpoint.save_bank\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
