@@ -9,8 +9,6 @@ from . import backends, format, ops, reference  # noqa: F401  (ops defines the t
 from .backends._ext import EXT_LOADED
 from .binarise import threshold_mask, topk_mask
 from .config import SupsupConfig
-from .errors import BackendError, BankFileError, SupsupError
-from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 from .convert import (
     begin_task,
     convert_,
@@ -22,6 +20,8 @@ from .convert import (
     set_task,
     task_parameters,
 )
+from .errors import BackendError, BankFileError, SupsupError
+from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,8 @@ def collect() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "extension_loaded": EXT_LOADED,
         "extension_error": EXT_ERROR,

@@ -1,4 +1,4 @@
-// CUDA implementations of the supsup_fast_C ops (schemas: csrc/bindings.cpp), adapting tensors
+// CUDA implementations of the supsup_fast_C ops (schemas: csrc/ops.cpp), adapting tensors
 // to the torch-free launchers of supsup_cuda.cuh. Ops not registered here have no CUDA kernel
 // in the extension; the Python backend registry sends them to Triton or the reference path.
 #include <ATen/ATen.h>

@@ -45,7 +45,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout, affine=False)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, affine=False))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout, affine=False))
         self.relu = nn.ReLU()
 
     def forward(self, x):

@@ -23,8 +23,10 @@ def check_float(name: str, t: torch.Tensor) -> None:
 
 
 def check_words(name: str, words: torch.Tensor, n: int, k: int, lead: int) -> None:
-    """``words`` are int32 packed masks ``[N, ceil(K/32)]`` (``lead=0``) or a bank ``[T, N, ceil(K/32)]`` (``lead=1``)."""
-    require(isinstance(words, torch.Tensor), lambda: f"{name} must be a tensor of int32 words, got {type(words).__name__}")
+    """``words`` are int32 packed masks ``[N, ceil(K/32)]`` (``lead=0``) or a bank ``[T, N, ceil(K/32)]``
+    (``lead=1``)."""
+    require(isinstance(words, torch.Tensor),
+            lambda: f"{name} must be a tensor of int32 words, got {type(words).__name__}")
     require(words.dtype == torch.int32, lambda: f"{name} must be int32 packed words, got {words.dtype}")
     want = (n, words_per_row(k))
     require(
@@ -47,6 +49,13 @@ def check_same_device(**tensors: Optional[torch.Tensor]) -> None:
     devs = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devs.values())) > 1:
         raise SupsupError("tensors are on different devices: " + ", ".join(f"{n}={d}" for n, d in devs.items()))
+
+
+def check_scores(scores, weight: torch.Tensor) -> None:
+    """A mask's scores have its weight's shape."""
+    require(isinstance(scores, torch.Tensor), lambda: f"scores must be a tensor, got {type(scores).__name__}")
+    require(scores.shape == weight.shape,
+            lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
 
 
 def gemm_nk(weight: torch.Tensor) -> tuple[int, int]:

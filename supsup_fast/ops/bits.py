@@ -34,13 +34,15 @@ define("unpack_masks(Tensor words, SymInt k, ScalarType dtype) -> Tensor", dispa
 def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     """Masks ``[..., N, K]`` (non-zero = kept) -> int32 words ``[..., N, ceil(K/32)]``."""
     require(isinstance(masks, torch.Tensor), lambda: f"pack_masks needs a tensor, got {type(masks).__name__}")
-    require(masks.dim() >= 2, lambda: f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
+    require(masks.dim() >= 2,
+            lambda: f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
     return call("pack_masks", masks)
 
 
 def unpack_masks(words: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """int32 words ``[..., N, W]`` -> masks ``[..., N, k]`` of ``dtype``."""
-    require(isinstance(words, torch.Tensor), lambda: f"unpack_masks needs a tensor of words, got {type(words).__name__}")
+    require(isinstance(words, torch.Tensor),
+            lambda: f"unpack_masks needs a tensor of words, got {type(words).__name__}")
     require(words.dtype == torch.int32, lambda: f"unpack_masks needs int32 words, got {words.dtype}")
     require(words.dim() >= 2, lambda: f"unpack_masks needs words of at least 2 dims, got shape {tuple(words.shape)}")
     require(

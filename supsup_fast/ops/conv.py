@@ -71,7 +71,8 @@ def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilatio
     """``conv2d(x, W * M) + b`` for one task's packed mask."""
     check_float("x", x)
     check_float("weight", weight)
-    require(weight.dim() == 4, lambda: f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
+    require(weight.dim() == 4,
+            lambda: f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
     require(x.dim() in (3, 4), lambda: f"masked_conv2d input must be [B, C, H, W] or [C, H, W], got {tuple(x.shape)}")
     require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
     require(x.shape[-3] == weight.shape[1] * groups,

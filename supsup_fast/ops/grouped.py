@@ -58,9 +58,11 @@ def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
             lambda: f"x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree on K")
     check_words("bank", bank, weight.shape[0], weight.shape[1], 1)
     require(task_ids.dtype in (torch.int32, torch.int64) and task_ids.shape == (x.shape[0],),
-            lambda: f"task_ids must be int32/int64 of shape [{x.shape[0]}], got {task_ids.dtype} {tuple(task_ids.shape)}")
+            lambda: f"task_ids must be int32/int64 of shape [{x.shape[0]}], "
+            f"got {task_ids.dtype} {tuple(task_ids.shape)}")
     if task_ids.numel():
         lo, hi = int(task_ids.min()), int(task_ids.max())
-        require(lo >= 0 and hi < bank.shape[0], lambda: f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
+        require(lo >= 0 and hi < bank.shape[0],
+                lambda: f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
     check_same_device(x=x, weight=weight, bank=bank, task_ids=task_ids, bias=bias)
     return call("masked_linear_grouped", x, weight, bank, task_ids.to(torch.int64), bias)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..format import words_per_row
-from ._checks import check_float, check_same_device, check_words, flat, gemm_nk, require
+from ._checks import check_float, check_same_device, check_scores, check_words, flat, gemm_nk, require
 from ._define import define, on_first
 from ._fastpath import call, direct, fast, plain_eager
 from ._registry import FLOAT_DTYPES, kernel
@@ -81,7 +81,7 @@ def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores=None, scor
     check_same_device(weight=weight, mask_words=mask_words, scores=scores)
     if scores is None:
         return call("apply_mask", weight, mask_words)
-    require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    check_scores(scores, weight)
     return call("apply_mask_st", weight, mask_words, scores, bool(score_sign))
 
 
@@ -262,7 +262,7 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
         if direct(args):  # call("masked_linear", ...), inlined: the GEMV-sized inference hot path
             return kernel("masked_linear", args)(*args)
         return call("masked_linear", *args)
-    require(scores.shape == weight.shape, lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
+    check_scores(scores, weight)
     args = (x, weight, mask_words, scores, bias)
     if torch.is_grad_enabled() and plain_eager(args):
         return _MaskedLinearST.apply(*args, bool(score_sign), kernel("masked_linear", (x, weight, mask_words, bias)))
