@@ -16,6 +16,7 @@ from torch import nn
 
 from supsup_fast import checkpoint, convert
 from supsup_fast.checkpoint import LazyBank, append_task, load_bank, read_bank_info, save_bank, verify_bank
+from supsup_fast.checkpoint._files import canonical_json, sha256_hex
 from supsup_fast.config import SupsupConfig
 from supsup_fast.errors import BankFileError, SupsupError
 
@@ -293,7 +294,7 @@ def _fresh():
 def _rewrite_manifest(path, edit):
     doc = json.loads((path / checkpoint.MANIFEST).read_text())
     edit(doc)
-    doc["body_sha256"] = checkpoint._sha256(checkpoint._canonical(doc["body"]).encode())
+    doc["body_sha256"] = sha256_hex(canonical_json(doc["body"]).encode())
     (path / checkpoint.MANIFEST).write_text(json.dumps(doc))
 
 
