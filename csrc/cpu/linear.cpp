@@ -70,8 +70,9 @@ inline void fused_dot(const float* x, int64_t k, const float* w, const uint32_t*
   if (full * kWordBits < k) {
     const uint32_t word = words[full];
     for (int64_t i = full * kWordBits; i < k; ++i) {
-      if (!((word >> (i - full * kWordBits)) & 1u)) continue;
-      for (int m = 0; m < MB; ++m) tail[m] += x[m * k + i] * w[i];
+      // the masked weight is an exact zero, still multiplied: a NaN or Inf in x reaches the output
+      const float wi = ((word >> (i - full * kWordBits)) & 1u) ? w[i] : 0.f;
+      for (int m = 0; m < MB; ++m) tail[m] += x[m * k + i] * wi;
     }
   }
   for (int m = 0; m < MB; ++m) out[m * ldo] = hsum(acc[m]) + tail[m] + b;
@@ -140,8 +141,7 @@ void fused_grad_input(const float* dy, int64_t m_rows, int64_t n, const float* w
         for (int64_t j = 0; j < n; ++j) {
           const uint32_t word = bits[j * nw + wi];
           const float g = dy[m * n + j];
-          for (int64_t i = o; i < k; ++i)
-            if ((word >> (i - o)) & 1u) acc[i - o] += g * w[j * k + i];
+          for (int64_t i = o; i < k; ++i) acc[i - o] += g * (((word >> (i - o)) & 1u) ? w[j * k + i] : 0.f);
         }
         for (int64_t i = o; i < k; ++i) dx[m * k + i] = acc[i - o];
       }
@@ -336,7 +336,7 @@ at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at
       }
       for (int64_t i = i0; i < i1; ++i) {
         const A v = static_cast<A>(ss[i]);
-        const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : (v == v ? A(0) : v);  // NaN stays NaN, as sgn
+        const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : A(0);  // 0 for 0 and NaN, as torch.sign
         o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]) * sign);
       }
     });
