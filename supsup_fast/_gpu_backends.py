@@ -8,8 +8,10 @@
   was built with CUDA. The matmuls are not in its ``impls``, so they fall through to ``triton``
   (then ``reference``).
 
-Per-shape choices are O(1) ``check`` functions on tensor metadata; no device queries happen on
-the dispatch path.
+Between the two, and between the fused Triton matmuls and ``apply_mask`` + cuBLAS, the measured
+dispatch table of :mod:`supsup_fast.gpu_dispatch` decides per shape class (its documented
+defaults until a GPU run has filled one): ``cuda`` declines a class where ``triton`` is faster.
+Per-shape choices are O(1) ``check`` functions on tensor metadata.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from . import _native
+from . import _native, gpu_dispatch
 from .ops import Backend, register_backend
 
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -28,7 +30,6 @@ _BIT_DTYPES = (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
 )
-_INT32_LIMIT = 2**31  # the Triton matmuls index with int32
 SEEDED_GEMV_MAX_M = 8  # the CUDA seeded GEMV serves at most this many rows
 _GRID_Y_LIMIT = 65535  # rows of v map to a grid axis
 
@@ -70,20 +71,17 @@ def triton_impls() -> dict:
         "pack_masks": mo.pack_masks,
         "unpack_masks": mo.unpack_masks,
         "apply_mask": mo.apply_mask,
-        "masked_linear": mm.masked_linear,
-        "masked_linear_grad_input": mm.masked_linear_grad_input,
+        "masked_linear": gpu_dispatch.linear_provider(mm.masked_linear, mo.apply_mask),
+        "masked_linear_grad_input": gpu_dispatch.grad_input_provider(mm.masked_linear_grad_input, mo.apply_mask),
         "masked_weight_grad": mm.masked_weight_grad,
         "masked_conv2d": mo.masked_conv2d,
         "superpose": mo.superpose,
         "mask_dots": mo.mask_dots,
         "masked_linear_grouped": mm.masked_linear_grouped,
+        "masked_linear_grouped_grad_input": mm.masked_linear_grouped_grad_input,
         "masked_linear_seeded": mm.masked_linear_seeded,
     }
     return {op: _on_tensor_device(fn) for op, fn in launchers.items()}
-
-
-def _too_big(*tensors) -> bool:
-    return any(t is not None and t.numel() >= _INT32_LIMIT for t in tensors)
 
 
 def _triton_check(op: str, args: tuple) -> Optional[str]:
@@ -95,22 +93,11 @@ def _triton_check(op: str, args: tuple) -> Optional[str]:
         if args[2] not in _BIT_DTYPES:
             return f"cannot write masks of dtype {args[2]}"
         return None
-    if op in ("masked_linear", "masked_linear_grouped"):
-        x, weight = args[0], args[1]
-        if _too_big(x, weight) or (x.numel() // max(x.shape[-1], 1)) * weight.shape[0] >= _INT32_LIMIT:
-            return "a tensor has 2**31 or more elements (int32 indexing)"
-    elif op == "masked_linear_seeded":
-        x, words = args[0], args[1]
-        if _too_big(x) or (x.numel() // max(x.shape[-1], 1)) * words.shape[0] >= _INT32_LIMIT:
-            return "a tensor has 2**31 or more elements (int32 indexing)"
-    elif op == "mask_dots":
+    if op == "mask_dots":
         if args[0].dim() == 3 and args[0].shape[0] > _GRID_Y_LIMIT:
             return f"more than {_GRID_Y_LIMIT} rows of v"
-    elif op in ("masked_linear_grad_input", "masked_weight_grad"):
-        if _too_big(*args):
-            return "a tensor has 2**31 or more elements (int32 indexing)"
-        if op == "masked_weight_grad" and args[2].dtype not in GPU_DTYPES:
-            return f"weight dtype {args[2].dtype} is not fp16/bf16/fp32"
+    elif op == "masked_weight_grad" and args[2].dtype not in GPU_DTYPES:
+        return f"weight dtype {args[2].dtype} is not fp16/bf16/fp32"
     return None
 
 
@@ -150,6 +137,18 @@ def _cuda_check(op: str, args: tuple) -> Optional[str]:
             return f"more than {SEEDED_GEMV_MAX_M} rows: the tiled Triton GEMM serves"
     elif op == "mask_dots" and args[0].dim() == 3 and args[0].shape[0] > _GRID_Y_LIMIT:
         return f"more than {_GRID_Y_LIMIT} rows of v"
+    return _slower_than_triton(op, args)
+
+
+def _slower_than_triton(op: str, args: tuple) -> Optional[str]:
+    """Decline where the dispatch table (or its default) prefers an available ``triton``."""
+    from .ops import _BACKENDS
+
+    tr = _BACKENDS.get("triton")
+    if tr is None or not tr.available or op not in tr.impls or args[0].device.type != "cuda":
+        return None
+    if gpu_dispatch.preferred(op, args, ("cuda", "triton")) == "triton":
+        return f"triton is faster for {op} [{gpu_dispatch.shape_class(op, args)}] (gpu_dispatch)"
     return None
 
 

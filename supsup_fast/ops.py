@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from . import amp
 from . import reference as ref
 from .errors import BackendError, SupsupError
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -841,6 +842,8 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
     derivative is ``sign(S)``, and ``dL/dscores = (dL/dy^T x) * W * sign(S)`` -- on the compiled
     CPU backend in the weight-gradient GEMM's epilogue, with no pass of its own.
     """
+    if amp.enabled(x.device.type):  # cast like F.linear under torch.autocast
+        x, weight, bias, scores = amp.linear_args(x, weight, bias, scores)
     _check_linear(x, weight, mask_words, bias)
     if scores is None:
         args = (x, weight, mask_words, bias)
@@ -906,7 +909,11 @@ def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
     _check_words("bank", bank, weight.shape[0], weight.shape[1], 1)
     _require(task_ids.dtype in (torch.int32, torch.int64) and task_ids.shape == (x.shape[0],),
              lambda: f"task_ids must be int32/int64 of shape [{x.shape[0]}], got {task_ids.dtype} {tuple(task_ids.shape)}")
-    if task_ids.numel():
+    if task_ids.numel() and task_ids.device.type == "cuda":
+        # no host sync (graph capture, fullgraph compile): an out-of-range id fails a device assert
+        torch._assert_async(((task_ids >= 0) & (task_ids < bank.shape[0])).all(),
+                            f"masked_linear_grouped: task id out of range [0, {bank.shape[0]})")
+    elif task_ids.numel():
         lo, hi = int(task_ids.min()), int(task_ids.max())
         _require(lo >= 0 and hi < bank.shape[0], lambda: f"task id out of range [0, {bank.shape[0]}): min {lo}, max {hi}")
     _check_same_device(x=x, weight=weight, bank=bank, task_ids=task_ids, bias=bias)
