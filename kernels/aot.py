@@ -43,7 +43,25 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SCALAR_TYPES = {"key": "i32", "scale": "fp32"}  # every other scalar argument is an i32 size
 # sizes a real launch passes as multiples of 16 (pointers always are)
 DIV16 = {"N", "K", "WPR", "K_SPLIT", "N_SPLIT", "SLAB"}
-MASK_OPS = ("SHF", "PRMT", "LOP3", "SEL")  # the integer ops a bit test and select compile to
+MASK_OPS = ("SHF", "PRMT", "LOP3", "SEL")  # every integer op a bit test and select may compile to
+
+
+def unpack_instructions(body) -> int:
+    """The instructions of :func:`._common.keep` itself: for 16-bit weights two rotates
+    (``SHF.L.W``), one ``PRMT ..., 0xff99`` and one ``LOP3`` (the and) per pair; for 32-bit
+    weights a bit test into a predicate (``LOP3.LUT P``) and a ``SEL`` per weight."""
+    n = 0
+    for _, op, rest in body:
+        if op.startswith("SHF.L.W"):
+            n += 1
+        elif op == "PRMT" and "0xff99" in rest:
+            n += 2
+        elif op == "LOP3.LUT" and rest.strip().startswith("P"):
+            n += 1
+        elif op == "SEL" and not rest.strip().startswith("P"):
+            n += 1
+    return n
+
 
 
 def _bin(name: str) -> str:
@@ -66,7 +84,8 @@ class Case:
 
     @property
     def fn(self):
-        return getattr(self.kernel, "fn", self.kernel)
+        """The JIT function (an Autotuner's ``.fn``; a JITFunction's own ``.fn`` is its Python source)."""
+        return self.kernel.fn if hasattr(self.kernel, "configs") else self.kernel
 
     @property
     def configs(self) -> list:
@@ -203,10 +222,17 @@ def analyse(case: Case, config, dtype) -> dict:
     hist = collections.Counter(op.split(".")[0] for _, op, _ in body)
     rec["loop_instructions"] = len(body)
     rec["loop_opcodes"] = dict(hist.most_common(12))
-    if case.weights is not None and body:
+    if case.weights is not None:
         per_thread = case.weights(consts) / (32 * warps)
-        rec["loop_instr_per_weight"] = round(len(body) / per_thread, 3)
-        rec["mask_alu_per_weight"] = round(sum(hist[o] for o in MASK_OPS) / per_thread, 3)
+        if body:
+            rec["loop_instr_per_weight"] = round(len(body) / per_thread, 3)
+            rec["mask_alu_per_weight"] = round(sum(hist[o] for o in MASK_OPS) / per_thread, 3)
+            rec["unpack_per_weight"] = round(unpack_instructions(body) / per_thread, 3)
+        else:  # one tile per program: the whole kernel is the cost of its weights
+            whole = collections.Counter(op.split(".")[0] for _, op, _ in ins)
+            rec["kernel_instr_per_weight"] = round(len(ins) / per_thread, 3)
+            rec["mask_alu_per_weight"] = round(sum(whole[o] for o in MASK_OPS) / per_thread, 3)
+            rec["unpack_per_weight"] = round(unpack_instructions(ins) / per_thread, 3)
     return rec
 
 
@@ -264,8 +290,10 @@ def main(argv: list[str]) -> int:
     for r in rep["records"]:
         cfgs = "" if r["config"] is None else " ".join(f"{k}={v}" for k, v in r["config"].items())
         print(f"{r['kernel']:18s} {r['dtype']:9s} {'pruned ' if r['pruned'] else ''}smem={r['shared_bytes']:7d} regs={r['registers']:3d} "
-              f"local={r['local_bytes']} loop={r['loop_instructions']:4d} /w={r.get('loop_instr_per_weight', '-')} "
-              f"mask/w={r.get('mask_alu_per_weight', '-')} {'HGMMA' if r['hgmma'] else ''} {cfgs}")
+              f"local={r['local_bytes']} loop={r['loop_instructions']:4d} "
+              f"/w={r.get('loop_instr_per_weight', r.get('kernel_instr_per_weight', '-'))} "
+              f"mask/w={r.get('mask_alu_per_weight', '-')} unpack/w={r.get('unpack_per_weight', '-')} "
+              f"{'HGMMA' if r['hgmma'] else ''} {cfgs}")
     return 0
 
 

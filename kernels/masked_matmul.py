@@ -293,7 +293,7 @@ _DX_CONFIGS = configs(
     [
         cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
         cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=64, GROUP=8),
-        cfg(8, 3, BLOCK_K=128, BLOCK_M=256, BLOCK_N=32, GROUP=8),
+        cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=128, GROUP=8),
     ],
     cfg(4, 1, BLOCK_K=64, BLOCK_M=64, BLOCK_N=64, GROUP=8),
 )

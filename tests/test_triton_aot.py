@@ -8,9 +8,11 @@ resource usage and SASS with ``cuobjdump``. Here, for every autotuning config x 
   shared memory and spills nothing (LOCAL = 0); the default (first) config is kept for every dtype,
   so ``SUPSUP_FAST_AUTOTUNE=0`` always launches;
 * fp16/bf16 matmuls reach the Hopper tensor cores (HGMMA in the SASS);
-* the main loop masks weights with at most 3 integer instructions (SHF/PRMT/LOP3/SEL) per weight
-  element, and its instruction count per weight element does not regress past the numbers tracked
-  in ``bench/results/offline-sm90/triton-<version>.json`` for the installed Triton.
+* the weight mask costs at most 3 SASS instructions per weight element in the main loop (the
+  instructions :func:`supsup_fast.kernels.aot.unpack_instructions` attributes to it: 2.0 for 16-bit
+  weights, about 2 for fp32), and the main loop's instruction count per weight element does not
+  regress past the numbers tracked in ``bench/results/offline-sm90/triton-<version>.json`` for the
+  installed Triton (``mask_alu_per_weight`` there is the upper bound: every SHF/PRMT/LOP3/SEL).
 
 Compiles run in a process pool, all cases at once (about 2-4 s each).
 """
@@ -85,10 +87,11 @@ def test_matmuls_use_tensor_cores(records):
 
 
 def test_unpack_costs_at_most_3_instructions_per_weight(records):
-    over = {k: r["mask_alu_per_weight"] for k, r in records.items()
-            if r.get("mask_alu_per_weight") is not None and r["dtype"] != "float64"
-            and r["mask_alu_per_weight"] > MASK_ALU_LIMIT}
-    assert not over, f"mask ALU instructions per weight above {MASK_ALU_LIMIT}: {over}"
+    measured = {k: r["unpack_per_weight"] for k, r in records.items()
+                if r.get("unpack_per_weight") is not None and "seeded" not in k[0] and r["dtype"] != "float64"}
+    assert measured, "no kernel's unpack was found in its SASS"
+    over = {k: v for k, v in measured.items() if not 0 < v <= MASK_ALU_LIMIT}
+    assert not over, f"unpack instructions per weight outside (0, {MASK_ALU_LIMIT}]: {over}"
 
 
 def test_loop_instructions_do_not_regress(records):

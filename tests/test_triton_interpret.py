@@ -83,8 +83,9 @@ if IN_CHILD:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative Frobenius error against the fp32 reference evaluated on the same (rounded) inputs
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# (M, N, K): one row, decode-sized batches, odd N/K, a K that splits, M past the GEMV cut
-SHAPES = [(1, 7, 33), (5, 7, 33), (1, 40, 300), (8, 33, 520), (37, 70, 65), (130, 9, 100)]
+# (M, N, K): one row, decode-sized batches, odd N/K, K split 2-3 ways (the interpreter counts 4
+# SMs), the GEMV's 32- and 64-row tiles, M past the GEMV cut
+SHAPES = [(1, 7, 33), (5, 7, 33), (1, 40, 300), (8, 33, 520), (37, 70, 65), (64, 40, 600), (130, 9, 100)]
 
 
 def _rel(out, want):
@@ -133,7 +134,7 @@ def test_masked_linear_leading_dims_and_empty():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (5, 40, 97), (37, 70, 65), (64, 33, 200)])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (5, 40, 97), (3, 600, 40), (37, 70, 65), (64, 33, 200), (70, 20, 50)])
 def test_masked_linear_grad_input(m, n, k, dtype):
     _, w, _, words = _inputs(m, n, k, dtype, seed=7 * m + k)
     g = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -160,6 +161,52 @@ def test_masked_linear_grouped(m, n, k, t, dtype):
     ids[ids == 1] = 2  # a task with no rows must be skipped, not break the loop
     out = mm.masked_linear_grouped(x, w, bank, ids, b)
     _close(out, ref.masked_linear_grouped(x.float(), w.float(), bank, ids, b.float()), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,t", [(1, 7, 33, 3), (40, 70, 65, 4), (70, 90, 140, 9)])
+def test_masked_linear_grouped_grad_input(m, n, k, t, dtype):
+    _, w, _, _ = _inputs(m, n, k, dtype, seed=m + 7 * t)
+    gen = torch.Generator().manual_seed(t + 1)
+    bank = ref.pack_masks(_masks(t, n, k, gen=gen))
+    ids = torch.randint(0, t, (m,), generator=gen)
+    g = torch.randn(m, n, generator=gen).to(dtype)
+    out = mm.masked_linear_grouped_grad_input(g, w, bank, ids)
+    _close(out, ref.masked_linear_grouped_grad_input(g.float(), w.float(), bank, ids), dtype)
+
+
+def test_grouped_rows_with_out_of_range_tasks_get_only_the_bias():
+    """The kernels never read outside the bank: such rows contribute nothing (the op layer rejects them)."""
+    x, w, b, _ = _inputs(6, 10, 40, torch.float32, seed=3)
+    bank = ref.pack_masks(_masks(3, 10, 40))
+    ids = torch.tensor([0, 5, 2, -1, 1, 2])
+    y = mm.masked_linear_grouped(x, w, bank, ids, b)
+    ok = (ids >= 0) & (ids < 3)
+    torch.testing.assert_close(y[ok], ref.masked_linear_grouped(x[ok], w, bank, ids[ok], b))
+    torch.testing.assert_close(y[~ok], b.expand(2, -1))
+    dx = mm.masked_linear_grouped_grad_input(torch.ones(6, 10), w, bank, ids)
+    assert torch.equal(dx[~ok], torch.zeros(2, 40))
+
+
+def test_split_reduction_rearms_its_counters():
+    """Split-K GEMV and split-N dX leave every tile counter at zero for the next launch, and give
+    the same bits on a second run (partials are summed in split order)."""
+    x, w, b, words = _inputs(3, 70, 700, torch.float32, seed=4)  # 2 row tiles x 3 splits
+    y1 = mm.masked_linear(x, w, words, b)
+    y2 = mm.masked_linear(x, w, words, b)
+    assert torch.equal(y1, y2)
+    g = torch.randn(3, 700)
+    dx = mm.masked_linear_grad_input(g, w.t().contiguous(), ref.pack_masks(_masks(700, 70)))
+    assert dx.shape == (3, 70)
+    ws, cnt = mm._WORKSPACES[("cpu", None, 0)]
+    assert int(cnt.count_nonzero()) == 0
+
+
+def test_m_bucket_keys():
+    from supsup_fast.kernels._common import m_bucket
+
+    assert [m_bucket(m) for m in (1, 16, 17, 64, 65, 1000, 1024, 1025, 10**6)] == [16, 16, 32, 64, 128, 1024, 1024,
+                                                                                  2048, 8192]
 
 
 # ---- signed-constant regeneration ---------------------------------------------------------
@@ -304,6 +351,26 @@ def test_op_layer_superpose_and_mask_dots_grads(triton_on_cpu):
         want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_op_layer_grouped_grads(triton_on_cpu):
+    """The grouped op's input gradient runs the Triton grouped dX kernel (no Python loop over tasks)."""
+    x, w, b, _ = _inputs(9, 12, 70, torch.float32, seed=5)
+    bank = ref.pack_masks(_masks(3, 12, 70))
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1])
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y = ops.masked_linear_grouped(xx, w, bank, ids, b)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xx.grad
+
+    assert ops.choose("masked_linear_grouped_grad_input", "cpu", torch.float32, (x,)).name == "triton"
+    got = run()
+    with ops.force_backend("reference"):
+        want = run()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
 
 
 def test_op_layer_opcheck(triton_on_cpu):
