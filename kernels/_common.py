@@ -127,6 +127,19 @@ def signed_tile(offs_n, offs_k, K, key, scale, dtype: tl.constexpr):
     return tl.where(pos, s, -s).to(dtype)
 
 
+@triton.jit
+def signed_words_tile(row_hash, kw0, col_key, kb, scale, dtype: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_K: tl.constexpr):
+    """Seed format 2's ``+-scale`` for a ``[BLOCK_N, BLOCK_K]`` tile at word column ``kw0``: one
+    hash per 32 weights, ``S(n, j) = H(R(n) ^ C(j))`` with ``C(j) = H(kc ^ j)``; weight ``(n, k)``
+    is ``+scale`` iff bit ``k % 32`` of ``S(n, k // 32)`` is set. ``row_hash`` holds ``R(n)``."""
+    cols = hash32((kw0 + tl.arange(0, BLOCK_K // 32)).to(tl.uint32) ^ tl.cast(col_key, tl.uint32, bitcast=True))
+    sw = hash32(row_hash[:, None] ^ cols[None, :]).to(tl.int32, bitcast=True)
+    sgn = tl.reshape(tl.broadcast_to(sw[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
+    s = tl.cast(scale, tl.float32)
+    return tl.where((sgn & (1 << kb)) != 0, s, -s).to(dtype)
+
+
 def upcast_dot(dtype) -> bool:
     """Whether dots must run in fp32: the interpreter's bf16 ``tl.dot`` returns wrong values."""
     import torch

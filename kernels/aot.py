@@ -40,7 +40,7 @@ SMEM_LIMIT = 227 * 1024  # bytes of shared memory one block may use on sm_90
 PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64",
        torch.uint8: "*u8"}
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-SCALAR_TYPES = {"key": "i32", "scale": "fp32"}  # every other scalar argument is an i32 size
+SCALAR_TYPES = {"key": "i32", "key2": "i32", "scale": "fp32"}  # every other scalar argument is an i32 size
 # sizes a real launch passes as multiples of 16 (pointers always are)
 DIV16 = {"N", "K", "WPR", "K_SPLIT", "N_SPLIT", "SLAB"}
 MASK_OPS = ("SHF", "PRMT", "LOP3", "SEL")  # every integer op a bit test and select may compile to
@@ -101,14 +101,17 @@ def cases() -> list[Case]:
     lin = dict(x_ptr=x, w_ptr=x, words_ptr=i32, bias_ptr=x, y_ptr=x, ws_ptr=f32, cnt_ptr=i32)
     dx = dict(g_ptr=x, w_ptr=x, words_ptr=i32, dx_ptr=x, ws_ptr=f32, cnt_ptr=i32)
     flags = dict(UPCAST=False)
-    gemv = dict(HAS_BIAS=True, SEEDED=False, SPLIT_K=True, EVICT_W=True, BLOCK_N=mm._GEMV_BLOCK_N, GROUP=1, **flags)
+    gemv = dict(HAS_BIAS=True, SEEDED=False, SPLIT_K=True, EVICT_W=True, SEED_V2=False, BLOCK_N=mm._GEMV_BLOCK_N,
+                GROUP=1, **flags)
     out = []
     for bm in (16, 64):
         out.append(Case(f"gemv_m{bm}", mm.masked_gemv, lin, dict(gemv, BLOCK_M=bm), _nk, kind="fwd"))
     out += [
         Case("gemv_m16_seeded", mm.masked_gemv, lin, dict(gemv, SEEDED=True, BLOCK_M=16), _nk, kind="fwd"),
-        Case("gemm", mm.masked_gemm, lin, dict(HAS_BIAS=True, SEEDED=False, SPLIT_K=False, EVICT_W=False, **flags),
-             _nk, kind="fwd"),
+        Case("gemv_m16_seeded_v2", mm.masked_gemv, lin, dict(gemv, SEEDED=True, SEED_V2=True, BLOCK_M=16), _nk,
+             kind="fwd"),
+        Case("gemm", mm.masked_gemm, lin,
+             dict(HAS_BIAS=True, SEEDED=False, SPLIT_K=False, EVICT_W=False, SEED_V2=False, **flags), _nk, kind="fwd"),
     ]
     for bm in (16, 64):
         out.append(Case(f"dx_split_m{bm}", mm.masked_grad_input_split, dx,

@@ -20,8 +20,10 @@ Kernels
                         task; per K step the W tile is loaded once and each task present in the
                         tile applies its own mask to it
 ``masked_grouped_grad_input_kernel``  the grouped op's input gradient, the same way
-SEEDED                  the weight is the signed constant ``+-scale`` regenerated in-kernel from
-                        ``hash32(n*K + k ^ key)``; no float weight is read at all
+SEEDED                  the weight is the signed constant ``+-scale`` regenerated in-kernel; no float
+                        weight is read at all. Seed format 1: one hash per weight,
+                        ``hash32(n*K + k ^ key)``; format 2: one hash per 32-weight word,
+                        ``S(n, j) = H(R(n) ^ C(j))`` (``supsup_fast.seed_format`` specifies both)
 
 Inputs are fp16, bf16 or fp32; accumulation is fp32. fp32 dots are IEEE unless torch allows tf32
 for its own matmuls. Autotuning is keyed on M's power-of-two bucket, so a new batch size does
@@ -37,8 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, allow_tf32, cfg, configs, keep, key_i32, m_bucket, mma, signed_tile,
-                      split_reduce, upcast_dot, words_kn, words_nk)
+from ._common import (INTERPRET, allow_tf32, cfg, configs, hash32, keep, key_i32, m_bucket, mma, signed_tile,
+                      signed_words_tile, split_reduce, upcast_dot, words_kn, words_nk)
 
 GEMV_MAX_M = 64  # up to this many rows the forward (and dX) run the split GEMV
 _GEMV_BLOCK_N = 64
@@ -179,14 +181,14 @@ def _store_rows(acc, y_ptr, bias_ptr, offs_n, n_mask, offs_m, m_mask, N, HAS_BIA
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def masked_linear_kernel(
-    x_ptr, w_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, WPR, key, scale, K_SPLIT, M_BUCKET,
+    x_ptr, w_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, K, WPR, key, key2, scale, K_SPLIT, M_BUCKET,
     HAS_BIAS: tl.constexpr, SEEDED: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVICT_W: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVICT_W: tl.constexpr, SEED_V2: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """Program ``(tile, split)`` reduces columns ``[split*K_SPLIT, (split+1)*K_SPLIT)`` of one
     ``[BLOCK_N, BLOCK_M]`` tile of ``y^T``; with ``SPLIT_K`` the splits meet in
-    :func:`._common.split_reduce`."""
+    :func:`._common.split_reduce`. Seed format 2 takes the row and column keys as ``key``/``key2``."""
     pid_n, pid_m = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,12 +202,16 @@ def masked_linear_kernel(
     kb = (tl.arange(0, BLOCK_K) & 31)[None, :]
     k_lo = pid_s * K_SPLIT
     k_hi = tl.minimum(k_lo + K_SPLIT, K)
+    if SEED_V2:
+        row_hash = hash32(offs_n.to(tl.uint32) ^ tl.cast(key, tl.uint32, bitcast=True))  # R(n), once per row
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_hi
         wrd = words_nk(words_ptr, wd_off, n_mask, k0 // 32, WPR, BLOCK_N, BLOCK_K)
-        if SEEDED:
+        if SEEDED and SEED_V2:
+            w = signed_words_tile(row_hash, k0 // 32, key2, kb, scale, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K)
+        elif SEEDED:
             w = signed_tile(offs_n, offs_k, K, key, scale, x_ptr.dtype.element_ty)
         elif EVICT_W:  # streamed once: keep it from pushing x out of L2
             w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0,
@@ -232,7 +238,7 @@ masked_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by=
     masked_linear_kernel)
 
 
-def _forward(x, weight, words, bias, key, scale, seeded):
+def _forward(x, weight, words, bias, key, scale, seeded, key2=0, v2=False):
     k = x.shape[-1]
     n = words.shape[0]
     lead = x.shape[:-1]
@@ -251,20 +257,21 @@ def _forward(x, weight, words, bias, key, scale, seeded):
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w_arg = x2 if weight is None else weight
     b_arg = y if bias is None else bias
-    flags = dict(HAS_BIAS=bias is not None, SEEDED=seeded, UPCAST=upcast_dot(x.dtype), TF32=allow_tf32(x.dtype))
+    flags = dict(HAS_BIAS=bias is not None, SEEDED=seeded, UPCAST=upcast_dot(x.dtype), TF32=allow_tf32(x.dtype),
+                 SEED_V2=v2)
     if m <= GEMV_MAX_M:
         block_m = _gemv_block_m(m)
         tiles = triton.cdiv(n, _GEMV_BLOCK_N)
         split, k_split = _split(tiles, k, _sms(x2))
         ws, cnt = _workspace(x.device, split * tiles * _GEMV_BLOCK_N * block_m, tiles) if split > 1 else (y, y)
         masked_gemv[(tiles, split)](
-            x2, w_arg, words, b_arg, y, ws, cnt, m, n, k, words.shape[1], key, scale, k_split, block_m,
+            x2, w_arg, words, b_arg, y, ws, cnt, m, n, k, words.shape[1], key, key2, scale, k_split, block_m,
             **flags, SPLIT_K=split > 1, EVICT_W=True, BLOCK_N=_GEMV_BLOCK_N, BLOCK_M=block_m, GROUP=1,
         )
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), 1)  # noqa: E731
         masked_gemm[grid](
-            x2, w_arg, words, b_arg, y, y, y, m, n, k, words.shape[1], key, scale, k, m_bucket(m),
+            x2, w_arg, words, b_arg, y, y, y, m, n, k, words.shape[1], key, key2, scale, k, m_bucket(m),
             **flags, SPLIT_K=False, EVICT_W=False,
         )
     return y.reshape(*lead, n)
@@ -276,10 +283,29 @@ def masked_linear(x, weight, mask_words, bias=None):
 
 
 def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
-    """``masked_linear`` with ``W = +-scale`` regenerated in-kernel from ``(seed, layer)``."""
+    """``masked_linear`` with ``W = +-scale`` regenerated in-kernel from ``(seed, layer)`` (seed format 1)."""
     from supsup_fast.reference import layer_key
 
     return _forward(x, None, mask_words, bias, key_i32(layer_key(seed, layer)), float(scale), True)
+
+
+ROW_SALT, COLUMN_SALT = 0x243F6A88, 0x85A308D3  # seed format 2's salts (supsup_fast.seed_format)
+
+
+def seed_v2_keys(seed: int, layer: int) -> tuple[int, int]:
+    """Seed format 2's row and column keys ``(kr, kc) = (H(key ^ ROW_SALT), H(key ^ COLUMN_SALT))``."""
+    from supsup_fast.reference import hash32, layer_key
+
+    key = layer_key(seed, layer)
+    kr, kc = hash32(torch.tensor([key ^ ROW_SALT, key ^ COLUMN_SALT], dtype=torch.int64)).tolist()
+    return int(kr), int(kc)
+
+
+def ternary_linear(x, mask_words, seed, layer, scale, bias=None):
+    """``masked_linear`` with the signed constant of seed format 2: one hash per 32-weight word,
+    so only the mask bits (and x) are read. The same function as the ternary op's reference."""
+    kr, kc = seed_v2_keys(seed, layer)
+    return _forward(x, None, mask_words, bias, key_i32(kr), float(scale), True, key2=key_i32(kc), v2=True)
 
 
 # ======================================================================================

@@ -208,6 +208,25 @@ def test_autocast_like_f_linear():
     _close(out, want.float().to(torch.bfloat16), torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (8, 1000, 3000), (64, 257, 100)])
+def test_ternary_linear_seed_format_2(m, n, k, dtype):
+    pytest.importorskip("triton")
+    import importlib.util
+    from pathlib import Path
+
+    from supsup_fast.kernels import masked_matmul as mm
+
+    spec = importlib.util.spec_from_file_location("roofline", Path(__file__).parents[1] / "bench" / "gpu" / "roofline.py")
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    x, _, b, words = _inputs(m, n, k, dtype, seed=n + 1)
+    scale = math.sqrt(2.0 / k)
+    out = mm.ternary_linear(x, words, 2**33 + 5, 3, scale, b)
+    w = roofline.seed_v2_weight(2**33 + 5, 3, n, k, scale, DEV).to(dtype).float()
+    _close(out, ref.masked_linear(x.float(), w, words, b.float()), dtype)
+
+
 # ---- mask kernels ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", _params("pack_masks"))
 @pytest.mark.parametrize("shape", [(7, 33), (3, 1), (300, 784), (4, 64, 3, 3)])

@@ -230,6 +230,30 @@ def test_masked_linear_seeded(m, n, k, dtype):
     _close(out, want, dtype)
 
 
+def _seed_v2_weight(seed, layer, n, k, scale):
+    """Seed format 2 as ``supsup_fast.seed_format`` specifies it: ``S(n, j) = H(R(n) ^ C(j))``,
+    ``R(n) = H(kr ^ n)``, ``C(j) = H(kc ^ j)``, ``kr, kc = H(key ^ 0x243F6A88), H(key ^ 0x85A308D3)``;
+    weight ``(n, k)`` is ``+scale`` iff bit ``k % 32`` of ``S(n, k // 32)`` is set."""
+    key = ref.layer_key(seed, layer)
+    kr, kc = (int(v) for v in ref.hash32(torch.tensor([key ^ 0x243F6A88, key ^ 0x85A308D3])))
+    rows = ref.hash32(torch.arange(n) ^ kr)
+    cols = ref.hash32(torch.arange((k + 31) // 32) ^ kc)
+    words = ref.hash32(rows[:, None] ^ cols[None, :])
+    bits = ((words[:, :, None] >> torch.arange(32)) & 1).reshape(n, -1)[:, :k].bool()
+    c = torch.tensor(scale, dtype=torch.float32)
+    return torch.where(bits, c, -c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (3, 40, 600), (37, 70, 65)])
+def test_ternary_linear_seed_format_2(m, n, k, dtype):
+    x, _, b, words = _inputs(m, n, k, dtype, seed=k + 1)
+    scale = 1.0 / math.sqrt(k)
+    out = mm.ternary_linear(x, words, 2**33 + 5, 3, scale, b)
+    w = _seed_v2_weight(2**33 + 5, 3, n, k, scale).to(dtype).float()
+    _close(out, ref.masked_linear(x.float(), w, words, b.float()), dtype)
+
+
 # ---- mask kernels ---------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(7, 33), (3, 1), (40, 300), (8, 3, 3, 5), (2, 5, 64)])
 @pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -241,6 +241,19 @@ def linear_suite(run: Run) -> None:
             run.class_time("masked_linear_grad_input", (g,), dx_times)
 
 
+def seed_v2_weight(seed, layer, n, k, scale, device):
+    """Seed format 2's ``+-scale`` weight (``S(n, j) = H(R(n) ^ C(j))``, supsup_fast.seed_format)."""
+    from supsup_fast.kernels.masked_matmul import seed_v2_keys
+
+    kr, kc = seed_v2_keys(seed, layer)
+    rows = ref.hash32(torch.arange(n, device=device) ^ kr)
+    cols = ref.hash32(torch.arange((k + 31) // 32, device=device) ^ kc)
+    words = ref.hash32(rows[:, None] ^ cols[None, :])
+    bits = ((words[:, :, None] >> torch.arange(32, device=device)) & 1).reshape(n, -1)[:, :k].bool()
+    c = torch.tensor(scale, dtype=torch.float32, device=device)
+    return torch.where(bits, c, -c)
+
+
 def seeded_suite(run: Run) -> None:
     shapes = [(1, 4096, 4096), (8, 4096, 4096), (64, 4096, 4096)] if not run.dry else [(1, 64, 96)]
     dt = torch.float32 if run.dry else torch.float16
@@ -265,6 +278,15 @@ def seeded_suite(run: Run) -> None:
                        2 * m * n * k, speed_vs_dense=dense / ms)
         if {"cuda", "triton"} <= set(times):
             run.class_time("masked_linear_seeded", (x,), times)
+        if not run.dry:  # seed format 2: one hash per 32 weights, only the mask bits are read
+            from supsup_fast.kernels.masked_matmul import ternary_linear
+
+            want2 = ref.masked_linear(x.float(), seed_v2_weight(1, 2, n, k, 0.01, x.device), words)
+            fn = lambda: ternary_linear(x, words, 1, 2, 0.01)  # noqa: E731
+            if run.checked(f"ternary_linear v2 {(m, n, k)}", fn, want2, dt):
+                ms = run.bench(fn)
+                run.record("ternary_linear_v2", "triton", (m, n, k), dt, ms, s * (m * k + m * n) + n * k / 8,
+                           2 * m * n * k, speed_vs_dense=dense / ms)
 
 
 def bank_suite(run: Run) -> None:
