@@ -43,6 +43,25 @@ def cfg(num_warps: int = 4, num_stages: int = 3, **meta) -> triton.Config:
     return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
 
 
+class ByDtype:
+    """One kernel autotuned over two config lists: 16-bit inputs (tensor-core tiles) and fp32
+    (IEEE FFMA tiles, which need far fewer elements per thread to stay off the stack). Each list's
+    first config is that dtype class's default (``SUPSUP_FAST_AUTOTUNE=0`` runs only it)."""
+
+    def __init__(self, fn, gpu16, gpu32, interpret, key, prune=None):
+        self.fn = fn
+        self._tuners = {
+            cls: triton.autotune(configs=configs(gpu, interpret), key=key, prune_configs_by=prune)(fn)
+            for cls, gpu in (("16", gpu16), ("32", gpu32))
+        }
+
+    def __getitem__(self, dtype):
+        """The autotuner for inputs of ``dtype`` (a torch dtype)."""
+        import torch
+
+        return self._tuners["32" if dtype == torch.float32 else "16"]
+
+
 def m_bucket(m: int) -> int:
     """Autotuning key for a row count: the next power of two (16 at least, 8192 at most), so a new
     batch size re-uses the tuned config of its bucket instead of tuning again."""

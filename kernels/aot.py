@@ -11,8 +11,8 @@ which :func:`main_loop` finds the innermost loop that masks weights and counts i
 per weight element.
 
 ``python -m supsup_fast.kernels.aot OUT.json`` writes every case x config x dtype with these
-numbers (``bench/results/offline-sm90/`` keeps one file per Triton version);
-``tests/test_triton_aot.py`` asserts on them.
+numbers (``bench/results/offline-sm90/`` keeps one file per Triton version; ``--table OUT.json``
+prints the markdown summary); ``tests/test_triton_aot.py`` asserts on them.
 """
 
 from __future__ import annotations
@@ -49,17 +49,16 @@ MASK_OPS = ("SHF", "PRMT", "LOP3", "SEL")  # every integer op a bit test and sel
 def unpack_instructions(body) -> int:
     """The instructions of :func:`._common.keep` itself: for 16-bit weights two rotates
     (``SHF.L.W``), one ``PRMT ..., 0xff99`` and one ``LOP3`` (the and) per pair; for 32-bit
-    weights a bit test into a predicate (``LOP3.LUT P``) and a ``SEL`` per weight."""
+    weights a bit test into a predicate (``LOP3.LUT P, RZ, word, onehot, RZ, 0xc0``) and the
+    ``SEL`` it feeds, counted as two per test (other selects of the loop are not the mask's)."""
     n = 0
     for _, op, rest in body:
         if op.startswith("SHF.L.W"):
             n += 1
         elif op == "PRMT" and "0xff99" in rest:
             n += 2
-        elif op == "LOP3.LUT" and rest.strip().startswith("P"):
-            n += 1
-        elif op == "SEL" and not rest.strip().startswith("P"):
-            n += 1
+        elif op == "LOP3.LUT" and re.match(r"\s*P\d, RZ, R\d+(?:\.reuse)?, R\d+(?:\.reuse)?, RZ, 0xc0", rest):
+            n += 2
     return n
 
 
@@ -74,7 +73,7 @@ class Case:
     """One kernel as one launcher calls it."""
 
     name: str
-    kernel: object  # an Autotuner (its .configs are the GPU list) or a JITFunction
+    kernel: object  # a ByDtype (one autotuner per dtype class), an Autotuner, or a JITFunction
     roles: dict  # pointer argument -> "x" (the case's dtype) or a fixed pointer type
     fixed: dict  # constexprs the launcher sets
     weights: Optional[Callable[[dict], int]] = None  # weight elements one main-loop trip of a block masks
@@ -84,12 +83,13 @@ class Case:
 
     @property
     def fn(self):
-        """The JIT function (an Autotuner's ``.fn``; a JITFunction's own ``.fn`` is its Python source)."""
-        return self.kernel.fn if hasattr(self.kernel, "configs") else self.kernel
+        """The JIT function (a tuner's ``.fn``; a JITFunction's own ``.fn`` is its Python source)."""
+        return self.kernel if isinstance(self.kernel, triton.runtime.JITFunction) else self.kernel.fn
 
-    @property
-    def configs(self) -> list:
-        return list(getattr(self.kernel, "configs", [None]))
+    def configs_for(self, dtype) -> list:
+        """The configs the autotuner would try for inputs of ``dtype`` (``[None]``: no autotuning)."""
+        tuner = self.kernel[dtype] if isinstance(self.kernel, mm.ByDtype) else self.kernel
+        return list(getattr(tuner, "configs", [None]))
 
 
 def _nk(c):
@@ -119,12 +119,12 @@ def cases() -> list[Case]:
                         kind="dx"))
     out += [
         Case("dx_gemm", mm.masked_grad_input_gemm, dx, dict(SPLIT_N=False, EVICT_W=False, **flags), _nk, kind="dx"),
-        Case("score_grad", mm.masked_weight_grad_kernel, dict(g_ptr=x, x_ptr=x, w_ptr=x, out_ptr=x), dict(flags),
+        Case("score_grad", mm.masked_weight_grad_tuned, dict(g_ptr=x, x_ptr=x, w_ptr=x, out_ptr=x), dict(flags),
              kind="ds"),
-        Case("grouped", mm.masked_linear_grouped_kernel,
+        Case("grouped", mm.masked_linear_grouped_tuned,
              dict(x_ptr=x, w_ptr=x, bank_ptr=i32, task_ptr=i32, perm_ptr=i32, bias_ptr=x, y_ptr=x),
              dict(HAS_BIAS=True, **flags), _nk, kind="fwd"),
-        Case("grouped_dx", mm.masked_grouped_grad_input_kernel,
+        Case("grouped_dx", mm.masked_grouped_grad_input_tuned,
              dict(g_ptr=x, w_ptr=x, bank_ptr=i32, task_ptr=i32, perm_ptr=i32, dx_ptr=x), dict(flags), _nk,
              kind="dx"),
     ]
@@ -258,7 +258,7 @@ def run_all(selected: Optional[set] = None, pruned_too: bool = False) -> list[di
         if selected and case.name not in selected:
             continue
         for dtype in case.dtypes:
-            for i, config in enumerate(case.configs):
+            for i, config in enumerate(case.configs_for(dtype)):
                 kept = launchable(case, config, dtype)
                 if not kept and not pruned_too:
                     continue
@@ -282,17 +282,45 @@ def report(records: list[dict]) -> dict:
             "smem_limit_bytes": SMEM_LIMIT, "records": records}
 
 
+def table(rep: dict) -> str:
+    """A markdown table of every kernel x dtype: its default config's numbers and the range over
+    all launchable configs of the instructions per weight."""
+    rows = ["| kernel | dtype | default config: smem KiB / regs / spill B | loop instr/weight (all configs) "
+            "| unpack instr/weight | HGMMA |", "|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for r in rep["records"]:
+        groups.setdefault((r["kernel"], r["dtype"]), []).append(r)
+    for (kernel, dtype), recs in groups.items():
+        d = next((r for r in recs if r.get("default_config")), recs[0])
+        per = [r.get("loop_instr_per_weight", r.get("kernel_instr_per_weight")) for r in recs]
+        per = [p for p in per if p is not None]
+        unp = [r["unpack_per_weight"] for r in recs if r.get("unpack_per_weight") is not None]
+        def span(v):
+            if not v:
+                return "-"
+            return f"{min(v):.2f}" if min(v) == max(v) else f"{min(v):.2f}-{max(v):.2f}"
+
+        rows.append(f"| {kernel} | {dtype} | {d['shared_bytes'] / 1024:.0f} / {d['registers']} / {d['local_bytes']} "
+                    f"| {span(per)} | {span(unp)} | {'yes' if d['hgmma'] else 'no'} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__)
         return 2
+    if argv[1] == "--table":
+        with open(argv[2]) as f:
+            print(table(json.load(f)))
+        return 0
     sel = set(argv[2].split(",")) if len(argv) > 2 else None
     rep = report(run_all(sel))
     with open(argv[1], "w") as f:
         json.dump(rep, f, indent=1)
     for r in rep["records"]:
         cfgs = "" if r["config"] is None else " ".join(f"{k}={v}" for k, v in r["config"].items())
-        print(f"{r['kernel']:18s} {r['dtype']:9s} {'pruned ' if r['pruned'] else ''}smem={r['shared_bytes']:7d} regs={r['registers']:3d} "
+        print(f"{r['kernel']:18s} {r['dtype']:9s} {'pruned ' if r['pruned'] else ''}"
+              f"smem={r['shared_bytes']:7d} regs={r['registers']:3d} "
               f"local={r['local_bytes']} loop={r['loop_instructions']:4d} "
               f"/w={r.get('loop_instr_per_weight', r.get('kernel_instr_per_weight', '-'))} "
               f"mask/w={r.get('mask_alu_per_weight', '-')} unpack/w={r.get('unpack_per_weight', '-')} "

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, allow_tf32, cfg, configs, hash32, keep, key_i32, m_bucket, mma, signed_tile,
+from ._common import (INTERPRET, ByDtype, allow_tf32, cfg, hash32, keep, key_i32, m_bucket, mma, signed_tile,
                       signed_words_tile, split_reduce, upcast_dot, words_kn, words_nk)
 
 GEMV_MAX_M = 64  # up to this many rows the forward (and dX) run the split GEMV
@@ -56,6 +56,17 @@ def _tl_dtype(dtype: torch.dtype):
 _SMEM_BUDGET = 216 * 1024  # of the 227 KiB a block may use on sm_90: ~5% margin on the estimate
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_budget(device_index: int) -> int:
+    """The estimate's budget on this device: 95% of its per-block opt-in shared memory (227 KiB on
+    H100/H200, 163 KiB on A100, 99 KiB on consumer Ampere/Ada); sm_90's where there is no GPU."""
+    if INTERPRET or device_index < 0 or not torch.cuda.is_available():
+        return _SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or 227 * 1024
+    return int(optin * 0.95)
+
+
 def smem_estimate(w_elems: int, other_elems: int, stages: int, nbytes: int, masked: bool = True) -> int:
     """Shared memory a pipelined tile loop needs, as the sm_90 compiles of these kernels measure
     it (``kernels/aot.py``): ``stages - 1`` buffers of the weight tile, the other operand's tile and
@@ -65,15 +76,16 @@ def smem_estimate(w_elems: int, other_elems: int, stages: int, nbytes: int, mask
     return (stages - 1) * ((w_elems + other_elems) * nbytes + words) + (2 * w_elems * nbytes if masked else 0)
 
 
-def config_fits(kind: str, meta: dict, stages: int, nbytes: int) -> bool:
-    """Whether a config's estimated shared memory fits sm_90 (``kind``: fwd / dx / ds)."""
+def config_fits(kind: str, meta: dict, stages: int, nbytes: int, budget: int = _SMEM_BUDGET) -> bool:
+    """Whether a config's estimated shared memory fits ``budget`` (sm_90's by default; ``kind``:
+    fwd / dx / ds). The default (first) config of every kernel fits sm_90 for every dtype."""
     if kind == "ds":
         est = smem_estimate(meta["BLOCK_N"] * meta["BLOCK_M"], meta["BLOCK_M"] * meta["BLOCK_K"], stages, nbytes,
                             masked=False)
     else:
         other = meta["BLOCK_K"] * meta["BLOCK_M"] if kind == "fwd" else meta["BLOCK_N"] * meta["BLOCK_M"]
         est = smem_estimate(meta["BLOCK_N"] * meta["BLOCK_K"], other, stages, nbytes)
-    return est <= _SMEM_BUDGET
+    return est <= budget
 
 
 def _prune(kind: str, operand: str):
@@ -81,8 +93,10 @@ def _prune(kind: str, operand: str):
     memory for this dtype (a launch would fail; Triton would also skip them, after compiling)."""
 
     def prune(configs, named_args, **kwargs):
-        nbytes = named_args[operand].element_size()
-        kept = [c for c in configs if config_fits(kind, {**kwargs, **c.kwargs}, c.num_stages, nbytes)]
+        t = named_args[operand]
+        budget = _smem_budget(t.device.index or 0) if t.is_cuda else _SMEM_BUDGET
+        nbytes = t.element_size()
+        kept = [c for c in configs if config_fits(kind, {**kwargs, **c.kwargs}, c.num_stages, nbytes, budget)]
         return kept or configs[:1]
 
     return {"early_config_prune": prune}
@@ -154,19 +168,22 @@ def _tile_ids(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.cons
 # ======================================================================================
 # Forward: split-K GEMV (M <= GEMV_MAX_M) and tiled GEMM, one kernel
 # ======================================================================================
-# GEMV: BLOCK_N and BLOCK_M come from the launcher (BLOCK_M from M), so they are not tuned here
-_GEMV_CONFIGS = configs(
-    [cfg(4, 3, BLOCK_K=128), cfg(4, 4, BLOCK_K=128), cfg(4, 3, BLOCK_K=256)],
-    cfg(4, 1, BLOCK_K=128),
-)
-_GEMM_CONFIGS = configs(
-    [
-        cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
-        cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP=8),
-        cfg(8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP=8),
-    ],
-    cfg(4, 1, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP=8),
-)
+# GEMV: BLOCK_N and BLOCK_M come from the launcher (BLOCK_M from M), so they are not tuned here.
+# fp32 lists: IEEE dots are FFMA loops holding both tiles in registers; larger tiles hit 255
+# registers and a stack frame (kernels/aot.py).
+_GEMV16 = [cfg(4, 3, BLOCK_K=128), cfg(4, 4, BLOCK_K=128), cfg(4, 3, BLOCK_K=256)]
+_GEMV32 = [cfg(4, 3, BLOCK_K=64)]
+_GEMV_INTERPRET = cfg(4, 1, BLOCK_K=128)
+_GEMM16 = [
+    cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
+    cfg(8, 3, BLOCK_N=128, BLOCK_M=128, BLOCK_K=64, GROUP=8),
+    cfg(8, 3, BLOCK_N=128, BLOCK_M=256, BLOCK_K=64, GROUP=8),
+]
+_GEMM32 = [
+    cfg(4, 3, BLOCK_N=64, BLOCK_M=64, BLOCK_K=32, GROUP=8),
+    cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=32, GROUP=8),
+]
+_GEMM_INTERPRET = cfg(4, 1, BLOCK_N=64, BLOCK_M=64, BLOCK_K=64, GROUP=8)
 _KEY = ["M_BUCKET", "N", "K", "K_SPLIT", "SEEDED", "UPCAST", "TF32"]
 
 
@@ -232,10 +249,8 @@ def masked_linear_kernel(
         _store_rows(acc, y_ptr, bias_ptr, offs_n, n_mask, offs_m, m_mask, N, HAS_BIAS)
 
 
-masked_gemv = triton.autotune(configs=_GEMV_CONFIGS, key=_KEY, prune_configs_by=_prune("fwd", "x_ptr"))(
-    masked_linear_kernel)
-masked_gemm = triton.autotune(configs=_GEMM_CONFIGS, key=_KEY, prune_configs_by=_prune("fwd", "x_ptr"))(
-    masked_linear_kernel)
+masked_gemv = ByDtype(masked_linear_kernel, _GEMV16, _GEMV32, _GEMV_INTERPRET, _KEY, _prune("fwd", "x_ptr"))
+masked_gemm = ByDtype(masked_linear_kernel, _GEMM16, _GEMM32, _GEMM_INTERPRET, _KEY, _prune("fwd", "x_ptr"))
 
 
 def _forward(x, weight, words, bias, key, scale, seeded, key2=0, v2=False):
@@ -264,13 +279,13 @@ def _forward(x, weight, words, bias, key, scale, seeded, key2=0, v2=False):
         tiles = triton.cdiv(n, _GEMV_BLOCK_N)
         split, k_split = _split(tiles, k, _sms(x2))
         ws, cnt = _workspace(x.device, split * tiles * _GEMV_BLOCK_N * block_m, tiles) if split > 1 else (y, y)
-        masked_gemv[(tiles, split)](
+        masked_gemv[x.dtype][(tiles, split)](
             x2, w_arg, words, b_arg, y, ws, cnt, m, n, k, words.shape[1], key, key2, scale, k_split, block_m,
             **flags, SPLIT_K=split > 1, EVICT_W=True, BLOCK_N=_GEMV_BLOCK_N, BLOCK_M=block_m, GROUP=1,
         )
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]), 1)  # noqa: E731
-        masked_gemm[grid](
+        masked_gemm[x.dtype][grid](
             x2, w_arg, words, b_arg, y, y, y, m, n, k, words.shape[1], key, key2, scale, k, m_bucket(m),
             **flags, SPLIT_K=False, EVICT_W=False,
         )
@@ -311,18 +326,20 @@ def ternary_linear(x, mask_words, seed, layer, scale, bias=None):
 # ======================================================================================
 # Backward: dX = dY (W*M), split over N for few rows
 # ======================================================================================
-_DX_SPLIT_CONFIGS = configs(  # BLOCK_K and BLOCK_M from the launcher
-    [cfg(4, 3, BLOCK_N=64), cfg(4, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=128)],
-    cfg(4, 1, BLOCK_N=64),
-)
-_DX_CONFIGS = configs(
-    [
-        cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
-        cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=64, GROUP=8),
-        cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=128, GROUP=8),
-    ],
-    cfg(4, 1, BLOCK_K=64, BLOCK_M=64, BLOCK_N=64, GROUP=8),
-)
+# split dX: BLOCK_K and BLOCK_M come from the launcher
+_DX_SPLIT16 = [cfg(4, 3, BLOCK_N=64), cfg(4, 3, BLOCK_N=128), cfg(8, 3, BLOCK_N=128)]
+_DX_SPLIT32 = [cfg(4, 3, BLOCK_N=32)]
+_DX_SPLIT_INTERPRET = cfg(4, 1, BLOCK_N=64)
+_DX16 = [
+    cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
+    cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=64, GROUP=8),
+    cfg(8, 3, BLOCK_K=128, BLOCK_M=128, BLOCK_N=128, GROUP=8),
+]
+_DX32 = [
+    cfg(4, 3, BLOCK_K=64, BLOCK_M=64, BLOCK_N=32, GROUP=8),
+    cfg(8, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=32, GROUP=8),
+]
+_DX_INTERPRET = cfg(4, 1, BLOCK_K=64, BLOCK_M=64, BLOCK_N=64, GROUP=8)
 _DX_KEY = ["M_BUCKET", "N", "K", "N_SPLIT", "UPCAST", "TF32"]
 
 
@@ -371,10 +388,9 @@ def masked_grad_input_kernel(
                  mask=k_mask[:, None] & m_mask[None, :])
 
 
-masked_grad_input_split = triton.autotune(configs=_DX_SPLIT_CONFIGS, key=_DX_KEY,
-                                          prune_configs_by=_prune("dx", "g_ptr"))(masked_grad_input_kernel)
-masked_grad_input_gemm = triton.autotune(configs=_DX_CONFIGS, key=_DX_KEY,
-                                         prune_configs_by=_prune("dx", "g_ptr"))(masked_grad_input_kernel)
+masked_grad_input_split = ByDtype(masked_grad_input_kernel, _DX_SPLIT16, _DX_SPLIT32, _DX_SPLIT_INTERPRET, _DX_KEY,
+                                  _prune("dx", "g_ptr"))
+masked_grad_input_gemm = ByDtype(masked_grad_input_kernel, _DX16, _DX32, _DX_INTERPRET, _DX_KEY, _prune("dx", "g_ptr"))
 
 
 def masked_linear_grad_input(grad_out, weight, mask_words):
@@ -393,13 +409,13 @@ def masked_linear_grad_input(grad_out, weight, mask_words):
         tiles = triton.cdiv(k, _DX_BLOCK_K)
         split, n_split = _split(tiles, n, _sms(g))
         ws, cnt = _workspace(g.device, split * tiles * _DX_BLOCK_K * block_m, tiles) if split > 1 else (dx, dx)
-        masked_grad_input_split[(tiles, split)](
+        masked_grad_input_split[g.dtype][(tiles, split)](
             g, w, words, dx, ws, cnt, m, n, k, words.shape[1], n_split, block_m, **flags,
             SPLIT_N=split > 1, EVICT_W=True, BLOCK_K=_DX_BLOCK_K, BLOCK_M=block_m, GROUP=1,
         )
     else:
         grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(m, meta["BLOCK_M"]), 1)  # noqa: E731
-        masked_grad_input_gemm[grid](g, w, words, dx, dx, dx, m, n, k, words.shape[1], n, m_bucket(m), **flags,
+        masked_grad_input_gemm[g.dtype][grid](g, w, words, dx, dx, dx, m, n, k, words.shape[1], n, m_bucket(m), **flags,
                                      SPLIT_N=False, EVICT_W=False)
     return dx.reshape(*lead, k)
 
@@ -407,18 +423,15 @@ def masked_linear_grad_input(grad_out, weight, mask_words):
 # ======================================================================================
 # Backward: straight-through score gradient dS = (dY^T X) * W
 # ======================================================================================
-_DS_CONFIGS = configs(
-    [
-        cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_M=64),
-        cfg(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_M=64),
-        cfg(4, 4, BLOCK_N=128, BLOCK_K=64, BLOCK_M=64),
-    ],
-    cfg(4, 1, BLOCK_N=64, BLOCK_K=64, BLOCK_M=64),
-)
+_DS16 = [
+    cfg(8, 3, BLOCK_N=128, BLOCK_K=128, BLOCK_M=64),
+    cfg(4, 4, BLOCK_N=64, BLOCK_K=128, BLOCK_M=64),
+    cfg(4, 4, BLOCK_N=128, BLOCK_K=64, BLOCK_M=64),
+]
+_DS32 = [cfg(4, 3, BLOCK_N=64, BLOCK_K=64, BLOCK_M=32), cfg(8, 3, BLOCK_N=128, BLOCK_K=64, BLOCK_M=32)]
+_DS_INTERPRET = cfg(4, 1, BLOCK_N=64, BLOCK_K=64, BLOCK_M=64)
 
 
-@triton.autotune(configs=_DS_CONFIGS, key=["M_BUCKET", "N", "K", "UPCAST", "TF32"],
-                 prune_configs_by=_prune("ds", "g_ptr"))
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def masked_weight_grad_kernel(
     g_ptr, x_ptr, w_ptr, out_ptr, M, N, K, M_BUCKET, UPCAST: tl.constexpr, TF32: tl.constexpr,
@@ -447,6 +460,10 @@ def masked_weight_grad_kernel(
     tl.store(out_ptr + nk, (acc * w.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=tile)
 
 
+masked_weight_grad_tuned = ByDtype(masked_weight_grad_kernel, _DS16, _DS32, _DS_INTERPRET,
+                                   ["M_BUCKET", "N", "K", "UPCAST", "TF32"], _prune("ds", "g_ptr"))
+
+
 def masked_weight_grad(grad_out, x, weight):
     """``dL/dS = (dL/dy^T x) * W`` summed over all leading dims of ``grad_out`` / ``x``."""
     n, k = weight.shape
@@ -457,7 +474,7 @@ def masked_weight_grad(grad_out, x, weight):
         return torch.zeros_like(weight, memory_format=torch.contiguous_format)
     out = torch.empty(n, k, dtype=weight.dtype, device=weight.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
-    masked_weight_grad_kernel[grid](g, xx, weight.contiguous(), out, m, n, k, m_bucket(m),
+    masked_weight_grad_tuned[g.dtype][grid](g, xx, weight.contiguous(), out, m, n, k, m_bucket(m),
                                     UPCAST=upcast_dot(g.dtype), TF32=allow_tf32(g.dtype))
     return out
 
@@ -465,20 +482,19 @@ def masked_weight_grad(grad_out, x, weight):
 # ======================================================================================
 # Grouped: every row of x has its own task
 # ======================================================================================
-_GROUPED_CONFIGS = configs(
-    [
-        cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
-        cfg(4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, GROUP=8),
-    ],
-    cfg(4, 1, BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, GROUP=8),
-)
-_GROUPED_DX_CONFIGS = configs(
-    [
-        cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
-        cfg(4, 3, BLOCK_K=128, BLOCK_M=16, BLOCK_N=128, GROUP=8),
-    ],
-    cfg(4, 1, BLOCK_K=64, BLOCK_M=32, BLOCK_N=64, GROUP=8),
-)
+_GROUPED16 = [
+    cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
+    cfg(4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, GROUP=8),
+]
+_GROUPED32 = [cfg(4, 3, BLOCK_N=64, BLOCK_M=32, BLOCK_K=32, GROUP=8)]
+_GROUPED_INTERPRET = cfg(4, 1, BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, GROUP=8)
+_GROUPED_DX16 = [
+    cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
+    cfg(4, 3, BLOCK_K=128, BLOCK_M=16, BLOCK_N=128, GROUP=8),
+]
+_GROUPED_DX32 = [cfg(4, 3, BLOCK_K=64, BLOCK_M=32, BLOCK_N=32, GROUP=8)]
+_GROUPED_DX_INTERPRET = cfg(4, 1, BLOCK_K=64, BLOCK_M=32, BLOCK_N=64, GROUP=8)
+_GROUPED_KEY = ["M_BUCKET", "N", "K", "UPCAST", "TF32"]
 
 
 @triton.jit
@@ -499,8 +515,6 @@ def _next_task(tasks, valid, t):
     return tl.min(tl.where(valid & (tasks > t), tasks, 2147483647), axis=0)
 
 
-@triton.autotune(configs=_GROUPED_CONFIGS, key=["M_BUCKET", "N", "K", "UPCAST", "TF32"],
-                 prune_configs_by=_prune("fwd", "x_ptr"))
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "T", "SLAB"])
 def masked_linear_grouped_kernel(
     x_ptr, w_ptr, bank_ptr, task_ptr, perm_ptr, bias_ptr, y_ptr, M, N, K, WPR, T, SLAB, M_BUCKET,
@@ -538,8 +552,6 @@ def masked_linear_grouped_kernel(
              mask=n_mask[:, None] & s_mask[None, :])
 
 
-@triton.autotune(configs=_GROUPED_DX_CONFIGS, key=["M_BUCKET", "N", "K", "UPCAST", "TF32"],
-                 prune_configs_by=_prune("dx", "g_ptr"))
 @triton.jit(do_not_specialize=["M", "M_BUCKET", "T", "SLAB"])
 def masked_grouped_grad_input_kernel(
     g_ptr, w_ptr, bank_ptr, task_ptr, perm_ptr, dx_ptr, M, N, K, WPR, T, SLAB, M_BUCKET,
@@ -573,6 +585,12 @@ def masked_grouped_grad_input_kernel(
              mask=k_mask[:, None] & s_mask[None, :])
 
 
+masked_linear_grouped_tuned = ByDtype(masked_linear_grouped_kernel, _GROUPED16, _GROUPED32, _GROUPED_INTERPRET,
+                                      _GROUPED_KEY, _prune("fwd", "x_ptr"))
+masked_grouped_grad_input_tuned = ByDtype(masked_grouped_grad_input_kernel, _GROUPED_DX16, _GROUPED_DX32,
+                                          _GROUPED_DX_INTERPRET, _GROUPED_KEY, _prune("dx", "g_ptr"))
+
+
 def _sorted_tasks(task_ids):
     """Task ids sorted (int32) and the permutation (int32): a sort on the device, no host sync."""
     tasks, perm = torch.sort(task_ids.to(torch.int32))
@@ -591,7 +609,7 @@ def masked_linear_grouped(x, weight, bank, task_ids, bias=None):
     tasks, perm = _sorted_tasks(task_ids)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    masked_linear_grouped_kernel[grid](
+    masked_linear_grouped_tuned[x.dtype][grid](
         x.contiguous(), weight.contiguous(), bank.contiguous(), tasks, perm,
         y if bias is None else bias.contiguous(), y, m, n, k, bank.shape[-1], bank.shape[0], n * bank.shape[-1],
         m_bucket(m),
@@ -609,8 +627,9 @@ def masked_linear_grouped_grad_input(grad_out, weight, bank, task_ids):
     tasks, perm = _sorted_tasks(task_ids)
     dx = torch.empty(m, k, dtype=grad_out.dtype, device=grad_out.device)
     grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]) * triton.cdiv(m, meta["BLOCK_M"]),)  # noqa: E731
-    masked_grouped_grad_input_kernel[grid](
+    masked_grouped_grad_input_tuned[grad_out.dtype][grid](
         grad_out.contiguous(), weight.contiguous(), bank.contiguous(), tasks, perm, dx, m, n, k, bank.shape[-1],
-        bank.shape[0], n * bank.shape[-1], m_bucket(m), UPCAST=upcast_dot(grad_out.dtype), TF32=allow_tf32(grad_out.dtype),
+        bank.shape[0], n * bank.shape[-1], m_bucket(m), UPCAST=upcast_dot(grad_out.dtype),
+        TF32=allow_tf32(grad_out.dtype),
     )
     return dx

@@ -14,11 +14,13 @@ import torch
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
+# one thread-local read that is False outside every autocast region (the common case)
+_any_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def enabled(device_type: str) -> bool:
     """Whether an autocast region is active for ``device_type`` (cheap: called on every matmul)."""
-    return device_type in _AUTOCAST_DEVICES and _dtype_for(device_type) is not None
+    return _any_enabled() and device_type in _AUTOCAST_DEVICES and _dtype_for(device_type) is not None
 
 
 def _dtype_for(device_type: str) -> Optional[torch.dtype]:

@@ -298,7 +298,8 @@ def bank_suite(run: Run) -> None:
     for t, n, k in shapes:
         w = torch.randn(n, k, dtype=dt, device=run.dev)
         bank = ref.pack_masks(torch.rand(t, n, k, device=run.dev) < 0.5)
-        alphas = {"superpose": torch.rand(t, device=run.dev), "superpose_equal_alpha": torch.full((t,), 1.0 / t, device=run.dev)}
+        alphas = {"superpose": torch.rand(t, device=run.dev),
+                  "superpose_equal_alpha": torch.full((t,), 1.0 / t, device=run.dev)}
         v = torch.randn(n, k, dtype=dt, device=run.dev)
         s = w.element_size()
         stack = ref.unpack_masks(bank, k, torch.float32) if t * n * k * 4 <= (4 << 30) else None
@@ -383,7 +384,8 @@ def grouped_suite(run: Run) -> None:
         dx = lambda: ops._op.masked_linear_grouped_grad_input(g, w, bank, ids)  # noqa: E731
         if run.checked(f"masked_linear_grouped dX {(m, n, k, t)}", dx, want_dx, dt):
             ms = run.bench(dx)
-            run.record("masked_linear_grouped_dX", ops.choose("masked_linear_grouped_grad_input", run.dev, dt, (g,)).name,
+            chosen = ops.choose("masked_linear_grouped_grad_input", run.dev, dt, (g,)).name
+            run.record("masked_linear_grouped_dX", chosen,
                        (m, n, k, t), dt, ms, nbytes, 2 * m * n * k)
 
 
