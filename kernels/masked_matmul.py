@@ -521,9 +521,10 @@ def masked_linear_grouped_kernel(
     HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, TF32: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """Rows arrive sorted by task (``perm`` maps sorted position -> row). Per K step the W and x
-    tiles are loaded once; each task present in the tile masks W with its own words and multiplies
-    only its rows of x (the others zeroed), so W is read once whatever the number of tasks."""
+    """Rows arrive sorted by task (``perm`` maps sorted position -> row). A tile of one task runs a
+    plain pipelined K loop. A tile of several: per K step the W and x tiles are loaded once and
+    each task present masks W with its own words and multiplies only its rows of x (the others
+    zeroed), so W is read once whatever the number of tasks."""
     pid_n, pid_m = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -535,17 +536,27 @@ def masked_linear_grouped_kernel(
     wd_off = n64 * WPR
     kb = (tl.arange(0, BLOCK_K) & 31)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
-        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        xt = tl.load(x_rows + offs_k[:, None], mask=k_mask[:, None] & valid[None, :], other=0.0)
-        t = t_lo
-        while t <= t_hi:
-            wrd = words_nk(bank_ptr + t.to(tl.int64) * SLAB, wd_off, n_mask, k0 // 32, WPR, BLOCK_N, BLOCK_K)
-            xs = tl.where((tasks == t)[None, :], xt, tl.zeros_like(xt))
-            acc = mma(keep(w, wrd, kb), xs, acc, UPCAST, TF32)
-            t = _next_task(tasks, valid, t)
+    if t_lo == t_hi:  # one task in the tile (sorted rows: most tiles): a plain, pipelined K loop
+        words_ptr = bank_ptr + t_lo.to(tl.int64) * SLAB
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            wrd = words_nk(words_ptr, wd_off, n_mask, k0 // 32, WPR, BLOCK_N, BLOCK_K)
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.load(x_rows + offs_k[:, None], mask=k_mask[:, None] & valid[None, :], other=0.0)
+            acc = mma(keep(w, wrd, kb), xt, acc, UPCAST, TF32)
+    elif t_lo < t_hi:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < K
+            w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+            xt = tl.load(x_rows + offs_k[:, None], mask=k_mask[:, None] & valid[None, :], other=0.0)
+            t = t_lo
+            while t <= t_hi:
+                wrd = words_nk(bank_ptr + t.to(tl.int64) * SLAB, wd_off, n_mask, k0 // 32, WPR, BLOCK_N, BLOCK_K)
+                xs = tl.where((tasks == t)[None, :], xt, tl.zeros_like(xt))
+                acc = mma(keep(w, wrd, kb), xs, acc, UPCAST, TF32)
+                t = _next_task(tasks, valid, t)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows.to(tl.int64)[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty),
@@ -569,18 +580,30 @@ def masked_grouped_grad_input_kernel(
     kb = (tl.arange(0, BLOCK_K) & 31)[:, None]
     kw0 = pid_k * (BLOCK_K // 32)
     acc = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < N
-        n64 = offs_n.to(tl.int64)
-        w = tl.load(w_ptr + n64[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        gt = tl.load(g_rows + offs_n[:, None], mask=n_mask[:, None] & valid[None, :], other=0.0)
-        t = t_lo
-        while t <= t_hi:
-            wrd = words_kn(bank_ptr + t.to(tl.int64) * SLAB, n64 * WPR, n_mask, kw0, WPR, BLOCK_K, BLOCK_N)
-            gs = tl.where((tasks == t)[None, :], gt, tl.zeros_like(gt))
-            acc = mma(keep(w, wrd, kb), gs, acc, UPCAST, TF32)
-            t = _next_task(tasks, valid, t)
+    if t_lo == t_hi:  # one task in the tile: a plain, pipelined N loop
+        words_ptr = bank_ptr + t_lo.to(tl.int64) * SLAB
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            n64 = offs_n.to(tl.int64)
+            wrd = words_kn(words_ptr, n64 * WPR, n_mask, kw0, WPR, BLOCK_K, BLOCK_N)
+            w = tl.load(w_ptr + n64[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            gt = tl.load(g_rows + offs_n[:, None], mask=n_mask[:, None] & valid[None, :], other=0.0)
+            acc = mma(keep(w, wrd, kb), gt, acc, UPCAST, TF32)
+    elif t_lo < t_hi:
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < N
+            n64 = offs_n.to(tl.int64)
+            w = tl.load(w_ptr + n64[None, :] * K + offs_k[:, None], mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0)
+            gt = tl.load(g_rows + offs_n[:, None], mask=n_mask[:, None] & valid[None, :], other=0.0)
+            t = t_lo
+            while t <= t_hi:
+                wrd = words_kn(bank_ptr + t.to(tl.int64) * SLAB, n64 * WPR, n_mask, kw0, WPR, BLOCK_K, BLOCK_N)
+                gs = tl.where((tasks == t)[None, :], gt, tl.zeros_like(gt))
+                acc = mma(keep(w, wrd, kb), gs, acc, UPCAST, TF32)
+                t = _next_task(tasks, valid, t)
     tl.store(dx_ptr + rows.to(tl.int64)[None, :] * K + offs_k[:, None], acc.to(dx_ptr.dtype.element_ty),
              mask=k_mask[:, None] & s_mask[None, :])
 

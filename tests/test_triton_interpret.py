@@ -163,6 +163,20 @@ def test_masked_linear_grouped(m, n, k, t, dtype):
     _close(out, ref.masked_linear_grouped(x.float(), w.float(), bank, ids, b.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_linear_grouped_one_task_tiles(dtype):
+    """Tiles whose rows all share one task take the plain K loop; a tile across a task boundary
+    the per-task one: both in one launch."""
+    x, w, b, _ = _inputs(70, 40, 130, dtype, seed=11)
+    bank = ref.pack_masks(_masks(3, 40, 130, gen=torch.Generator().manual_seed(11)))
+    ids = torch.cat([torch.full((40,), 2), torch.full((30,), 0)])
+    out = mm.masked_linear_grouped(x, w, bank, ids, b)
+    _close(out, ref.masked_linear_grouped(x.float(), w.float(), bank, ids, b.float()), dtype)
+    g = torch.randn(70, 40).to(dtype)
+    _close(mm.masked_linear_grouped_grad_input(g, w, bank, ids),
+           ref.masked_linear_grouped_grad_input(g.float(), w.float(), bank, ids), dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,n,k,t", [(1, 7, 33, 3), (40, 70, 65, 4), (70, 90, 140, 9)])
 def test_masked_linear_grouped_grad_input(m, n, k, t, dtype):
