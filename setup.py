@@ -99,6 +99,7 @@ ext_modules, cmdclass = _extensions()
 setup(
     packages=["supsup_fast", "supsup_fast.nn", "supsup_fast.kernels"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
+    package_data={"supsup_fast": ["dispatch_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -108,12 +108,15 @@ def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def load_table(path: os.PathLike) -> dict:
-    """A dispatch table from JSON, checked: ``{"format", "device", "classes": {op: {class: {provider: us}}}}``."""
+def load_table(path: os.PathLike, allow_dry_run: bool = False) -> dict:
+    """A dispatch table from JSON, checked: ``{"format", "device", "classes": {op: {class: {provider: us}}}}``.
+    A dry run's table (CPU timings of the CPU stand-ins) is refused unless ``allow_dry_run``."""
     with open(path) as f:
         table = json.load(f)
     if table.get("format") != FORMAT or not isinstance(table.get("classes"), dict):
         raise ValueError(f"{path}: not a {FORMAT} table")
+    if table.get("dry_run") and not allow_dry_run:
+        raise ValueError(f"{path}: a dry run's table (not measured on a GPU)")
     for op, classes in table["classes"].items():
         for klass, times in classes.items():
             if not all(isinstance(v, (int, float)) and v > 0 for v in times.values()):

@@ -42,7 +42,9 @@ def test_dry_run_end_to_end(tmp_path):
     assert {"masked_linear_fwd", "masked_linear_dX", "superpose", "mask_dots", "pack_masks(bool)"} <= measured
     assert all(r["us"] > 0 and "pct_of_copy" in r for r in kernels["results"])
 
-    table = gpu_dispatch.load_table(out / "dispatch.json")  # the format the dispatcher reads
+    with pytest.raises(ValueError, match="dry run"):
+        gpu_dispatch.load_table(out / "dispatch.json")  # never mistaken for a GPU measurement
+    table = gpu_dispatch.load_table(out / "dispatch.json", allow_dry_run=True)  # the format it reads
     assert set(table["classes"]["masked_linear"]) and all(
         {"fused", "two_pass"} <= set(row) for row in table["classes"]["masked_linear"].values())
 

@@ -50,7 +50,7 @@ class Run:
         self.dev = "cpu" if self.dry else "cuda"
         self.out = args.out
         self.dispatch_out = args.dispatch
-        self.deadline = time.monotonic() + args.budget if args.budget else None
+        self.deadline = None if args.budget is None else time.monotonic() + args.budget
         self.report = {"device": None, "results": [], "errors": [], "dry_run": self.dry, "complete": False}
         self.classes: dict = {}  # op -> class -> provider -> summed us (shapes where every candidate ran)
 
