@@ -484,13 +484,13 @@ def masked_weight_grad(grad_out, x, weight):
 # ======================================================================================
 _GROUPED16 = [
     cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
-    cfg(4, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, GROUP=8),
+    cfg(8, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, GROUP=8),
 ]
 _GROUPED32 = [cfg(4, 3, BLOCK_N=64, BLOCK_M=32, BLOCK_K=32, GROUP=8)]
 _GROUPED_INTERPRET = cfg(4, 1, BLOCK_N=64, BLOCK_M=32, BLOCK_K=64, GROUP=8)
 _GROUPED_DX16 = [
     cfg(4, 3, BLOCK_K=128, BLOCK_M=64, BLOCK_N=64, GROUP=8),
-    cfg(4, 3, BLOCK_K=128, BLOCK_M=16, BLOCK_N=128, GROUP=8),
+    cfg(8, 3, BLOCK_K=128, BLOCK_M=16, BLOCK_N=128, GROUP=8),
 ]
 _GROUPED_DX32 = [cfg(4, 3, BLOCK_K=64, BLOCK_M=32, BLOCK_N=32, GROUP=8)]
 _GROUPED_DX_INTERPRET = cfg(4, 1, BLOCK_K=64, BLOCK_M=32, BLOCK_N=64, GROUP=8)
