@@ -145,9 +145,13 @@ def table(device: torch.device) -> Optional[dict]:
     return _table_for(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
 
 
+_CHOICES: dict = {}  # (op, device, dtype, rows, candidates) -> provider, for the matmuls' hot path
+
+
 def reset() -> None:
-    """Forget loaded tables (after changing ``SUPSUP_FAST_DISPATCH_TABLE`` or the table files)."""
+    """Forget loaded tables and choices (after changing ``SUPSUP_FAST_DISPATCH_TABLE`` or the files)."""
     _table_for.cache_clear()
+    _CHOICES.clear()
 
 
 def choose_from(times: Optional[dict], candidates: Sequence[str]) -> Optional[str]:
@@ -160,7 +164,22 @@ def choose_from(times: Optional[dict], candidates: Sequence[str]) -> Optional[st
 
 def preferred(op: str, args: Sequence, candidates: Sequence[str]) -> Optional[str]:
     """The provider to run ``op`` on these CUDA inputs: the measured fastest of ``candidates`` for
-    their shape class, else the default, else ``None`` (no opinion)."""
+    their shape class, else the default, else ``None`` (no opinion). Memoised per row count for the
+    matmuls (a dict lookup per call)."""
+    x = args[0]
+    memo = None
+    if op.startswith("masked_linear"):
+        memo = (op, x.device, x.dtype, _rows(x), tuple(candidates))
+        hit = _CHOICES.get(memo)
+        if hit is not None:
+            return hit
+    choice = _preferred(op, args, candidates)
+    if memo is not None and choice is not None and len(_CHOICES) < 4096:
+        _CHOICES[memo] = choice
+    return choice
+
+
+def _preferred(op: str, args: Sequence, candidates: Sequence[str]) -> Optional[str]:
     klass = shape_class(op, args)
     tab = table(args[0].device)
     if tab is not None:

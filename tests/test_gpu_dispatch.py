@@ -65,10 +65,13 @@ def test_load_table_validates(tmp_path):
 def test_measured_table_overrides_the_default(tmp_path, monkeypatch):
     tab = gd.load_table(_table(tmp_path, {"masked_linear": {"f16:m<=16": {"fused": 40.0, "two_pass": 20.0}}}))
     monkeypatch.setattr(gd, "table", lambda device: tab)
+    gd.reset()
     assert gd.preferred("masked_linear", (_x(10),), ("fused", "two_pass")) == "two_pass"  # measured
     assert gd.preferred("masked_linear", (_x(200),), ("fused", "two_pass")) == "fused"  # unmeasured: default
     assert gd.preferred("superpose", (torch.empty(4, 4), torch.empty(3, 4, 1, dtype=torch.int32)),
                         ("cuda", "triton")) == "cuda"
+    assert gd.preferred("masked_linear", (_x(10),), ("fused", "two_pass")) == "two_pass"  # memoised
+    gd.reset()
 
 
 def test_env_table_is_read(tmp_path, monkeypatch):
