@@ -34,9 +34,12 @@ def _check_task_ids(task_ids, rows: int, tasks: int) -> None:
             and task_ids.shape == (rows,),
             lambda: f"task_ids must be int32/int64 of shape [{rows}], got "
             f"{getattr(task_ids, 'dtype', type(task_ids).__name__)} {tuple(getattr(task_ids, 'shape', ()))}")
-    # the range is read on the host only where that costs no device sync and nothing is being traced;
-    # the GPU kernels bound their own reads
-    if task_ids.numel() and task_ids.device.type == "cpu" and not traced():
+    if not task_ids.numel() or traced():
+        return
+    if task_ids.device.type == "cuda":
+        # no host sync (graph capture, fullgraph compile): an out-of-range id fails a device assert
+        torch._assert_async(((task_ids >= 0) & (task_ids < tasks)).all(), f"task id out of range [0, {tasks})")
+    else:
         lo, hi = int(task_ids.min()), int(task_ids.max())
         require(lo >= 0 and hi < tasks, lambda: f"task id out of range [0, {tasks}): min {lo}, max {hi}")
 

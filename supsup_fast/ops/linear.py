@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..format import words_per_row
+from . import _autocast
 from ._checks import check_bias, check_float, check_same_device, check_scores, check_words, flat, gemm_nk, require
 from ._define import define, on_first
 from ._fastpath import call, direct, fast, plain_eager
@@ -308,6 +309,8 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
     ``masked_weight_grad_sign`` op; on the compiled CPU backend the sign is applied in the
     weight-gradient GEMM's epilogue, with no pass of its own).
     """
+    if _autocast.enabled(x.device.type):  # cast like F.linear under torch.autocast
+        x, weight, bias, scores = _autocast.linear_args(x, weight, bias, scores)
     _check_linear(x, weight, mask_words, bias)
     if scores is None:
         args = (x, weight, mask_words, bias)
