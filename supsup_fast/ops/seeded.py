@@ -4,17 +4,36 @@ never stores its weight.
 * ``signed_constant_fill_(out, seed, layer, scale)`` -- ``out[i] = +-scale``, the sign of weight
   ``i`` (row-major) from the hash of :mod:`supsup_fast.base_weights`;
 * ``masked_linear_seeded(x, M, seed, layer, scale, b)`` -- ``masked_linear`` with that weight.
+
+``seed`` and ``layer`` are ints in ``[0, 2**32)`` (:data:`supsup_fast.config.SEED_RANGE`): the hash
+reads 32 bits of each, so any other value would name the base of its residue under another name.
+The schemas take ``int`` (int64); every call, through the Python functions below or through
+``torch.ops.supsup_fast.*`` directly, is checked before a kernel runs (the ops' dispatch keys).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..config import check_seed
 from ._checks import check_float, check_same_device, check_words, flat, require
 from ._define import define, on_first
 from ._fastpath import call, fast
 
-define("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()", dispatch=on_first,
+
+def _checked_key(seed_at: int):
+    """``on_first``, after checking the seed and layer at ``args[seed_at]``, ``args[seed_at + 1]``: every call
+    of the op (fast path or dispatcher) asks for its dispatch key before a kernel is chosen."""
+
+    def key(args: tuple) -> tuple:
+        check_seed(args[seed_at], "seed")
+        check_seed(args[seed_at + 1], "layer")
+        return on_first(args)
+
+    return key
+
+
+define("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()", dispatch=_checked_key(1),
        fake=lambda out, seed, layer, scale: None)
 
 
@@ -22,7 +41,7 @@ def signed_constant_fill_(out: torch.Tensor, seed: int, layer: int, scale: float
     """Fill the contiguous float tensor ``out`` with the signed constant ``+-scale`` in place; returns ``out``."""
     check_float("out", out)
     require(out.is_contiguous(), "signed_constant_fill_: out must be contiguous")
-    call("signed_constant_fill_", out, int(seed), int(layer), float(scale))
+    call("signed_constant_fill_", out, check_seed(seed, "seed"), check_seed(layer, "layer"), float(scale))
     return out
 
 
@@ -51,7 +70,7 @@ def _seeded_bwd(ctx, grad):
 
 
 define("masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor",
-       dispatch=on_first, fake=_seeded_fake, backward=_seeded_bwd, setup_context=_seeded_setup)
+       dispatch=_checked_key(2), fake=_seeded_fake, backward=_seeded_bwd, setup_context=_seeded_setup)
 
 
 def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bias=None):
@@ -59,4 +78,5 @@ def masked_linear_seeded(x, mask_words, seed: int, layer: int, scale: float, bia
     check_float("x", x)
     check_words("mask_words", mask_words, mask_words.shape[0] if mask_words.dim() else 0, x.shape[-1], 0)
     check_same_device(x=x, mask_words=mask_words, bias=bias)
-    return call("masked_linear_seeded", x, mask_words, int(seed), int(layer), float(scale), bias)
+    seed, layer = check_seed(seed, "seed"), check_seed(layer, "layer")
+    return call("masked_linear_seeded", x, mask_words, seed, layer, float(scale), bias)
