@@ -119,8 +119,12 @@ def pread_into(fd: int, buf: memoryview, offset: int) -> int:
     while got < want:
         if hasattr(os, "preadv"):
             n = os.preadv(fd, [buf[got:]], offset + got)
-        else:  # pragma: no cover - platforms without preadv
-            chunk = os.pread(fd, want - got, offset + got)
+        else:  # pragma: no cover - platforms without preadv (pread) or without positional reads at all
+            if hasattr(os, "pread"):
+                chunk = os.pread(fd, want - got, offset + got)
+            else:
+                os.lseek(fd, offset + got, os.SEEK_SET)
+                chunk = os.read(fd, want - got)
             n = len(chunk)
             buf[got:got + n] = chunk
         if n == 0:

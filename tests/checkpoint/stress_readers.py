@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,6 +98,8 @@ def stress(seconds: float, modes=MODES, path: str | None = None) -> dict:
         writer.stdout.close()
         writer.stderr.close()
         counts["writer: saves completed"] = saves
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
     return dict(counts)
 
 
