@@ -185,9 +185,12 @@ OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith("op_")}
 
 
 def _child(result_fd: int, bank: str, op: str, width: int) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
-    resource.setrlimit(resource.RLIMIT_AS, (vm + EXTRA_MEMORY, hard))
+    try:  # Linux: address space limited to what the parent has mapped plus EXTRA_MEMORY
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (vm + EXTRA_MEMORY, hard))
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         res = {"outcome": "ok", "detail": str(OPS[op](bank, width))}
     except BaseException as e:  # noqa: BLE001 - every outcome is reported

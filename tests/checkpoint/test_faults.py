@@ -117,6 +117,8 @@ def child_env() -> dict:
 # ======================================================================================
 @pytest.fixture(scope="module")
 def probe_results():
+    if os.name != "posix":
+        pytest.skip("FIFOs, devices and fork are POSIX")
     work = tempfile.mkdtemp(prefix="supsup-probe-")
     try:
         out = subprocess.run([sys.executable, os.path.join(HERE, "_hostile_probe.py"), work], capture_output=True,
