@@ -13,6 +13,7 @@ questions every part of the library asks (which task modules, which device) are 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -116,10 +117,20 @@ def model_fingerprint(mods: Mods) -> tuple[dict, list]:
 _LAYER_KEYS = ("name", "type", "weight_shape", "packed_shape", "layer_id", "base", "has_bias", "seed", "gain",
                "signs_sha256")
 _NORM_KEYS = ("name", "type", "num_features", "affine")
+#: The config fields that decide what a stored mask means (how it was chosen, over which base); the
+#: others are covered by the fingerprint (``keep_bias``: ``has_bias``, ``per_task_norm``: the norms) or
+#: concern tasks not yet learned (``score_init``) or a capacity checked when tasks are loaded (``max_tasks``).
+_CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain")
 
 
-def check_fingerprint(saved: dict, model_fp: dict, path: str) -> None:
-    """A :class:`BankFileError` naming the first difference between the bank's model and ``model``."""
+def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: Optional[list] = None,
+                      model_configs: Optional[list] = None) -> None:
+    """A :class:`BankFileError` naming the first difference between the bank's model and ``model``.
+
+    Given both config lists (the bank's ``configs`` and :func:`model_fingerprint`'s), every masked
+    layer's :data:`_CONFIG_KEYS` must agree too: a bank of top-k masks at density 0.5 is refused by
+    a model configured for another binariser, density, schedule or seed.
+    """
     for kind, keys in (("layers", _LAYER_KEYS), ("norms", _NORM_KEYS)):
         a, b = saved.get(kind), model_fp[kind]
         if not isinstance(a, list):
@@ -139,6 +150,23 @@ def check_fingerprint(saved: dict, model_fp: dict, path: str) -> None:
                         f"{path} belongs to a different model: {kind[:-1]} '{eb['name']}' has {what} "
                         f"{ea.get(k)!r} in the bank and {eb.get(k)!r} in the model"
                     )
+    if saved_configs is not None and model_configs is not None:
+        _check_configs(saved, saved_configs, model_fp, model_configs, path)
+
+
+def _check_configs(saved: dict, saved_configs: list, model_fp: dict, model_configs: list, path: str) -> None:
+    for ea, eb in zip(saved["layers"], model_fp["layers"]):
+        i = ea.get("config")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(saved_configs) \
+                or not isinstance(saved_configs[i], dict):
+            raise BankFileError(f"{path}: corrupted manifest: layer '{eb['name']}' names config {i!r}")
+        a, b = saved_configs[i], model_configs[eb["config"]]
+        for k in _CONFIG_KEYS:
+            if a.get(k) != b.get(k):
+                raise BankFileError(
+                    f"{path} was saved from a model configured differently: layer '{eb['name']}' has {k} "
+                    f"{a.get(k)!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
+                )
 
 
 # ======================================================================================
