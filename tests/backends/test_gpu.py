@@ -217,7 +217,7 @@ def test_ternary_linear_seed_format_2(m, n, k, dtype):
 
     from supsup_fast.kernels import masked_matmul as mm
 
-    path = Path(__file__).parents[1] / "bench" / "gpu" / "roofline.py"
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu" / "roofline.py"
     spec = importlib.util.spec_from_file_location("roofline", path)
     roofline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(roofline)

@@ -33,7 +33,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 from supsup_fast.kernels import aot  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository (this file is tests/backends/...)
 TRACKED = ROOT / "bench" / "results" / "offline-sm90" / f"triton-{triton.__version__}.json"
 MASK_ALU_LIMIT = 3.0  # SASS integer instructions per weight to test its bit and zero it
 REGRESSION = 1.10  # tracked loop instructions per weight may grow by at most 10%
