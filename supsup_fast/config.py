@@ -43,7 +43,9 @@ class SupsupConfig:
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
         score_init: ``"kaiming_uniform"`` (``U(+-1/sqrt(fan_in))``) or ``"transfer"`` (a new
             task's scores start at the running mean of the earlier tasks' final scores).
-        keep_bias: keep the wrapped layer's bias, frozen (SupSup's own networks have none).
+        keep_bias: keep the wrapped layer's bias, frozen. ``None`` (the default) keeps it over a pretrained
+            base (the pretrained network is kept whole) and drops it over a signed-constant one (SupSup's own
+            networks have none); :func:`~supsup_fast.convert.summary` lists the layers whose bias was dropped.
         per_task_norm: replace BatchNorm by :class:`~supsup_fast.nn.TaskBatchNorm` (running
             statistics per task; shared statistics break every task but the last).
         max_tasks: the most tasks a layer may hold (``None`` = unbounded); beginning one more
@@ -58,7 +60,7 @@ class SupsupConfig:
     seed: int = 0
     gain: float = math.sqrt(2.0)
     score_init: str = "kaiming_uniform"
-    keep_bias: bool = False
+    keep_bias: Optional[bool] = None
     per_task_norm: bool = True
     max_tasks: Optional[int] = None
 
@@ -89,5 +91,9 @@ class SupsupConfig:
             raise SupsupError(f"SupsupConfig.seed must be an int, got {self.seed!r}")
         if not (float(self.gain) > 0.0):
             raise SupsupError(f"SupsupConfig.gain must be positive, got {self.gain}")
+        if self.keep_bias is None:
+            self.keep_bias = self.base == "pretrained"
+        elif not isinstance(self.keep_bias, bool):
+            raise SupsupError(f"SupsupConfig.keep_bias must be True, False or None, got {self.keep_bias!r}")
         if self.max_tasks is not None and (not isinstance(self.max_tasks, int) or self.max_tasks < 1):
             raise SupsupError(f"SupsupConfig.max_tasks must be a positive int or None, got {self.max_tasks!r}")

@@ -11,3 +11,7 @@ class BackendError(RuntimeError):
 
 class BankFileError(SupsupError):
     """A mask-bank file is truncated, corrupted, of another version or of another model."""
+
+
+class ConversionWarning(UserWarning):
+    """``convert_`` left modules with weights dense (they compute as before, frozen unless kept per task)."""
