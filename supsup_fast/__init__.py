@@ -21,7 +21,7 @@ from .convert import (
 )
 from .errors import BackendError, BankFileError, ConversionWarning, SupsupError
 from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm, TaskDense
-from .tasks import (
+from .model_tasks import (
     begin_task,
     delete_task,
     discard_task,

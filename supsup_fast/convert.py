@@ -9,7 +9,8 @@
   ``[in, out]``) -> :class:`~supsup_fast.nn.MaskedLinear` over ``W^T``, the same function;
 * ``nn.BatchNorm1d/2d/3d`` -> :class:`~supsup_fast.nn.TaskBatchNorm` when ``config.per_task_norm``;
   timm's ``BatchNormAct2d`` -> :class:`~supsup_fast.nn.TaskBatchNormAct` (its activation kept);
-* timm's ``Conv2dSame`` -> :class:`~supsup_fast.nn.SamePadConv2d` (its dynamic padding kept);
+* timm's ``Conv2dSame`` -> :class:`~supsup_fast.nn.SamePadConv2d` (its dynamic padding kept); timm's
+  ``Linear`` (the same function as ``nn.Linear`` outside TorchScript) -> :class:`~supsup_fast.nn.MaskedLinear`;
 * every module named in ``modules_to_save`` -> :class:`~supsup_fast.nn.TaskDense`: left dense, with
   its weights learned and kept per task (peft's ``modules_to_save``).
 
@@ -32,9 +33,9 @@ What is deliberately **not** converted: the projections inside ``nn.MultiheadAtt
 layer's fused inference fast path, which would read their unmasked base weights, is switched off).
 
 Everything that is not a task's mask is frozen (``requires_grad=False``) by default, as peft does:
-:func:`~supsup_fast.tasks.task_parameters` is what trains. :func:`merge_task` folds a task's masks
+:func:`~supsup_fast.model_tasks.task_parameters` is what trains. :func:`merge_task` folds a task's masks
 into a plain ``torch.nn`` copy of the model, :func:`unconvert` turns the model back in place.
-The task helpers (``begin_task``, ``set_task``, ...) live in :mod:`supsup_fast.tasks` and are
+The task helpers (``begin_task``, ``set_task``, ...) live in :mod:`supsup_fast.model_tasks` and are
 re-exported here under their old paths.
 """
 
@@ -65,7 +66,7 @@ from .nn import (
 from .nn._model import masked_modules, task_modules
 from .nn.base import TaskModule
 from .nn.record import ATTR, ModelRecord, find_record, record_of
-from .tasks import (  # noqa: F401  (their former home: convert.begin_task etc. keep working)
+from .model_tasks import (  # noqa: F401  (their former home: convert.begin_task etc. keep working)
     _layers,
     begin_task,
     delete_task,
@@ -186,6 +187,13 @@ def _hf_conv1d(module: nn.Module, fqn: str, config: SupsupConfig) -> nn.Module:
     )
     layer.__dict__["_supsup_transposed"] = True
     return layer
+
+
+@register_conversion("timm.layers.linear.Linear")
+def _timm_linear(module: nn.Linear, fqn: str, config: SupsupConfig) -> nn.Module:
+    """timm's Linear (MobileNetV3's classifier) differs from nn.Linear only under TorchScript (it casts the
+    weight to the input's dtype there): in eager mode the same function."""
+    return _linear(module, fqn, config)
 
 
 @register_conversion("timm.layers.norm_act.BatchNormAct2d")
@@ -505,7 +513,7 @@ def _dense_modules(model: nn.Module, rec: Optional[ModelRecord]) -> list[tuple[s
                 mha = isinstance(m, nn.MultiheadAttention) or (
                     parent and isinstance(model.get_submodule(parent), nn.MultiheadAttention))
                 reason = ("nn.MultiheadAttention reads its projection weights directly" if mha
-                          else f"a {type(m).__name__} is not a layer SupSup masks")
+                          else "not a layer type SupSup masks")
             out.append((name, type(m).__name__, own, reason))
     return out
 

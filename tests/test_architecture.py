@@ -25,7 +25,7 @@ LAYERS = [
     ("supsup_fast.base_weights",),
     ("supsup_fast.backends", "supsup_fast.reference", "supsup_fast._native", "supsup_fast._gpu_backends"),
     ("supsup_fast.binarise", "supsup_fast.binarize", "supsup_fast.nn"),
-    ("supsup_fast.tasks",),
+    ("supsup_fast.model_tasks",),
     ("supsup_fast.convert",),
     ("supsup_fast.training", "supsup_fast.inference", "supsup_fast.nns", "supsup_fast.hopfield"),
     ("supsup_fast.checkpoint._files",),

@@ -76,8 +76,9 @@ class TaskDense(TaskModule):
     def begin_task(self, task: Optional[int] = None) -> int:
         """Load the starting values (a new task) or task ``task``'s stored ones into the live module; unfreeze it."""
         t = self._task_to_open(task)
+        reopened = t < self.num_tasks
         for i, p in enumerate(self._live()):
-            p.copy_(self._stacks()[i][t] if t < self.num_tasks else getattr(self, f"init_{i}"))
+            p.copy_(self._stacks()[i][t] if reopened else getattr(self, f"init_{i}"))
             p.requires_grad_(True)
         self.is_open.fill_(True)
         self.mode, self.task_id, self.open_task = "train", t, t
@@ -88,9 +89,10 @@ class TaskDense(TaskModule):
         """Store the live parameters as task ``open_task``'s row and freeze them; returns its id."""
         self._check_freeze()
         t = self.open_task
+        reopened = t < self.num_tasks
         for i, p in enumerate(self._live()):
             stack = getattr(self, f"stack_{i}")
-            if t < self.num_tasks:
+            if reopened:
                 stack[t] = p.detach()
             else:
                 setattr(self, f"stack_{i}", torch.cat([stack, p.detach()[None].to(stack.dtype)]))

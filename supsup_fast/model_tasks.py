@@ -140,7 +140,7 @@ def freeze_task(model: nn.Module) -> int:
     if missing:
         raise SupsupError(f"freeze_task without begin_task: no task is in training in {', '.join(missing[:5])}"
                           + (" ..." if len(missing) > 5 else ""))
-    trained = _live_parameters(model)
+    trained = _scores(model)
     frozen = _same([m.freeze_task() for m in layers], "freeze_task")
     rec = record_of(model)
     names = rec.names(num_tasks(model))
@@ -155,7 +155,7 @@ def discard_task(model: nn.Module) -> None:
     layers = _layers(model)
     if not any(m.in_training for m in layers):
         raise SupsupError("discard_task: no task is in training")
-    trained = _live_parameters(model)
+    trained = _scores(model)
     for m in layers:
         if m.in_training:
             m.discard_task()
@@ -256,8 +256,14 @@ def set_superposition(model: nn.Module, alpha: Optional[torch.Tensor] = None,
 # ---------------------------------------------------------------------------------------------
 # What trains, and the optimizers that must not train a frozen task
 # ---------------------------------------------------------------------------------------------
+def _scores(model: nn.Module) -> list[nn.Parameter]:
+    """The open task's scores: parameters that live only until the task is frozen (a per-task module's live
+    parameters stay and serve the next task too)."""
+    return [m.scores for m in masked_modules(model) if m.scores is not None]
+
+
 def _live_parameters(model: nn.Module) -> list[nn.Parameter]:
-    params = [m.scores for m in masked_modules(model) if m.scores is not None]
+    params = _scores(model)
     for m in task_modules(model):
         if isinstance(m, TaskDense):
             params.extend(m.live_parameters())
