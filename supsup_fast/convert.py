@@ -323,10 +323,7 @@ def convert_(model: nn.Module, config: Optional[SupsupConfig] = None, filter_fn:
         raise SupsupError(f"convert_: the model itself is a {type(model).__name__} and cannot be replaced in "
                           "place; wrap it in a container or use the layer's from_module")
     config = _config_for(model, config)
-    rec = record_of(model)
-    if rec.config is None:
-        rec.config = config
-        rec.trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    trainable_before = [n for n, p in model.named_parameters() if p.requires_grad]
     save = list(modules_to_save or [])
     if isinstance(modules_to_save, str):
         raise SupsupError("convert_: modules_to_save must be a list of module names, not one string")
@@ -384,6 +381,10 @@ def convert_(model: nn.Module, config: Optional[SupsupConfig] = None, filter_fn:
     if not any(p.masks for p in plans.values()) and not masked_modules(model):
         raise SupsupError(_nothing_to_convert(model, dense_reason))
 
+    rec = record_of(model)  # only now: a refused model is left exactly as it was
+    if rec.config is None:
+        rec.config = config
+        rec.trainable = trainable_before
     swapped: dict[int, nn.Module] = {}
     for parent, name, child in sites:
         new = swapped.get(id(child))

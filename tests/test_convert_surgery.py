@@ -78,6 +78,9 @@ def test_a_subclass_with_another_forward_is_refused_by_name(layer, cls):
     with pytest.raises(SupsupError, match=rf"'1\.0' is a .*{cls}, a subclass of .* that overrides"):
         sf.convert_(model)
     assert isinstance(model[0], nn.Linear) and not isinstance(model[0], MaskedLinear), "refused models stay as they were"
+    assert not hasattr(model, "_supsup_record")
+    sf.convert_(model, SupsupConfig(density=0.3), filter_fn=lambda m, fqn: fqn == "0")  # another config: fine
+    assert model[0].density == 0.3
 
 
 def test_a_subclass_with_the_same_forward_converts_and_a_handler_can_be_registered():

@@ -12,9 +12,9 @@ the task at ``on_train_end``::
     cb.name, trainer.train_dataset = "mnli", mnli
     trainer.train()                       # task "mnli", with the same Trainer
 
-Scores want a far larger learning rate than fine-tuned weights (5e-3 with AdamW trains a small BERT; 0.05
-leaves it at chance; see README). Task inference on a model returning a ``ModelOutput`` reads its
-``logits`` (:func:`supsup_fast.inference.infer_task`).
+Scores want a far larger learning rate than fine-tuned weights: ``Trainer``'s default 5e-5 left a small BERT
+near chance where 5e-3 trained it (README, "Hugging Face"). Task inference on a model returning a
+``ModelOutput`` reads its ``logits`` (:func:`supsup_fast.inference.infer_task`).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ def need(module: str):
     except ImportError as e:
         if REQUIRED:
             pytest.fail(f"SUPSUP_FAST_INTEGRATIONS=require but {module} cannot be imported: {e}")
-        pytest.skip(f"{module} is not installed")
+        pytest.skip(f"{module} is not installed", allow_module_level=True)
 
 
 def convert(model, config=None, **kw):
