@@ -54,18 +54,6 @@ from .base_weights import (
 )
 from .config import ERDOS_RENYI_CAP, SupsupConfig
 from .errors import ConversionWarning, SupsupError
-from .nn import (
-    MaskedConv2d,
-    MaskedLayerBase,
-    MaskedLinear,
-    SamePadConv2d,
-    TaskBatchNorm,
-    TaskBatchNormAct,
-    TaskDense,
-)
-from .nn._model import masked_modules, task_modules
-from .nn.base import TaskModule
-from .nn.record import ATTR, ModelRecord, find_record, record_of
 from .model_tasks import (  # noqa: F401  (their former home: convert.begin_task etc. keep working)
     _layers,
     begin_task,
@@ -79,11 +67,22 @@ from .model_tasks import (  # noqa: F401  (their former home: convert.begin_task
     set_row_tasks,
     set_superposition,
     set_task,
-    task,
     task_id,
     task_parameters,
     tasks,
 )
+from .nn import (
+    MaskedConv2d,
+    MaskedLayerBase,
+    MaskedLinear,
+    SamePadConv2d,
+    TaskBatchNorm,
+    TaskBatchNormAct,
+    TaskDense,
+)
+from .nn._model import masked_modules, task_modules
+from .nn.base import TaskModule
+from .nn.record import ATTR, ModelRecord, find_record, record_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 #: ``handler(module, fqn, config) -> replacement`` for one class (see :func:`register_conversion`).

@@ -145,10 +145,12 @@ class TaskModule(nn.Module):
         self.mode = "superpose"
 
     def set_row_tasks(self, task_ids: torch.Tensor) -> None:
-        """Compute row ``i`` of the next batches with frozen task ``task_ids[i]`` (int64 ``[B]``, stored, not copied)."""
-        if not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.is_floating_point() \
-                or task_ids.dtype == torch.bool:
-            raise SupsupError(f"row task ids must be a 1-D integer tensor, got {getattr(task_ids, 'shape', task_ids)!r}")
+        """Compute row ``i`` of the next batches with frozen task ``task_ids[i]`` (int64 ``[B]``; stored, not
+        copied)."""
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.is_floating_point()
+                or task_ids.dtype == torch.bool):
+            got = getattr(task_ids, "shape", task_ids)
+            raise SupsupError(f"row task ids must be a 1-D integer tensor, got {got!r}")
         if task_ids.numel() and self.num_tasks == 0:
             raise SupsupError(f"{type(self).__name__}: row task ids given but no task is stored yet")
         ref = self._reference_tensor()

@@ -1,6 +1,7 @@
-"""Shared by the integration tests. They need frameworks the main environment lacks (timm, torchvision, transformers, peft,
-avalanche-lib). Where they are missing the tests skip, except under ``SUPSUP_FAST_INTEGRATIONS=require`` (set by
-CI's second environment, which installs them): there a missing framework fails, so CI cannot pass by skipping."""
+"""Shared by the integration tests. They need frameworks the main environment lacks (timm, torchvision,
+transformers, peft, avalanche-lib). Where they are missing the tests skip, except under
+``SUPSUP_FAST_INTEGRATIONS=require`` (set by CI's second environment, which installs them): there a missing
+framework fails, so CI cannot pass by skipping."""
 
 import importlib
 import os

@@ -3,11 +3,10 @@
 import os
 
 import torch
+from _frameworks import need
 from torch import nn
 
 import supsup_fast as sf
-
-from _frameworks import need
 
 need("avalanche.training")
 need("mlxtend")

@@ -6,11 +6,10 @@ import warnings
 
 import pytest
 import torch
+from _frameworks import convert, need
 
 import supsup_fast as sf
 from supsup_fast import BankFileError
-
-from _frameworks import convert, need
 
 transformers = need("transformers")
 from supsup_fast.integrations.huggingface import SupsupCallback  # noqa: E402

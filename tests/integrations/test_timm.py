@@ -5,11 +5,10 @@ import copy
 
 import pytest
 import torch
+from _frameworks import convert, need
 
 import supsup_fast as sf
 from supsup_fast.nn import SamePadConv2d, TaskBatchNormAct
-
-from _frameworks import convert, need
 
 timm = need("timm")
 

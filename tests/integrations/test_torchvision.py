@@ -3,10 +3,9 @@
 import copy
 
 import torch
+from _frameworks import convert, need
 
 import supsup_fast as sf
-
-from _frameworks import convert, need
 
 models = need("torchvision.models")
 
