@@ -1,7 +1,9 @@
 """Build script: compiles the C++ (and, when possible, CUDA) extension ``supsup_fast._C``.
 
 * ``pip install --no-build-isolation .`` (or ``-e .``) builds against the installed torch with ninja.
-* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA and nvcc is found.
+* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA and nvcc is found; they
+  are compiled for ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``; torch's default otherwise), without
+  ``--use_fast_math`` (subnormals and IEEE division as in the reference).
 * ``SUPSUP_FAST_NO_EXT=1`` skips native code; a failed native build warns and installs the pure
   Python package (set ``SUPSUP_FAST_STRICT_BUILD=1`` to make it an error instead).
 * The build never takes its CPU target from the build machine, so a wheel runs on any CPU of its
@@ -81,7 +83,7 @@ def _extensions():
             exts.append(ce.CUDAExtension(
                 f"supsup_fast.{name}", sources + cu, define_macros=define_macros,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", std, "-lineinfo"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "-lineinfo"]},
                 extra_link_args=["-fopenmp"],
             ))
         else:
@@ -119,7 +121,7 @@ setup(
     # the Triton kernels stay in the top-level kernels/ folder and are installed as supsup_fast.kernels
     packages=[*find_packages(include=["supsup_fast", "supsup_fast.*"]), "supsup_fast.kernels"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
-    package_data={"supsup_fast": ["py.typed"]},
+    package_data={"supsup_fast": ["py.typed"], "supsup_fast.backends": ["dispatch_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

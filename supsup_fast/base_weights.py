@@ -4,6 +4,11 @@ Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-bas
 ``(seed, layer, index)`` (:func:`hash32`, :func:`layer_key`, :func:`signed_constant_signs` below
 are that hash's specification), so a checkpoint stores the seed instead of the weights and every
 backend regenerates them bit for bit.
+
+The hash reads the low 32 bits of the seed and of the layer id (the spec functions below are defined
+on any int that way, as the kernels are); the functions that name a base -- :func:`signed_constant`,
+the ``seeded`` ops, :class:`~supsup_fast.config.SupsupConfig` and the masked layers -- take seeds and
+layer ids in ``[0, 2**32)`` only (:func:`~supsup_fast.config.check_seed`), so one base has one name.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Sequence
 import torch
 
 from . import ops
+from .config import check_seed
 from .errors import SupsupError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,6 +78,7 @@ def signed_constant(
     Filled by the ``signed_constant_fill_`` op: every backend writes the same bits as the
     reference's; the compiled ones without materialising the hash's intermediates.
     """
+    seed, layer = check_seed(seed, "signed_constant: seed"), check_seed(layer, "signed_constant: layer")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise SupsupError(f"signed_constant needs a weight shape of at least 2 dims [out, in, ...], got {shape}")

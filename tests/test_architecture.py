@@ -31,6 +31,7 @@ LAYERS = [
     ("supsup_fast.checkpoint._files",),
     ("supsup_fast.checkpoint._manifest",),
     ("supsup_fast.checkpoint._shards",),
+    ("supsup_fast.checkpoint._generations",),
     ("supsup_fast.checkpoint.model_state",),
     ("supsup_fast.checkpoint", "supsup_fast.distributed"),
     ("supsup_fast.info", "supsup_fast.models", "supsup_fast.data", "supsup_fast.experiment", "supsup_fast.cli",

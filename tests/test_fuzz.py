@@ -33,9 +33,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from supsup_fast import checkpoint, convert, ops, reference
-from supsup_fast.testing import EPS, summation_bound
 from supsup_fast.config import SupsupConfig
 from supsup_fast.errors import BankFileError
+from supsup_fast.testing import EPS, summation_bound
 
 CPU_BACKENDS = [b.name for b in ops.backends() if b.available and "cpu" in b.devices]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -368,7 +368,7 @@ def test_masked_linear_grouped(backend, seed, m, t, n, k, dtype, bias, layouts):
 
 
 @backend_param
-@given(seed=st.integers(0, 2**31 - 1), hseed=st.integers(-2**31, 2**32 - 1), layer=st.integers(0, 2**31 - 1),
+@given(seed=st.integers(0, 2**31 - 1), hseed=st.integers(0, 2**32 - 1), layer=st.integers(0, 2**31 - 1),
        lead=st.lists(st.integers(0, 4), min_size=1, max_size=2), n=st.integers(1, 20), k=st.integers(1, 90),
        dtype=dtypes, bias=st.booleans(), layouts=st.tuples(layouts, layouts))
 @settings(FUZZ, max_examples=40)

@@ -7,6 +7,15 @@ every device). One function per dispatched op, under the op's name (:func:`impls
 Notation: a layer's frozen weight ``W`` is viewed as ``[N, K]``; task ``t``'s supermask
 ``M_t`` is stored as packed bits (see :mod:`supsup_fast.format`); ``alpha`` weighs tasks in
 a superposition ``W * sum_t alpha_t M_t``.
+
+Non-finite values: a mask *selects*. Where ``M = 0`` the masked tensor's entry is an exact zero
+whatever it holds (``W * M`` is ``where(M, W, 0)``: a pruned weight does not exist, so a NaN or
+Inf there does not reach the output); ``sum_t alpha_t M_t`` adds ``alpha_t`` only where ``M_t``
+keeps the weight, and ``<v, M_t>`` sums ``v`` only where ``M_t`` keeps it. Everything else is
+IEEE arithmetic: the input of a layer is used densely (``x (W * M)^T`` multiplies the exact zeros
+too, so a NaN or Inf anywhere in a row of ``x`` makes that row's outputs NaN), as are ``W`` in
+``superpose`` and the gradients. For finite weights this is exactly ``F.linear(x, W * M)``; every
+backend follows it, and ``tests/ops/test_nonfinite.py`` checks that they do.
 """
 
 from __future__ import annotations
@@ -49,18 +58,18 @@ def unpack_masks(words: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -
 
 
 def _mask_of(weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
-    """The 0/1 mask of ``weight``'s shape and dtype, from one task's words ``[N, W]``."""
+    """The bool mask of ``weight``'s shape, from one task's words ``[N, W]``."""
     n = weight.shape[0]
     k = weight.numel() // n if n else 0
-    return unpack_masks(mask_words, k, weight.dtype).reshape(weight.shape)
+    return unpack_masks(mask_words, k, torch.bool).reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------------------
 # One task's mask applied to the frozen weight
 # --------------------------------------------------------------------------------------
 def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor) -> torch.Tensor:
-    """``W * M``: the subnetwork selected by one supermask."""
-    return weight * _mask_of(weight, mask_words)
+    """``W * M``: the subnetwork selected by one supermask (kept weights, exact zeros elsewhere)."""
+    return torch.where(_mask_of(weight, mask_words), weight, weight.new_zeros(()))
 
 
 def masked_linear(x, weight, mask_words, bias=None):
@@ -118,8 +127,9 @@ def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> 
     n = weight.shape[0]
     k = weight.numel() // n if n else 0
     mixed = torch.zeros(n, k, dtype=acc_dtype, device=weight.device)
+    zero = mixed.new_zeros(())
     for t in torch.nonzero(alpha).flatten().tolist():
-        mixed += alpha[t].to(acc_dtype) * unpack_masks(bank[t], k, acc_dtype)
+        mixed += torch.where(unpack_masks(bank[t], k, torch.bool), alpha[t].to(acc_dtype), zero)
     return (weight.to(acc_dtype) * mixed.reshape(weight.shape)).to(weight.dtype)
 
 
@@ -132,8 +142,9 @@ def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     vv = v.unsqueeze(0) if squeeze else v
     acc_dtype = torch.float64 if v.dtype == torch.float64 else torch.float32
     k = vv.shape[-1]
+    v_acc, zero = vv.to(acc_dtype), vv.new_zeros((), dtype=acc_dtype)
     out = torch.stack(
-        [(vv.to(acc_dtype) * unpack_masks(bank[t], k, acc_dtype)).sum((-2, -1)) for t in range(bank.shape[0])],
+        [torch.where(unpack_masks(bank[t], k, torch.bool), v_acc, zero).sum((-2, -1)) for t in range(bank.shape[0])],
         dim=-1,
     ) if bank.shape[0] else vv.new_zeros(vv.shape[0], 0, dtype=acc_dtype)
     out = out.to(v.dtype)

@@ -2,8 +2,10 @@
 
 Registered by :func:`supsup_fast.backends.register_all` when ``triton`` imports and a CUDA device
 is present; :func:`register_triton` registers it for other devices too (the CPU under
-``TRITON_INTERPRET=1``, for tests). Per-shape checks are O(1) on tensor metadata; no device
-queries happen on the dispatch path.
+``TRITON_INTERPRET=1``, for tests). Between the fused matmuls and ``apply_mask`` + cuBLAS the
+measured dispatch table of :mod:`.gpu_dispatch` decides per shape class (its documented defaults
+until a GPU run has filled one). Per-shape checks are O(1) on tensor metadata; the kernels index
+with int64, so no size is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Optional
 import torch
 
 from ..ops import Backend, register_backend
-from . import _composite
+from . import _composite, gpu_dispatch
 
 NAME, PRIORITY = "triton", 20
 GPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -23,7 +25,6 @@ BIT_DTYPES = (
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
 )
-_INT32_LIMIT = 2**31  # the Triton matmuls index with int32
 GRID_Y_LIMIT = 65535  # rows of v map to a grid axis
 
 TRITON_ERROR: Optional[str] = None
@@ -64,52 +65,23 @@ def triton_impls() -> dict:
         "pack_masks": mo.pack_masks,
         "unpack_masks": mo.unpack_masks,
         "apply_mask": mo.apply_mask,
-        "masked_linear": mm.masked_linear,
-        "masked_linear_grad_input": mm.masked_linear_grad_input,
+        "masked_linear": gpu_dispatch.linear_provider(mm.masked_linear, mo.apply_mask),
+        "masked_linear_grad_input": gpu_dispatch.grad_input_provider(mm.masked_linear_grad_input, mo.apply_mask),
         "masked_weight_grad": mm.masked_weight_grad,
         "superpose": mo.superpose,
         "mask_dots": mo.mask_dots,
         "masked_linear_grouped": mm.masked_linear_grouped,
+        "masked_linear_grouped_grad_input": mm.masked_linear_grouped_grad_input,
         "masked_linear_seeded": mm.masked_linear_seeded,
         "signed_constant_fill_": mo.signed_constant_fill_,
     }
     impls = {op: _on_tensor_device(fn) for op, fn in launchers.items()}
     impls["masked_conv2d"] = _composite.conv2d_over_apply_mask(impls["apply_mask"])
     impls["masked_weight_grad_sign"] = _composite.weight_grad_times_sign(impls["masked_weight_grad"])
-    impls["masked_linear_grouped_grad_input"] = _composite.grouped_grad_input_by_task(
-        impls["masked_linear_grad_input"])
     return impls
 
 
-def _too_big(*tensors) -> bool:
-    return any(t is not None and t.numel() >= _INT32_LIMIT for t in tensors)
-
-
-def _rows(x) -> int:
-    return x.numel() // max(x.shape[-1], 1)
-
-
-def _check_linear(x, weight, *rest) -> Optional[str]:
-    if _too_big(x, weight) or _rows(x) * weight.shape[0] >= _INT32_LIMIT:
-        return "a tensor has 2**31 or more elements (int32 indexing)"
-    return None
-
-
-def _check_seeded(x, mask_words, *rest) -> Optional[str]:
-    if _too_big(x) or _rows(x) * mask_words.shape[0] >= _INT32_LIMIT:
-        return "a tensor has 2**31 or more elements (int32 indexing)"
-    return None
-
-
-def _check_grad_input(grad_out, weight, mask_words) -> Optional[str]:
-    if _too_big(grad_out, weight, mask_words):
-        return "a tensor has 2**31 or more elements (int32 indexing)"
-    return None
-
-
 def _check_weight_grad(grad_out, x, weight, *rest) -> Optional[str]:
-    if _too_big(grad_out, x, weight):
-        return "a tensor has 2**31 or more elements (int32 indexing)"
     if weight.dtype not in GPU_DTYPES:
         return f"weight dtype {weight.dtype} is not fp16/bf16/fp32"
     return None
@@ -132,11 +104,7 @@ def _check_unpack(words, k, dtype) -> Optional[str]:
 CHECKS = {
     "pack_masks": _check_pack,
     "unpack_masks": _check_unpack,
-    "masked_linear": _check_linear,
-    "masked_linear_grouped": _check_linear,
-    "masked_linear_seeded": _check_seeded,
     "mask_dots": check_mask_dots,
-    "masked_linear_grad_input": _check_grad_input,
     "masked_weight_grad": _check_weight_grad,
     "masked_weight_grad_sign": _check_weight_grad,
 }

@@ -20,7 +20,7 @@ import torch
 from ..errors import BankFileError, SupsupError
 from ..format import FORMAT_VERSION, WORD_BITS
 from ..nn.base import _as_task_id
-from ._files import MANIFEST, SHARD_RE, canonical_json, check_json, sha256_hex
+from ._files import MANIFEST, SHARD_RE, canonical_json, check_json, open_regular, pread_exact, sha256_hex
 
 FILE_FORMAT = "supsup_fast.bank"
 #: Version of the bank layout (manifest, shards, digests). Bump on any incompatible change.
@@ -173,19 +173,34 @@ def _want(d: Any, key: str, typ, where: str, path: str):
 
 def read_manifest(directory: str) -> dict:
     """The verified body of ``directory``'s manifest; a :class:`BankFileError` naming what is wrong."""
-    mpath = os.path.join(directory, MANIFEST)
+    fd = open_manifest(directory)
+    try:
+        return read_open_manifest(fd, os.path.join(directory, MANIFEST))
+    finally:
+        os.close(fd)
+
+
+def open_manifest(directory: str) -> int:
+    """A descriptor of ``directory``'s manifest, a regular file (never a link, a FIFO or a device)."""
     if not os.path.isdir(directory):
         raise BankFileError(f"{directory}: no mask bank here (not a directory)")
     try:
-        size = os.path.getsize(mpath)
-        if size > MAX_MANIFEST_BYTES:
-            raise BankFileError(f"{mpath}: manifest of {size} bytes is larger than any bank's")
-        with open(mpath, "rb") as f:
-            raw = f.read()
+        return open_regular(os.path.join(directory, MANIFEST), "the manifest")
     except FileNotFoundError:
         raise BankFileError(f"{directory}: no mask bank here ({MANIFEST} is missing)") from None
-    except OSError as e:
-        raise BankFileError(f"{mpath}: cannot read the manifest: {e}") from None
+
+
+def read_open_manifest(fd: int, mpath: str) -> dict:
+    """The verified body of the manifest open at ``fd`` (the file ``mpath``): its size checked before
+    anything is read."""
+    size = os.fstat(fd).st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise BankFileError(f"{mpath}: manifest of {size} bytes is larger than any bank's")
+    return parse_manifest(pread_exact(fd, size, 0, mpath, "manifest"), mpath)
+
+
+def parse_manifest(raw: bytes, mpath: str) -> dict:
+    """The verified body of a manifest's bytes ``raw`` (read from ``mpath``)."""
     try:
         doc = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:

@@ -20,6 +20,7 @@ was converted (config, modules swapped, modules kept per task), which
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 import torch
@@ -196,12 +197,21 @@ _LAYER_KEYS = ("name", "type", "weight_shape", "packed_shape", "layer_id", "base
                "signs_sha256")
 _NORM_KEYS = ("name", "type", "num_features", "affine", "init_stats")
 _PER_TASK_KEYS = ("name", "type", "fields")
+#: The config fields that decide what a stored mask means (how it was chosen, over which base); the
+#: others are covered by the fingerprint (``keep_bias``: ``has_bias``, ``per_task_norm``: the norms) or
+#: concern tasks not yet learned (``score_init``) or a capacity checked when tasks are loaded (``max_tasks``).
+_CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain")
 
 
-def check_fingerprint(saved: dict, model_fp: dict, path: str) -> None:
+def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: Optional[list] = None,
+                      model_configs: Optional[list] = None) -> None:
     """A :class:`BankFileError` naming the first difference between the bank's model and ``model``.
 
-    The dense state is compared when both sides have it (banks written before it was recorded do not)."""
+    The dense state is compared when both sides have it (banks written before it was recorded do not).
+    Given both config lists (the bank's ``configs`` and :func:`model_fingerprint`'s), every masked
+    layer's :data:`_CONFIG_KEYS` must agree too: a bank of top-k masks at density 0.5 is refused by
+    a model configured for another binariser, density, schedule or seed.
+    """
     kinds = [("layers", _LAYER_KEYS), ("norms", _NORM_KEYS)]
     if "per_task" in saved or "per_task" in model_fp:
         kinds.append(("per_task", _PER_TASK_KEYS))
@@ -229,6 +239,8 @@ def check_fingerprint(saved: dict, model_fp: dict, path: str) -> None:
                     )
     if "dense" in saved and "dense" in model_fp:
         _check_dense(saved["dense"], model_fp["dense"], path)
+    if saved_configs is not None and model_configs is not None:
+        _check_configs(saved, saved_configs, model_fp, model_configs, path)
 
 
 def _check_dense(saved: list, model: list, path: str) -> None:
@@ -248,6 +260,21 @@ def _check_dense(saved: list, model: list, path: str) -> None:
                     f"{path} belongs to a model with other weights: the dense (non-SupSup) tensor '{name}' differs "
                     f"in {what} from the one the bank was saved with (a bank stores the masks, not these weights: "
                     "load the same pretrained weights first, or keep the module per task with modules_to_save)")
+
+
+def _check_configs(saved: dict, saved_configs: list, model_fp: dict, model_configs: list, path: str) -> None:
+    for ea, eb in zip(saved["layers"], model_fp["layers"]):
+        i = ea.get("config")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(saved_configs) \
+                or not isinstance(saved_configs[i], dict):
+            raise BankFileError(f"{path}: corrupted manifest: layer '{eb['name']}' names config {i!r}")
+        a, b = saved_configs[i], model_configs[eb["config"]]
+        for k in _CONFIG_KEYS:
+            if a.get(k) != b.get(k):
+                raise BankFileError(
+                    f"{path} was saved from a model configured differently: layer '{eb['name']}' has {k} "
+                    f"{a.get(k)!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
+                )
 
 
 # ======================================================================================

@@ -255,7 +255,11 @@ def mnist(root) -> Source:
 
 
 def cifar100(root) -> Source:
-    """CIFAR-100 (50000 / 10000, fine labels) from ``<root>/cifar-100-python/{train,test}``."""
+    """CIFAR-100 (50000 / 10000, fine labels) from ``<root>/cifar-100-python/{train,test}``.
+
+    The files are pickles; they are read by :func:`_read_cifar_batch`, which builds only the dicts,
+    lists, strings, numbers and numeric arrays the format holds and runs no code named by the file.
+    """
     base = Path(root).expanduser() / "cifar-100-python"
     arrays = {}
     for split in ("train", "test"):
@@ -263,13 +267,83 @@ def cifar100(root) -> Source:
         if not path.is_file():
             raise DatasetUnavailable(f"CIFAR-100: {path} not found (files are never downloaded; unpack "
                                      "cifar-100-python.tar.gz there)")
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
-        xs = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        ys = np.asarray(entry["fine_labels"], dtype=np.int64)
+        xs, ys = _read_cifar_batch(path)
         arrays[split] = (torch.from_numpy(xs.astype(np.float32) / 255.0), torch.from_numpy(ys))
     return Source("cifar100", *arrays["train"], *arrays["test"], 100, CIFAR100_MEAN, CIFAR100_STD,
                   {"root": str(root)})
+
+
+def _numeric_dtype(dtype, align=False, copy=False) -> np.dtype:
+    if not isinstance(dtype, (str, np.dtype)):
+        raise pickle.UnpicklingError(f"array dtype {dtype!r} is not a dtype name")
+    d = np.dtype(dtype)
+    if d.kind not in "biuf" or d.fields is not None or d.subdtype is not None:
+        raise pickle.UnpicklingError(f"array dtype {d} is not a plain numeric dtype")
+    return d
+
+
+_RECONSTRUCT = np.ndarray((0,), np.uint8).__reduce__()[0]  # numpy's own, wherever this numpy keeps it
+_FROMBUFFER = np.ndarray((1,), np.uint8).__reduce_ex__(5)[0]
+
+
+def _reconstruct(subtype, shape, dtype_code):
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"array subtype {subtype!r} is not numpy.ndarray")
+    return _RECONSTRUCT(np.ndarray, shape, dtype_code)
+
+
+def _frombuffer(buf, dtype, shape, order):
+    return _FROMBUFFER(buf, _numeric_dtype(dtype), shape, order)
+
+
+def _latin1_bytes(obj, encoding="utf-8", errors="strict"):
+    # Python 3's protocol-2 pickles spell bytes as _codecs.encode(str, "latin1")
+    if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only to spell bytes (str, 'latin1')")
+    return obj.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler for the CIFAR python files: the only globals it resolves build numeric numpy arrays
+    (and bytes); any other global -- ``os.system``, a class with a ``__reduce__`` -- is refused
+    before it is called, so a crafted file cannot run code."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _numeric_dtype,
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("_codecs", "encode"): _latin1_bytes,
+    }
+
+    def find_class(self, module: str, name: str):
+        found = self.ALLOWED.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not part of the CIFAR format")
+        return found
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(images uint8 [N, 3, 32, 32], fine labels int64 [N])`` of one CIFAR-100 python file."""
+    try:
+        with open(path, "rb") as f:
+            entry = _CifarUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            MemoryError, OverflowError, UnicodeDecodeError) as e:
+        raise DatasetUnavailable(f"CIFAR-100: {path} is not a CIFAR-100 python file ({type(e).__name__}: {e}); "
+                                 "nothing in it was run") from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("data"), np.ndarray) \
+            or not isinstance(entry.get("fine_labels"), list):
+        keys = sorted(map(repr, entry))[:6] if isinstance(entry, dict) else type(entry).__name__
+        raise DatasetUnavailable(f"CIFAR-100: {path} does not hold a 'data' array and a 'fine_labels' list ({keys})")
+    data, labels = entry["data"], entry["fine_labels"]
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+        raise DatasetUnavailable(f"CIFAR-100: {path}: 'data' is {data.dtype} {data.shape}, expected uint8 [N, 3072]")
+    if len(labels) != data.shape[0] or not all(type(y) is int and 0 <= y < 100 for y in labels):
+        raise DatasetUnavailable(f"CIFAR-100: {path}: 'fine_labels' must be {data.shape[0]} ints in [0, 100)")
+    return data.reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import nn
 from .. import ops
 from ..base_weights import signed_constant as _signed_constant
 from ..binarise import binarise, binarise_words, kept_count, straight_through_sign
-from ..config import SupsupConfig
+from ..config import SupsupConfig, check_seed
 from ..errors import SupsupError
 from ..format import gemm_shape, words_per_row
 from .base import TaskModule, _as_task_id
@@ -71,7 +71,7 @@ class MaskedLayerBase(TaskModule):
         if min(shape) <= 0:
             raise SupsupError(f"{type(self).__name__}: every weight dimension must be positive, got shape {shape}")
         self.config = config
-        self.layer_id = int(layer_id)
+        self.layer_id = check_seed(layer_id, f"{type(self).__name__}: layer_id")  # one base, one name
         self.binariser = config.binariser
         self.density = config.density
         self.score_init = config.score_init

@@ -51,7 +51,7 @@ from .bank import mask_dots, superpose
 from .binarise import largest_k, threshold_words, topk_words
 from .bits import pack, pack_masks, unpack, unpack_masks
 from .conv import masked_conv2d
-from .grouped import masked_linear_grouped
+from .grouped import masked_linear_grouped, masked_linear_grouped_grad_input
 from .linear import (
     apply_mask,
     masked_linear,
@@ -74,6 +74,6 @@ __all__ = [
     "forced_backends", "get_backend", "op_names", "register_backend",
     "pack", "unpack", "pack_masks", "unpack_masks", "apply_mask", "masked_linear", "masked_linear_grad_input",
     "masked_weight_grad", "masked_weight_grad_sign", "masked_conv2d", "superpose", "mask_dots",
-    "masked_linear_grouped", "masked_linear_seeded", "signed_constant_fill_", "largest_k", "topk_words",
-    "threshold_words",
+    "masked_linear_grouped", "masked_linear_grouped_grad_input", "masked_linear_seeded", "signed_constant_fill_",
+    "largest_k", "topk_words", "threshold_words",
 ]

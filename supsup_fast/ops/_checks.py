@@ -58,6 +58,15 @@ def check_scores(scores, weight: torch.Tensor) -> None:
             lambda: f"scores shape {tuple(scores.shape)} != weight shape {tuple(weight.shape)}")
 
 
+def check_bias(bias, n: int, dtype: torch.dtype) -> None:
+    """``bias`` is ``None`` or a ``[n]`` tensor of ``dtype``."""
+    if bias is None:
+        return
+    require(isinstance(bias, torch.Tensor), lambda: f"bias must be a tensor or None, got {type(bias).__name__}")
+    require(bias.shape == (n,), lambda: f"bias shape {tuple(bias.shape)} != ({n},)")
+    require(bias.dtype == dtype, lambda: f"bias dtype {bias.dtype} != x dtype {dtype}")
+
+
 def gemm_nk(weight: torch.Tensor) -> tuple[int, int]:
     """``(N, K)`` of a weight's GEMM view ``[N, prod(rest)]``."""
     n = weight.shape[0]

@@ -46,11 +46,15 @@ def define(
     backward: Optional[Callable] = None,
     setup_context: Optional[Callable] = None,
     kernel_of: Optional[tuple[str, Callable[[tuple], tuple]]] = None,
+    check: Optional[Callable] = None,
 ):
     """Define ``supsup_fast::<name>`` from its schema and return its ``torch.ops`` packet.
 
     Exactly one of ``dispatch`` (a dispatched op: ``args -> (device type, dtype or None)``) and
     ``kernel_of`` (a carrier op) is given. ``backward`` / ``setup_context`` register its autograd.
+    ``check(*args)`` validates the arguments (raising :class:`~supsup_fast.errors.SupsupError` naming
+    the problem) before any backend sees them: called by the op itself, so ``torch.ops.supsup_fast.<name>``
+    refuses what the public wrapper refuses (the wrapper calls it too, before the fast path).
     """
     if (dispatch is None) == (kernel_of is None):
         raise ValueError("define: give either dispatch= (a dispatched op) or kernel_of= (a carrier op)")
@@ -61,12 +65,16 @@ def define(
         DEFS[name] = OpDef(name, schema, name)
 
         def real(*args):
+            if check is not None:
+                check(*args)
             return _registry.run(name, *args)
     else:
         runs, pick = kernel_of
         DEFS[name] = OpDef(name, schema, runs, pick)
 
         def real(*args):
+            if check is not None:
+                check(*args)
             return _registry.run(runs, *pick(args))
 
     LIB.impl(name, real, "CompositeExplicitAutograd")

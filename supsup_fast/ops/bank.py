@@ -31,9 +31,20 @@ def _superpose_bwd(ctx, grad):
     return gw, None, ga
 
 
+def _check_superpose(weight, bank, alpha) -> None:
+    check_float("weight", weight)
+    n, k = gemm_nk(weight)
+    check_words("bank", bank, n, k, 1)
+    require(isinstance(alpha, torch.Tensor), lambda: f"alpha must be a tensor, got {type(alpha).__name__}")
+    require(alpha.dim() == 1 and alpha.shape[0] == bank.shape[0],
+            lambda: f"alpha has shape {tuple(alpha.shape)}, expected [{bank.shape[0]}] (one weight per task)")
+    require(alpha.is_floating_point(), lambda: f"alpha must be floating, got {alpha.dtype}")
+    check_same_device(weight=weight, bank=bank, alpha=alpha)
+
+
 define("superpose(Tensor weight, Tensor bank, Tensor alpha) -> Tensor", dispatch=on_first,
        fake=lambda weight, bank, alpha: torch.empty_like(weight, memory_format=torch.contiguous_format),
-       backward=_superpose_bwd, setup_context=_superpose_setup)
+       backward=_superpose_bwd, setup_context=_superpose_setup, check=_check_superpose)
 
 
 def _mask_dots_fake(v, bank):
@@ -54,27 +65,24 @@ def _mask_dots_bwd(ctx, grad):
     return torch.stack([fast.superpose(ones, bank, g.to(v.dtype)) for g in grad.unbind(0)]), None
 
 
+def _check_mask_dots(v, bank) -> None:
+    check_float("v", v)
+    require(v.dim() in (2, 3), lambda: f"mask_dots needs v of shape [N, K] or [R, N, K], got {tuple(v.shape)}")
+    check_words("bank", bank, v.shape[-2], v.shape[-1], 1)
+    check_same_device(v=v, bank=bank)
+
+
 define("mask_dots(Tensor v, Tensor bank) -> Tensor", dispatch=on_first, fake=_mask_dots_fake,
-       backward=_mask_dots_bwd, setup_context=_mask_dots_setup)
+       backward=_mask_dots_bwd, setup_context=_mask_dots_setup, check=_check_mask_dots)
 
 
 def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``W * sum_t alpha_t M_t`` over a bank ``[T, N, W]``, skipping ``alpha_t = 0``."""
-    check_float("weight", weight)
-    n, k = gemm_nk(weight)
-    check_words("bank", bank, n, k, 1)
-    require(isinstance(alpha, torch.Tensor), lambda: f"alpha must be a tensor, got {type(alpha).__name__}")
-    require(alpha.dim() == 1 and alpha.shape[0] == bank.shape[0],
-            lambda: f"alpha has shape {tuple(alpha.shape)}, expected [{bank.shape[0]}] (one weight per task)")
-    require(alpha.is_floating_point(), lambda: f"alpha must be floating, got {alpha.dtype}")
-    check_same_device(weight=weight, bank=bank, alpha=alpha)
+    _check_superpose(weight, bank, alpha)
     return call("superpose", weight, bank, alpha)
 
 
 def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
     """``<v_r, M_t>`` for all rows and tasks: ``v [R, N, K]`` or ``[N, K]`` -> ``[R, T]`` or ``[T]``."""
-    check_float("v", v)
-    require(v.dim() in (2, 3), lambda: f"mask_dots needs v of shape [N, K] or [R, N, K], got {tuple(v.shape)}")
-    check_words("bank", bank, v.shape[-2], v.shape[-1], 1)
-    check_same_device(v=v, bank=bank)
+    _check_mask_dots(v, bank)
     return call("mask_dots", v, bank)

@@ -24,34 +24,43 @@ def _words_fake(scores, *rest):
     return scores.new_empty((scores.shape[0], words_per_row(scores.shape[1])), dtype=torch.int32)
 
 
-define("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor", dispatch=on_first,
-       fake=lambda a, k, magnitude=False: a.new_empty(a.shape, dtype=torch.bool))
-define("topk_words(Tensor scores, int k) -> Tensor", dispatch=on_first, fake=_words_fake)
-define("threshold_words(Tensor scores) -> Tensor", dispatch=on_first, fake=_words_fake)
-
-
 def _check_k(k, n: int, what: str) -> None:
     require(not isinstance(k, bool) and isinstance(k, int), lambda: f"{what}: k must be an int, got {k!r}")
     require(0 <= k <= n, lambda: f"{what}: k={k} must be in [0, {n}]")
 
 
-def largest_k(a: torch.Tensor, k: int, magnitude: bool = False) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of the 1-D ``a`` (of ``|a|`` with ``magnitude``)."""
+def _check_largest_k(a, k, magnitude=False) -> None:
     check_float("a", a)
     require(a.dim() == 1, lambda: f"largest_k needs a 1-D tensor, got shape {tuple(a.shape)}")
     _check_k(k, a.numel(), "largest_k")
-    return call("largest_k", a, k, bool(magnitude))
 
 
-def _check_scores(scores: torch.Tensor, what: str) -> None:
+def _check_scores(scores, what: str) -> None:
     check_float("scores", scores)
     require(scores.dim() == 2, lambda: f"{what} needs scores of shape [N, K], got {tuple(scores.shape)}")
 
 
-def topk_words(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` largest ``|S|`` of ``scores [N, K]`` as packed words ``[N, ceil(K/32)]``."""
+def _check_topk_words(scores, k) -> None:
     _check_scores(scores, "topk_words")
     _check_k(k, scores.numel(), "topk_words")
+
+
+define("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor", dispatch=on_first,
+       fake=lambda a, k, magnitude=False: a.new_empty(a.shape, dtype=torch.bool), check=_check_largest_k)
+define("topk_words(Tensor scores, int k) -> Tensor", dispatch=on_first, fake=_words_fake, check=_check_topk_words)
+define("threshold_words(Tensor scores) -> Tensor", dispatch=on_first, fake=_words_fake,
+       check=lambda scores: _check_scores(scores, "threshold_words"))
+
+
+def largest_k(a: torch.Tensor, k: int, magnitude: bool = False) -> torch.Tensor:
+    """Bool mask of the ``k`` largest entries of the 1-D ``a`` (of ``|a|`` with ``magnitude``)."""
+    _check_largest_k(a, k)
+    return call("largest_k", a, k, bool(magnitude))
+
+
+def topk_words(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` largest ``|S|`` of ``scores [N, K]`` as packed words ``[N, ceil(K/32)]``."""
+    _check_topk_words(scores, k)
     return call("topk_words", scores, k)
 
 

@@ -26,29 +26,40 @@ def _unpack_masks_fake(words, k, dtype):
     return words.new_empty((*words.shape[:-1], k), dtype=dtype)
 
 
-define("pack_masks(Tensor masks) -> Tensor", dispatch=on_first_device, fake=_pack_masks_fake)
+def _check_pack(masks) -> None:
+    require(isinstance(masks, torch.Tensor), lambda: f"pack_masks needs a tensor, got {type(masks).__name__}")
+    require(masks.dim() >= 2,
+            lambda: f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
+
+
+def _check_unpack(words, k, dtype) -> None:
+    require(isinstance(words, torch.Tensor),
+            lambda: f"unpack_masks needs a tensor of words, got {type(words).__name__}")
+    require(words.dtype == torch.int32, lambda: f"unpack_masks needs int32 words, got {words.dtype}")
+    require(words.dim() >= 2, lambda: f"unpack_masks needs words of at least 2 dims, got shape {tuple(words.shape)}")
+    require(not isinstance(k, bool) and isinstance(k, (int, torch.SymInt)) and k >= 0,
+            lambda: f"unpack_masks: k must be a non-negative int (bits per row), got {k!r}")
+    require(
+        words.shape[-1] == words_per_row(k),
+        lambda: f"unpack_masks: {words.shape[-1]} words per row cannot hold k={k} bits (needs {words_per_row(k)})",
+    )
+    require(isinstance(dtype, torch.dtype), lambda: f"unpack_masks: dtype must be a torch.dtype, got {dtype!r}")
+
+
+define("pack_masks(Tensor masks) -> Tensor", dispatch=on_first_device, fake=_pack_masks_fake, check=_check_pack)
 define("unpack_masks(Tensor words, SymInt k, ScalarType dtype) -> Tensor", dispatch=on_first_device,
-       fake=_unpack_masks_fake)
+       fake=_unpack_masks_fake, check=_check_unpack)
 
 
 def pack_masks(masks: torch.Tensor) -> torch.Tensor:
     """Masks ``[..., N, K]`` (non-zero = kept) -> int32 words ``[..., N, ceil(K/32)]``."""
-    require(isinstance(masks, torch.Tensor), lambda: f"pack_masks needs a tensor, got {type(masks).__name__}")
-    require(masks.dim() >= 2,
-            lambda: f"pack_masks needs masks of at least 2 dims [.., N, K], got shape {tuple(masks.shape)}")
+    _check_pack(masks)
     return call("pack_masks", masks)
 
 
 def unpack_masks(words: torch.Tensor, k: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
     """int32 words ``[..., N, W]`` -> masks ``[..., N, k]`` of ``dtype``."""
-    require(isinstance(words, torch.Tensor),
-            lambda: f"unpack_masks needs a tensor of words, got {type(words).__name__}")
-    require(words.dtype == torch.int32, lambda: f"unpack_masks needs int32 words, got {words.dtype}")
-    require(words.dim() >= 2, lambda: f"unpack_masks needs words of at least 2 dims, got shape {tuple(words.shape)}")
-    require(
-        words.shape[-1] == words_per_row(k),
-        lambda: f"unpack_masks: {words.shape[-1]} words per row cannot hold k={k} bits (needs {words_per_row(k)})",
-    )
+    _check_unpack(words, k, dtype)
     return call("unpack_masks", words, k, dtype)
 
 

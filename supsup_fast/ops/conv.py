@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from ._checks import check_float, check_same_device, check_words, gemm_nk, require
+from ._checks import check_bias, check_float, check_same_device, check_words, gemm_nk, require
 from ._define import define, on_first
 from ._fastpath import call, direct, fast, plain_eager
 from ._registry import kernel
@@ -44,9 +44,29 @@ def _conv_bwd(ctx, grad):
     return gx, gw, None, gb, None, None, None, None
 
 
+def _check_conv(x, weight, mask_words, bias, stride, padding, dilation, groups) -> None:
+    check_float("x", x)
+    check_float("weight", weight)
+    require(weight.dim() == 4,
+            lambda: f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
+    require(x.dim() in (3, 4), lambda: f"masked_conv2d input must be [B, C, H, W] or [C, H, W], got {tuple(x.shape)}")
+    require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
+    require(not isinstance(groups, bool) and isinstance(groups, int) and groups >= 1,
+            lambda: f"masked_conv2d: groups must be a positive int, got {groups!r}")
+    for name, v, least in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
+        require(len(v) == 2 and all(isinstance(a, int) and not isinstance(a, bool) and a >= least for a in v),
+                lambda name=name, v=v, least=least: f"masked_conv2d: {name} must be two ints >= {least}, got {v!r}")
+    require(x.shape[-3] == weight.shape[1] * groups,
+            lambda: f"x has {x.shape[-3]} channels, weight expects {weight.shape[1] * groups} (groups={groups})")
+    n, k = gemm_nk(weight)
+    check_words("mask_words", mask_words, n, k, 0)
+    check_bias(bias, weight.shape[0], x.dtype)
+    check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
+
+
 define("masked_conv2d(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias, int[2] stride, int[2] padding, "
        "int[2] dilation, int groups) -> Tensor",
-       dispatch=on_first, fake=_conv_fake, backward=_conv_bwd, setup_context=_conv_setup)
+       dispatch=on_first, fake=_conv_fake, backward=_conv_bwd, setup_context=_conv_setup, check=_check_conv)
 
 
 class _MaskedConv2dEager(torch.autograd.Function):
@@ -63,24 +83,19 @@ class _MaskedConv2dEager(torch.autograd.Function):
         return (*_conv_bwd(ctx, grad), None)
 
 
-def _pair(v):
-    return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+def _pair(name: str, v) -> list:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    require(isinstance(v, (tuple, list)) and len(v) == 2, lambda: f"masked_conv2d: {name} must be an int or a pair, "
+            f"got {v!r}")
+    return list(v)
 
 
 def masked_conv2d(x, weight, mask_words, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """``conv2d(x, W * M) + b`` for one task's packed mask."""
-    check_float("x", x)
-    check_float("weight", weight)
-    require(weight.dim() == 4,
-            lambda: f"masked_conv2d weight must be [O, I/g, kh, kw], got shape {tuple(weight.shape)}")
-    require(x.dim() in (3, 4), lambda: f"masked_conv2d input must be [B, C, H, W] or [C, H, W], got {tuple(x.shape)}")
-    require(x.dtype == weight.dtype, lambda: f"x dtype {x.dtype} != weight dtype {weight.dtype}")
-    require(x.shape[-3] == weight.shape[1] * groups,
-            lambda: f"x has {x.shape[-3]} channels, weight expects {weight.shape[1] * groups} (groups={groups})")
-    n, k = gemm_nk(weight)
-    check_words("mask_words", mask_words, n, k, 0)
-    check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
-    args = (x, weight, mask_words, bias, _pair(stride), _pair(padding), _pair(dilation), int(groups))
+    args = (x, weight, mask_words, bias, _pair("stride", stride), _pair("padding", padding),
+            _pair("dilation", dilation), groups)
+    _check_conv(*args)
     if direct(args):  # nothing for autograd to record
         return kernel("masked_conv2d", args)(*args)
     if plain_eager(args):

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from ..format import words_per_row
-from ._checks import check_float, check_same_device, check_scores, check_words, flat, gemm_nk, require
+from . import _autocast
+from ._checks import check_bias, check_float, check_same_device, check_scores, check_words, flat, gemm_nk, require
 from ._define import define, on_first
 from ._fastpath import call, direct, fast, plain_eager
 from ._registry import FLOAT_DTYPES, kernel
@@ -50,38 +51,53 @@ def _apply_mask_bwd(ctx, grad):
     return fast.apply_mask(grad, mask_words), None
 
 
+def _check_apply_mask(weight, mask_words) -> None:
+    check_float("weight", weight)
+    n, k = gemm_nk(weight)
+    check_words("mask_words", mask_words, n, k, 0)
+    check_same_device(weight=weight, mask_words=mask_words)
+
+
 define("apply_mask(Tensor weight, Tensor mask_words) -> Tensor", dispatch=on_first, fake=_like_weight,
-       backward=_apply_mask_bwd, setup_context=_apply_mask_setup)
+       backward=_apply_mask_bwd, setup_context=_apply_mask_setup, check=_check_apply_mask)
 
 
 def _apply_mask_st_setup(ctx, inputs, output):
     weight, mask_words, scores, score_sign = inputs
     ctx.score_sign = score_sign
-    ctx.save_for_backward(weight, scores if score_sign else None)
+    ctx.save_for_backward(weight, mask_words, scores if score_sign else None)
 
 
 def _apply_mask_st_bwd(ctx, grad):
-    weight, scores = ctx.saved_tensors
+    weight, mask_words, scores = ctx.saved_tensors
     # straight-through: d(W*M)/dM = W, and dM/dS = 1 (threshold) or sign(S) (top-k, through |S|)
-    gs = grad * weight
-    return None, None, gs * scores.sign() if ctx.score_sign else gs, None
+    gs = gw = None
+    if ctx.needs_input_grad[2]:
+        gs = grad * weight
+        gs = gs * scores.sign() if ctx.score_sign else gs
+    if ctx.needs_input_grad[0]:  # a weight that is trained too (SupSup's is frozen)
+        gw = fast.apply_mask(grad.contiguous(), mask_words)
+    return gw, None, gs, None
+
+
+def _check_apply_mask_st(weight, mask_words, scores, score_sign=False) -> None:
+    _check_apply_mask(weight, mask_words)
+    check_scores(scores, weight)
+    check_same_device(weight=weight, scores=scores)
 
 
 define("apply_mask_st(Tensor weight, Tensor mask_words, Tensor scores, bool score_sign=False) -> Tensor",
        kernel_of=("apply_mask", lambda a: (a[0], a[1])), fake=_like_weight,
-       backward=_apply_mask_st_bwd, setup_context=_apply_mask_st_setup)
+       backward=_apply_mask_st_bwd, setup_context=_apply_mask_st_setup, check=_check_apply_mask_st)
 
 
 def apply_mask(weight: torch.Tensor, mask_words: torch.Tensor, scores=None, score_sign: bool = False) -> torch.Tensor:
     """``W * M``. With ``scores``, gradients flow straight through to them (training):
     ``dL/dscores = dL/d(W*M) * W``, times ``sign(scores)`` with ``score_sign`` (see :func:`masked_linear`)."""
-    check_float("weight", weight)
-    n, k = gemm_nk(weight)
-    check_words("mask_words", mask_words, n, k, 0)
-    check_same_device(weight=weight, mask_words=mask_words, scores=scores)
     if scores is None:
+        _check_apply_mask(weight, mask_words)
         return call("apply_mask", weight, mask_words)
-    check_scores(scores, weight)
+    _check_apply_mask_st(weight, mask_words, scores)
     return call("apply_mask_st", weight, mask_words, scores, bool(score_sign))
 
 
@@ -102,8 +118,20 @@ def _grad_input_bwd(ctx, gg):
     return fast.masked_linear(gg, weight, mask_words, None), None, None
 
 
+def _check_grad_input(grad_out, weight, mask_words) -> None:
+    check_float("grad_out", grad_out)
+    check_float("weight", weight)
+    require(weight.dim() == 2, lambda: f"weight must be [N, K], got shape {tuple(weight.shape)}")
+    require(grad_out.dtype == weight.dtype, lambda: f"grad_out dtype {grad_out.dtype} != weight dtype {weight.dtype}")
+    require(grad_out.dim() >= 1 and grad_out.shape[-1] == weight.shape[0],
+            lambda: f"grad_out has shape {tuple(grad_out.shape)}; its last dim must be N={weight.shape[0]}")
+    check_words("mask_words", mask_words, weight.shape[0], weight.shape[1], 0)
+    check_same_device(grad_out=grad_out, weight=weight, mask_words=mask_words)
+
+
 define("masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor mask_words) -> Tensor",
-       dispatch=on_first, fake=_grad_input_fake, backward=_grad_input_bwd, setup_context=_grad_input_setup)
+       dispatch=on_first, fake=_grad_input_fake, backward=_grad_input_bwd, setup_context=_grad_input_setup,
+       check=_check_grad_input)
 
 
 def _weight_grad_setup(ctx, inputs, output):
@@ -122,9 +150,24 @@ def _weight_grad_bwd(ctx, gg):
     return (*_weight_grad_double_bwd(grad_out, x, gg * weight, ctx.needs_input_grad), None)
 
 
+def _check_weight_grad(grad_out, x, weight, scores=None) -> None:
+    check_float("grad_out", grad_out)
+    check_float("x", x)
+    check_float("weight", weight)
+    n, k = gemm_nk(weight)
+    require(grad_out.dim() >= 1 and grad_out.shape[-1] == n,
+            lambda: f"grad_out has shape {tuple(grad_out.shape)}; its last dim must be N={n}")
+    require(x.dim() >= 1 and x.shape[-1] == k, lambda: f"x has shape {tuple(x.shape)}; its last dim must be K={k}")
+    require(grad_out.numel() // max(n, 1) == x.numel() // max(k, 1),
+            lambda: f"grad_out {tuple(grad_out.shape)} and x {tuple(x.shape)} have different numbers of rows")
+    if scores is not None:
+        check_scores(scores, weight)
+    check_same_device(grad_out=grad_out, x=x, weight=weight, scores=scores)
+
+
 define("masked_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> Tensor", dispatch=on_first,
        fake=lambda grad_out, x, weight: _like_weight(weight), backward=_weight_grad_bwd,
-       setup_context=_weight_grad_setup)
+       setup_context=_weight_grad_setup, check=_check_weight_grad)
 
 
 def _weight_grad_sign_bwd(ctx, gg):
@@ -134,21 +177,24 @@ def _weight_grad_sign_bwd(ctx, gg):
 
 define("masked_weight_grad_sign(Tensor grad_out, Tensor x, Tensor weight, Tensor scores) -> Tensor",
        dispatch=on_first, fake=lambda grad_out, x, weight, scores: _like_weight(weight),
-       backward=_weight_grad_sign_bwd, setup_context=_weight_grad_setup)
+       backward=_weight_grad_sign_bwd, setup_context=_weight_grad_setup, check=_check_weight_grad)
 
 
 def masked_linear_grad_input(grad_out, weight, mask_words):
     """``dL/dx = dL/dy (W * M)``."""
+    _check_grad_input(grad_out, weight, mask_words)
     return call("masked_linear_grad_input", grad_out, weight, mask_words)
 
 
 def masked_weight_grad(grad_out, x, weight):
     """Straight-through score gradient ``(dL/dy^T x) * W``."""
+    _check_weight_grad(grad_out, x, weight)
     return call("masked_weight_grad", grad_out, x, weight)
 
 
 def masked_weight_grad_sign(grad_out, x, weight, scores):
     """The top-k binariser's score gradient ``(dL/dy^T x) * W * sign(S)``."""
+    _check_weight_grad(grad_out, x, weight, scores)
     return call("masked_weight_grad_sign", grad_out, x, weight, scores)
 
 
@@ -178,7 +224,7 @@ def _linear_bwd(ctx, grad):
 
 
 define("masked_linear(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias) -> Tensor", dispatch=on_first,
-       fake=_linear_fake, backward=_linear_bwd, setup_context=_linear_setup)
+       fake=_linear_fake, backward=_linear_bwd, setup_context=_linear_setup, check=lambda *a: _check_linear(*a))
 
 
 def _linear_st_setup(ctx, inputs, output):
@@ -189,21 +235,25 @@ def _linear_st_setup(ctx, inputs, output):
 
 def _linear_st_bwd(ctx, grad):
     x, weight, mask_words, scores = ctx.saved_tensors
-    gx = gs = gb = None
+    gx = gw = gs = gb = None
     if ctx.needs_input_grad[0]:
         gx = fast.masked_linear_grad_input(grad, weight, mask_words)
+    if ctx.needs_input_grad[1]:  # a weight that is trained too (SupSup's is frozen)
+        gw = fast.apply_mask(_dense_weight_grad(grad, x).to(weight.dtype), mask_words)
     if ctx.needs_input_grad[3]:
         gs = (fast.masked_weight_grad_sign(grad, x, weight, scores) if ctx.score_sign
               else fast.masked_weight_grad(grad, x, weight))
     if ctx.has_bias and ctx.needs_input_grad[4]:
         gb = _bias_grad(grad)
-    return gx, None, None, gs, gb, None
+    return gx, gw, None, gs, gb, None
 
 
 define("masked_linear_st(Tensor x, Tensor weight, Tensor mask_words, Tensor scores, Tensor? bias, "
        "bool score_sign=False) -> Tensor",
        kernel_of=("masked_linear", lambda a: (a[0], a[1], a[2], a[4])), fake=_linear_fake,
-       backward=_linear_st_bwd, setup_context=_linear_st_setup)
+       backward=_linear_st_bwd, setup_context=_linear_st_setup,
+       check=lambda x, weight, mask_words, scores, bias, score_sign=False: _check_linear_st(x, weight, mask_words,
+                                                                                             scores, bias))
 
 
 class _MaskedLinearST(torch.autograd.Function):
@@ -239,11 +289,14 @@ def _check_linear(x, weight, mask_words, bias):
     require(x.dim() >= 1 and x.shape[-1] == weight.shape[1],
             lambda: f"x has shape {tuple(x.shape)}; its last dim must be K={weight.shape[1]}")
     check_words("mask_words", mask_words, weight.shape[0], weight.shape[1], 0)
-    if bias is not None:
-        require(isinstance(bias, torch.Tensor), lambda: f"bias must be a tensor or None, got {type(bias).__name__}")
-        require(bias.shape == (weight.shape[0],), lambda: f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
-        require(bias.dtype == x.dtype, lambda: f"bias dtype {bias.dtype} != x dtype {x.dtype}")
+    check_bias(bias, weight.shape[0], x.dtype)
     check_same_device(x=x, weight=weight, mask_words=mask_words, bias=bias)
+
+
+def _check_linear_st(x, weight, mask_words, scores, bias) -> None:
+    _check_linear(x, weight, mask_words, bias)
+    check_scores(scores, weight)
+    check_same_device(x=x, scores=scores)
 
 
 def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=False):
@@ -256,13 +309,15 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
     ``masked_weight_grad_sign`` op; on the compiled CPU backend the sign is applied in the
     weight-gradient GEMM's epilogue, with no pass of its own).
     """
+    if _autocast.enabled(x.device.type):  # cast like F.linear under torch.autocast
+        x, weight, bias, scores = _autocast.linear_args(x, weight, bias, scores)
     _check_linear(x, weight, mask_words, bias)
     if scores is None:
         args = (x, weight, mask_words, bias)
         if direct(args):  # call("masked_linear", ...), inlined: the GEMV-sized inference hot path
             return kernel("masked_linear", args)(*args)
         return call("masked_linear", *args)
-    check_scores(scores, weight)
+    _check_linear_st(x, weight, mask_words, scores, bias)
     args = (x, weight, mask_words, scores, bias)
     if torch.is_grad_enabled() and plain_eager(args):
         return _MaskedLinearST.apply(*args, bool(score_sign), kernel("masked_linear", (x, weight, mask_words, bias)))

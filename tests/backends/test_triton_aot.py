@@ -1,14 +1,28 @@
-"""Every Triton kernel compiles ahead of time for sm_90 (H100/H200), no GPU needed.
+"""Every Triton kernel compiles ahead of time for sm_90 (H100/H200) as real launches compile it.
 
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))`` runs the whole pipeline
-(TTIR -> TTGIR -> LLVM -> PTX -> ptxas) for the real target: each autotuning config of each
-matmul kernel must produce a cubin that fits the 227 KiB of shared memory a block may use, and
-the matmuls must reach the tensor cores (``wgmma`` / ``mma`` in the PTX).
+:mod:`supsup_fast.kernels.aot` compiles each kernel with the specialisations a real launch gets
+(16-byte divisibility of pointers and of N/K/words-per-row/split lengths) and reads the cubin's
+resource usage and SASS with ``cuobjdump``. Here, for every autotuning config x fp16/bf16/fp32:
+
+* a config the autotuner keeps (its shared-memory estimate fits) compiles to at most 227 KiB of
+  shared memory and spills nothing (LOCAL = 0); the default (first) config is kept for every dtype,
+  so ``SUPSUP_FAST_AUTOTUNE=0`` always launches;
+* fp16/bf16 matmuls reach the Hopper tensor cores (HGMMA in the SASS);
+* the weight mask costs at most 3 SASS instructions per weight element in the main loop (the
+  instructions :func:`supsup_fast.kernels.aot.unpack_instructions` attributes to it: 2.0 for 16-bit
+  weights, about 2 for fp32), and the main loop's instruction count per weight element does not
+  regress past the numbers tracked in ``bench/results/offline-sm90/triton-<version>.json`` for the
+  installed Triton (``mask_alu_per_weight`` there is the upper bound: every SHF/PRMT/LOP3/SEL).
+
+Compiles run in a process pool, all cases at once (about 2-4 s each).
 """
 
 from __future__ import annotations
 
+import json
 import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,140 +31,88 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("ahead-of-time compilation needs TRITON_INTERPRET unset", allow_module_level=True)
 
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from supsup_fast.kernels import aot  # noqa: E402
 
-from supsup_fast.kernels import mask_ops as mo  # noqa: E402
-from supsup_fast.kernels import masked_matmul as mm  # noqa: E402
-
-TARGET = GPUTarget("cuda", 90, 32)
-SMEM_LIMIT = 227 * 1024
-PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-# scalar arguments, by name, across all kernels
-SCALARS = {"M": "i32", "N": "i32", "K": "i32", "WPR": "i32", "T": "i32", "K_SPLIT": "i32", "key": "i32", "scale": "fp32"}
+ROOT = Path(__file__).resolve().parents[1]
+TRACKED = ROOT / "bench" / "results" / "offline-sm90" / f"triton-{triton.__version__}.json"
+MASK_ALU_LIMIT = 3.0  # SASS integer instructions per weight to test its bit and zero it
+REGRESSION = 1.10  # tracked loop instructions per weight may grow by at most 10%
 
 
-def _signature(fn, ptr_types: dict[str, str], constexprs: dict) -> dict[str, str]:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in SCALARS:
-            sig[name] = SCALARS[name]
-        else:
-            sig[name] = ptr_types[name]
-    return sig
+def _work() -> list[tuple[str, str, int]]:
+    """(case, dtype, config index) of every launchable combination."""
+    out = []
+    for case in aot.cases():
+        for dtype in case.dtypes:
+            for i, config in enumerate(case.configs_for(dtype)):
+                if aot.launchable(case, config, dtype):
+                    out.append((case.name, str(dtype).replace("torch.", ""), i))
+    return out
 
 
-def _compile(fn, ptr_types, constexprs, num_warps=4, num_stages=3):
-    src = ASTSource(fn, signature=_signature(fn, ptr_types, constexprs), constexprs=constexprs)
-    return triton.compile(src, target=TARGET, options={"num_warps": num_warps, "num_stages": num_stages})
+def _analyse(item):
+    name, dtype, i = item
+    case = {c.name: c for c in aot.cases()}[name]
+    dt = getattr(torch, dtype)
+    return item, aot.analyse(case, case.configs_for(dt)[i], dt)
 
 
-def _check(kernel, tensor_cores: bool):
-    assert kernel.asm.get("cubin"), "no cubin produced"
-    assert kernel.metadata.shared <= SMEM_LIMIT, f"needs {kernel.metadata.shared} B of shared memory"
-    ptx = kernel.asm["ptx"]
-    assert ".target sm_90" in ptx
-    if tensor_cores:
-        assert "wgmma" in ptx or "mma.sync" in ptx, "the matmul does not use tensor cores"
+@pytest.fixture(scope="module")
+def records() -> dict:
+    work = _work()
+    with ProcessPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
+        return dict(pool.map(_analyse, work))
 
 
-def _matmul_cases():
-    """(id, autotuned kernel, pointer roles, extra constexprs, tensor cores?)."""
-    x, i32 = "x", "*i32"
-    return [
-        ("fwd", mm.masked_linear_kernel, dict(x_ptr=x, w_ptr=x, words_ptr=i32, bias_ptr=x, y_ptr=x),
-         dict(HAS_BIAS=True, SEEDED=False, UPCAST=False), True),
-        ("fwd_seeded", mm.masked_linear_kernel, dict(x_ptr=x, w_ptr=x, words_ptr=i32, bias_ptr=x, y_ptr=x),
-         dict(HAS_BIAS=False, SEEDED=True, UPCAST=False), True),
-        ("splitk", mm.masked_splitk_kernel, dict(x_ptr=x, w_ptr=x, words_ptr=i32, bias_ptr=x, out_ptr=x),
-         dict(HAS_BIAS=True, SEEDED=False, PARTIAL=False, UPCAST=False, BLOCK_M=16, BLOCK_N=64), True),
-        ("splitk_partial_seeded", mm.masked_splitk_kernel,
-         dict(x_ptr=x, w_ptr=x, words_ptr=i32, bias_ptr="*fp32", out_ptr="*fp32"),
-         dict(HAS_BIAS=False, SEEDED=True, PARTIAL=True, UPCAST=False, BLOCK_M=16, BLOCK_N=64), True),
-        ("grad_input", mm.masked_grad_input_kernel, dict(g_ptr=x, w_ptr=x, words_ptr=i32, dx_ptr=x),
-         dict(UPCAST=False), True),
-        ("score_grad", mm.masked_weight_grad_kernel, dict(g_ptr=x, x_ptr=x, w_ptr=x, out_ptr=x),
-         dict(UPCAST=False), True),
-        ("grouped", mm.masked_linear_grouped_kernel,
-         dict(x_ptr=x, w_ptr=x, bank_ptr=i32, task_ptr=i32, perm_ptr=i32, bias_ptr=x, y_ptr=x),
-         dict(HAS_BIAS=True, UPCAST=False), True),
-    ]
+def _key(rec: dict) -> str:
+    return json.dumps([rec["kernel"], rec["dtype"], rec["config"]], sort_keys=True)
 
 
-def _roles(roles: dict, dtype) -> dict:
-    return {k: PTR[dtype] if v == "x" else v for k, v in roles.items()}
+def test_default_config_is_launchable_for_every_dtype():
+    for case in aot.cases():
+        for dtype in case.dtypes:
+            assert aot.launchable(case, case.configs_for(dtype)[0], dtype), f"{case.name} {dtype}: default pruned"
 
 
-MATMULS = _matmul_cases()
+def test_every_launchable_config_fits_and_does_not_spill(records):
+    bad = [(k, r["shared_bytes"], r["local_bytes"]) for k, r in records.items()
+           if r["shared_bytes"] > aot.SMEM_LIMIT or r["local_bytes"] != 0 or r["stack_bytes"] != 0]
+    assert not bad, f"(case, dtype, config): shared bytes, spill bytes: {bad}"
 
 
-# every kernel in bf16; the dtype-dependent paths (fp16 and tf32 dots) for the two main GEMMs
-DTYPE_CASES = [(c, torch.bfloat16) for c in MATMULS] + [
-    (c, dt) for c in MATMULS if c[0] in ("fwd", "grad_input") for dt in (torch.float16, torch.float32)
-]
+def test_matmuls_use_tensor_cores(records):
+    cases = {c.name: c for c in aot.cases()}
+    missing = [k for k, r in records.items()
+               if aot.tensor_cores_expected(cases[k[0]], getattr(torch, k[1])) and not r["hgmma"]]
+    assert not missing, f"no HGMMA in {missing}"
 
 
-@pytest.mark.parametrize("case,dtype", DTYPE_CASES, ids=[f"{c[0]}-{str(dt)[6:]}" for c, dt in DTYPE_CASES])
-def test_matmul_kernels_compile_for_sm90(case, dtype):
-    _, kernel, roles, extra, tensor_cores = case
-    config = kernel.configs[0]
-    k = _compile(kernel.fn, _roles(roles, dtype), {**extra, **config.kwargs}, config.num_warps, config.num_stages)
-    _check(k, tensor_cores)
+def test_unpack_costs_at_most_3_instructions_per_weight(records):
+    measured = {k: r["unpack_per_weight"] for k, r in records.items()
+                if r.get("unpack_per_weight") is not None and "seeded" not in k[0] and r["dtype"] != "float64"}
+    assert measured, "no kernel's unpack was found in its SASS"
+    over = {k: v for k, v in measured.items() if not 0 < v <= MASK_ALU_LIMIT}
+    assert not over, f"unpack instructions per weight outside (0, {MASK_ALU_LIMIT}]: {over}"
 
 
-def _smem_estimate(config, extra) -> int:
-    """Elements of pipelined operand tiles: a config's shared-memory appetite, up to a constant factor."""
-    kw = {**extra, **config.kwargs}
-    dims = sorted((v for k, v in kw.items() if k.startswith("BLOCK_")), reverse=True)
-    big = dims[0] * dims[1] + (dims[1] * dims[2] if len(dims) > 2 else 0)
-    return big * config.num_stages
+def test_loop_instructions_do_not_regress(records):
+    if not TRACKED.exists():
+        pytest.skip(f"no tracked numbers for triton {triton.__version__} ({TRACKED.name})")
+    tracked = {_key(r): r for r in json.loads(TRACKED.read_text())["records"]}
+    worse, missing = [], []
+    for k, r in records.items():
+        t = tracked.get(_key(r))
+        if t is None:
+            missing.append(k)
+        elif r.get("loop_instr_per_weight") and r["loop_instr_per_weight"] > REGRESSION * t["loop_instr_per_weight"]:
+            worse.append((k, t["loop_instr_per_weight"], r["loop_instr_per_weight"]))
+    assert not missing, f"not in {TRACKED.name} (regenerate it with python -m supsup_fast.kernels.aot): {missing}"
+    assert not worse, f"loop instructions per weight grew (tracked, now): {worse}"
 
 
-KERNELS = {c[1].fn.__name__: c for c in MATMULS}
-
-
-@pytest.mark.parametrize("name", sorted(KERNELS))
-def test_largest_autotune_config_fits(name):
-    """The hungriest GPU config of each matmul (bf16) compiles and fits in shared memory; one that
-    did not would fail at launch on the GPU."""
-    _, kernel, roles, extra, tensor_cores = KERNELS[name]
-    assert len(kernel.configs) > 1, "the GPU config list should offer the autotuner a choice"
-    config = max(kernel.configs, key=lambda c: _smem_estimate(c, extra))
-    extra = {k: v for k, v in extra.items() if k not in config.kwargs}
-    k = _compile(kernel.fn, _roles(roles, torch.bfloat16), {**extra, **config.kwargs}, config.num_warps,
-                 config.num_stages)
-    _check(k, tensor_cores)
-
-
-BLOCKS = dict(BLOCK_N=mo._BN, BLOCK_K=mo._BK)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=str)
-def test_mask_kernels_compile_for_sm90(dtype):
-    p = PTR[dtype]
-    cases = [
-        (mo.apply_mask_kernel, dict(w_ptr=p, words_ptr="*i32", out_ptr=p), BLOCKS),
-        (mo.unpack_kernel, dict(words_ptr="*i32", out_ptr=p), BLOCKS),
-        (mo.pack_kernel, dict(m_ptr=p, words_ptr="*i32"), dict(BLOCK_N=mo._BN, BLOCK_W=8)),
-        (mo.superpose_kernel, dict(w_ptr=p, bank_ptr="*i32", alpha_ptr="*fp32", out_ptr=p), BLOCKS),
-        (mo.mask_dots_kernel, dict(v_ptr=p, bank_ptr="*i32", out_ptr="*fp32"), BLOCKS),
-        (mo.signed_constant_kernel, dict(out_ptr=p), BLOCKS),
-    ]
-    for fn, roles, const in cases:
-        _check(_compile(fn, roles, const), tensor_cores=False)
-
-
-def test_pack_and_unpack_compile_for_byte_masks():
-    _check(_compile(mo.pack_kernel, dict(m_ptr="*u8", words_ptr="*i32"), dict(BLOCK_N=mo._BN, BLOCK_W=8)), False)
-    _check(_compile(mo.unpack_kernel, dict(words_ptr="*i32", out_ptr="*u8"), BLOCKS), False)
-
-
-def test_seeded_hash_is_integer_only():
-    """The regenerated weight is made from integer ops on uint32: multiplies by the lowbias32 constants."""
-    k = _compile(mo.signed_constant_kernel, dict(out_ptr="*fp32"), BLOCKS)
-    ptx = k.asm["ptx"]
-    assert "2146121005" in ptx or "0x7FEB352D" in ptx.upper() or "0X7FEB352D" in ptx.upper()
+def test_seeded_weights_are_hashed_not_loaded():
+    """The signed constant is made from integer ops on uint32 (the lowbias32 multiplies), no load."""
+    case = {c.name: c for c in aot.cases()}["signed_constant"]
+    ptx = aot.compile_case(case, None, torch.float32).asm["ptx"]
+    assert "2146121005" in ptx or "0x7feb352d" in ptx.lower()
     assert "ld.global" not in ptx, "the signed constant must not read any weight"
