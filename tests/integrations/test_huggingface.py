@@ -74,6 +74,16 @@ def test_trainer_callback_trains_one_task_per_train_call(tmp_path):
         with torch.no_grad():
             acc = (model(input_ids=x).logits.argmax(-1) == y).float().mean().item()
         assert acc > 0.9, (name, acc)
+    # saved, then loaded into a fresh BERT with the same pretrained weights: the per-task classifiers come back
+    sf.save_pretrained(model, tmp_path / "bank")
+    fresh = sf.from_pretrained(tiny_bert(), tmp_path / "bank").eval()
+    assert sf.tasks(fresh) == ["marker1", "marker2"]
+    for name, x in (("marker1", x1), ("marker2", x2)):
+        sf.set_task(model, name)
+        sf.set_task(fresh, name)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh(input_ids=x[:64]).logits, model(input_ids=x[:64]).logits,
+                                       rtol=0, atol=0)
     # task inference reads the ModelOutput's logits
     inf = sf.inference.infer_task(model, x1[:8], batch_mode="per_example")
     assert inf.task_ids.shape == (8,) and set(inf.task_ids.tolist()) <= {0, 1}
@@ -111,6 +121,35 @@ def test_gpt2_conv1d_is_masked_and_the_lm_head_tie_kept(tmp_path):
     # the last position's logits over the vocabulary, for task inference on a language model
     inf = sf.inference.infer_task(model, x, logits_fn=lambda out: out.logits[:, -1])
     assert inf.task_ids.tolist() == [0]
+
+
+def test_gpt2_tasks_trained_on_the_lm_loss_save_and_reload(tmp_path):
+    model = convert(tiny_gpt2(), sf.SupsupConfig(base="pretrained", density=0.5))
+    x = torch.randint(0, 40, (4, 8), generator=torch.Generator().manual_seed(0))
+    losses = {}
+    for name in ("a", "b"):
+        with sf.task(model, name=name) as params:
+            opt = torch.optim.Adam(params, lr=0.05)
+            model.train()
+            for _ in range(3):
+                opt.zero_grad()
+                loss = model(input_ids=x, labels=x).loss
+                loss.backward()
+                opt.step()
+                losses.setdefault(name, []).append(loss.item())
+    assert all(v[-1] < v[0] for v in losses.values()), losses
+    model.eval()
+    sf.save_pretrained(model, tmp_path / "pre")
+    fresh = sf.from_pretrained(tiny_gpt2(), tmp_path / "pre").eval()
+    assert sf.tasks(fresh) == ["a", "b"] and fresh.lm_head.weight is fresh.transformer.wte.weight
+    outs = {}
+    for name in ("a", "b"):
+        sf.set_task(model, name)
+        sf.set_task(fresh, name)
+        with torch.no_grad():
+            outs[name] = model(input_ids=x).logits
+            torch.testing.assert_close(fresh(input_ids=x).logits, outs[name], rtol=0, atol=0)
+    assert not torch.equal(outs["a"], outs["b"])
 
 
 def test_peft_lora_layers_convert_around_their_base_layer():

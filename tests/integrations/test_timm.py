@@ -46,10 +46,10 @@ def test_pretrained_base_at_density_one_is_exact(arch, same_convs):
         torch.testing.assert_close(merged(x), want, rtol=1e-4, atol=1e-4)
 
 
-def test_a_trained_task_merges_into_the_original_classes():
+def test_a_trained_task_merges_exports_and_reloads(tmp_path):
     torch.manual_seed(1)
-    model = convert(timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=3),
-                    sf.SupsupConfig(base="pretrained", density=0.5))
+    dense = timm.create_model("tf_mobilenetv3_small_minimal_100", pretrained=False, num_classes=3)
+    model = convert(copy.deepcopy(dense), sf.SupsupConfig(base="pretrained", density=0.5))
     x, y = torch.randn(4, 3, 33, 33), torch.tensor([0, 1, 2, 0])  # odd size: "same" padding is asymmetric
     with sf.task(model, name="t") as params:
         opt = torch.optim.Adam(params, lr=0.01)
@@ -63,3 +63,9 @@ def test_a_trained_task_merges_into_the_original_classes():
         want = model(x)
         got = sf.merge_task(model, "t").eval()(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # the task alone, exported and loaded into a plain copy of the timm model (converted from the manifest)
+    sf.export_task(model, "t", tmp_path / "t")
+    plain = sf.from_pretrained(copy.deepcopy(dense), tmp_path / "t").eval()
+    assert sf.tasks(plain) == ["t"] and sum(isinstance(m, SamePadConv2d) for m in plain.modules()) == 5
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
