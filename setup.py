@@ -6,8 +6,14 @@
   ``--use_fast_math`` (subnormals and IEEE division as in the reference).
 * ``SUPSUP_FAST_NO_EXT=1`` skips native code; a failed native build warns and installs the pure
   Python package (set ``SUPSUP_FAST_STRICT_BUILD=1`` to make it an error instead).
-* ``SUPSUP_FAST_CXX_ARCH`` overrides the CPU target flag (default: ``-march=x86-64-v3`` on
-  x86-64 CPUs with AVX2+FMA, nothing elsewhere; set it empty for a portable build).
+* The build never takes its CPU target from the build machine, so a wheel runs on any CPU of its
+  architecture. On x86-64 the kernels are compiled twice: ``supsup_fast._C`` for the baseline
+  (x86-64, SSE2) and ``supsup_fast._C_avx2`` for x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT,
+  MOVBE: Haswell / Excavator and later); ``supsup_fast.backends._ext`` loads the second only where
+  the CPU has every one of those. The AVX-512 masked GEMM is chosen at run time inside either.
+  ``SUPSUP_FAST_CPU_VARIANTS=baseline`` builds the baseline module alone (half the compile time).
+* ``SUPSUP_FAST_CXX_ARCH`` builds one module ``_C`` with these target flags instead (e.g.
+  ``-march=native`` for a build that will only run on this machine).
 """
 
 import glob
@@ -26,18 +32,20 @@ def _warn(msg: str) -> None:
     print(f"\n*** supsup_fast: {msg}\n", file=sys.stderr)
 
 
-def _cpu_arch_flags() -> list[str]:
+#: x86-64 CPU variants: extension module name -> extra target flags (the run-time loader picks one)
+X86_VARIANTS = {"_C": [], "_C_avx2": ["-march=x86-64-v3"]}
+
+
+def _cpu_variants() -> dict[str, list[str]]:
+    """The extension modules to build and each one's CPU target flags; none comes from the build machine."""
     if "SUPSUP_FAST_CXX_ARCH" in os.environ:
-        return os.environ["SUPSUP_FAST_CXX_ARCH"].split()
-    if platform.machine() in ("x86_64", "AMD64"):
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            if " avx2" in flags and " fma" in flags:
-                return ["-march=x86-64-v3"]
-        except OSError:
-            pass
-    return []
+        return {"_C": os.environ["SUPSUP_FAST_CXX_ARCH"].split()}
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return {"_C": []}
+    wanted = os.environ.get("SUPSUP_FAST_CPU_VARIANTS", "").split(",")
+    if wanted == ["baseline"]:
+        return {"_C": []}
+    return dict(X86_VARIANTS)
 
 
 def _extensions():
@@ -56,32 +64,45 @@ def _extensions():
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
     # ATen headers from torch 2.14 on require C++20; older ones build with C++17
     std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
-    cxx = ["-O3", "-fopenmp", std, *_cpu_arch_flags()]
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
     with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and not os.environ.get("SUPSUP_FAST_NO_CUDA")
+    cu = []
     if with_cuda:
         cu = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
         define_macros.append(("SUPSUP_WITH_CUDA", "1"))
         # pip-installed CUDA wheels ship headers (cusparse.h, ...) that a bare toolkit may lack
         site = os.path.dirname(os.path.dirname(torch.__file__))
         include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
-        ext = ce.CUDAExtension(
-            "supsup_fast._C", sources + cu, define_macros=define_macros,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
-        )
-    else:
-        if torch.version.cuda is not None:
-            _warn("torch has CUDA but nvcc/CUDA_HOME was not found: building the CPU kernels only")
-        ext = ce.CppExtension(
-            "supsup_fast._C", sources, define_macros=define_macros,
-            include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
-        )
+    elif torch.version.cuda is not None:
+        _warn("torch has CUDA but nvcc/CUDA_HOME was not found: building the CPU kernels only")
+    exts = []
+    for name, arch in _cpu_variants().items():
+        cxx = ["-O3", "-fopenmp", std, *arch]
+        if with_cuda:
+            exts.append(ce.CUDAExtension(
+                f"supsup_fast.{name}", sources + cu, define_macros=define_macros,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "-lineinfo"]},
+                extra_link_args=["-fopenmp"],
+            ))
+        else:
+            exts.append(ce.CppExtension(
+                f"supsup_fast.{name}", sources, define_macros=define_macros,
+                include_dirs=include_dirs,
+                extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+            ))
 
     class BuildExt(ce.BuildExtension):
+        def build_extension(self, ext):
+            # the variants compile the same sources with other flags: each into its own object folder
+            shared = self.build_temp
+            self.build_temp = os.path.join(shared, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = shared
+
         def run(self):
             try:
                 super().run()
@@ -91,7 +112,7 @@ def _extensions():
                 _warn(f"building the compiled extension failed ({e}); installing the pure-PyTorch package. "
                       "Set SUPSUP_FAST_STRICT_BUILD=1 to see the error as a failure.")
 
-    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
+    return exts, {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _extensions()
@@ -100,7 +121,7 @@ setup(
     # the Triton kernels stay in the top-level kernels/ folder and are installed as supsup_fast.kernels
     packages=[*find_packages(include=["supsup_fast", "supsup_fast.*"]), "supsup_fast.kernels"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
-    package_data={"supsup_fast.backends": ["dispatch_tables/*.json"]},
+    package_data={"supsup_fast": ["py.typed"], "supsup_fast.backends": ["dispatch_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

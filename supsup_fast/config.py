@@ -46,7 +46,9 @@ class SupsupConfig:
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
         score_init: ``"kaiming_uniform"`` (``U(+-1/sqrt(fan_in))``) or ``"transfer"`` (a new
             task's scores start at the running mean of the earlier tasks' final scores).
-        keep_bias: keep the wrapped layer's bias, frozen (SupSup's own networks have none).
+        keep_bias: keep the wrapped layer's bias, frozen. ``None`` (the default) keeps it over a pretrained
+            base (the pretrained network is kept whole) and drops it over a signed-constant one (SupSup's own
+            networks have none); :func:`~supsup_fast.convert.summary` lists the layers whose bias was dropped.
         per_task_norm: replace BatchNorm by :class:`~supsup_fast.nn.TaskBatchNorm` (running
             statistics per task; shared statistics break every task but the last).
         max_tasks: the most tasks a layer may hold (``None`` = unbounded); beginning one more
@@ -64,7 +66,7 @@ class SupsupConfig:
     seed: int = 0
     gain: float = math.sqrt(2.0)
     score_init: str = "kaiming_uniform"
-    keep_bias: bool = False
+    keep_bias: Optional[bool] = None
     per_task_norm: bool = True
     max_tasks: Optional[int] = None
 
@@ -104,7 +106,10 @@ class SupsupConfig:
             )
         set_("seed", check_seed(self.seed, "SupsupConfig.seed"))
         set_("gain", _real("gain", self.gain, "a positive number", lambda v: v > 0.0))
-        _flag("keep_bias", self.keep_bias)
+        if self.keep_bias is None:  # resolved once: the pretrained network is kept whole, SupSup's own has no bias
+            set_("keep_bias", self.base == "pretrained")
+        elif not isinstance(self.keep_bias, bool):
+            raise SupsupError(f"SupsupConfig.keep_bias must be True, False or None, got {self.keep_bias!r}")
         _flag("per_task_norm", self.per_task_norm)
         if self.max_tasks is not None:
             if not _is_int(self.max_tasks) or int(self.max_tasks) < 1:

@@ -33,6 +33,11 @@ that pass. Gradient descent reports its final ``max alpha`` instead.
 
 Rows must not interact: run inference with the model in ``eval()`` mode (batch statistics in
 training-mode normalisation couple the rows of a batch).
+
+Models that return more than a logits tensor: a Hugging Face ``ModelOutput`` (or any object with a
+``logits`` attribute, or a dict with a ``"logits"`` key) is read for its logits; anything else is
+mapped to ``[B, C]`` logits by ``logits_fn=`` (e.g. ``lambda out: out[0][:, -1]`` for a language
+model's last position).
 """
 
 from __future__ import annotations
@@ -102,13 +107,15 @@ def alpha_gradients(
     num_real: Optional[int] = None,
     per_example: bool = False,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    logits_fn: Optional[Callable] = None,
 ) -> torch.Tensor:
     """``d obj / d alpha`` of the superposed model at ``alpha`` (``[T]`` over all learned tasks).
 
     ``per_example=False``: ``obj`` is the mean over rows of the per-row objective; returns ``[T]``.
     ``per_example=True``: every row's own objective's gradient; returns ``[B, T]``.
     ``objective`` is ``"entropy"``, ``"g"`` (needs ``num_real``) or a callable mapping logits
-    ``[B, C]`` to per-row objectives ``[B]``. The model's mode is restored afterwards.
+    ``[B, C]`` to per-row objectives ``[B]``; ``logits_fn`` maps the model's output to those logits (see
+    :func:`model_logits`). The model's mode is restored afterwards.
     """
     rows_fn = objective if callable(objective) else objective_rows(objective, num_real)
     t = _learned_tasks(model)
@@ -120,13 +127,27 @@ def alpha_gradients(
         leaf = alpha.detach().clone().float().requires_grad_(True)
         leaf = convert.set_superposition(model, leaf, requires_grad=True)
         if not per_example:
-            obj = _rows(rows_fn, model(x), x.shape[0]).mean()
+            obj = _rows(rows_fn, model(x), x.shape[0], logits_fn).mean()
             (g,) = torch.autograd.grad(obj, leaf, allow_unused=True)
             return torch.zeros_like(leaf) if g is None else g.detach()
-        return _per_example_gradients(model, x, leaf, rows_fn, chunk_elements)
+        return _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn)
 
 
-def _rows(rows_fn, logits: torch.Tensor, batch: int) -> torch.Tensor:
+def model_logits(out, logits_fn: Optional[Callable] = None) -> torch.Tensor:
+    """The logits of a model's output: ``logits_fn(out)`` if given, else ``out.logits`` / ``out["logits"]`` for a
+    Hugging Face ``ModelOutput`` (or a dict), else ``out`` itself."""
+    if logits_fn is not None:
+        return logits_fn(out)
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) and "logits" in out:
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    return out if logits is None else logits
+
+
+def _rows(rows_fn, logits: torch.Tensor, batch: int, logits_fn: Optional[Callable] = None) -> torch.Tensor:
+    logits = model_logits(logits, logits_fn)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != batch:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise SupsupError(f"task inference needs the model to return logits of shape [B, C], got {shape}")
@@ -136,7 +157,7 @@ def _rows(rows_fn, logits: torch.Tensor, batch: int) -> torch.Tensor:
     return out
 
 
-def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements) -> torch.Tensor:
+def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn=None) -> torch.Tensor:
     layers = task_modules(model)
     records: list[tuple[nn.Module, torch.Tensor, list]] = []
 
@@ -149,7 +170,7 @@ def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements) -> torch.Ten
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        obj = _rows(rows_fn, model(x), x.shape[0]).sum()
+        obj = _rows(rows_fn, model(x), x.shape[0], logits_fn).sum()
         torch.autograd.grad(obj, leaf, allow_unused=True)
     finally:
         for h in handles:
@@ -280,12 +301,14 @@ def infer_task(
     threshold: float = 0.99,
     max_steps: int = 100,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    logits_fn: Optional[Callable] = None,
 ) -> TaskInference:
     """Infer the task of ``x`` among the model's learned tasks (or ``candidates``), without a task id.
 
-    See the module docstring for ``method``, ``objective`` and ``batch_mode``. ``rows`` (batch mode
-    only) is how many leading rows the inference looks at (``None`` = all). ``lr``, ``threshold``
-    and ``max_steps`` configure ``"gradient_descent"``. The model's mode is restored afterwards.
+    See the module docstring for ``method``, ``objective``, ``batch_mode`` and ``logits_fn`` (for models
+    returning a ``ModelOutput`` or other non-tensor output). ``rows`` (batch mode only) is how many leading rows
+    the inference looks at (``None`` = all). ``lr``, ``threshold`` and ``max_steps`` configure
+    ``"gradient_descent"``. The model's mode is restored afterwards.
     """
     if method not in METHODS:
         raise SupsupError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -305,7 +328,7 @@ def infer_task(
     def grads_of(xs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """``[U, T]`` gradients: one row for batch mode, one per row of ``xs`` otherwise."""
         g = alpha_gradients(model, xs, alpha, objective=rows_fn, per_example=per_example,
-                            chunk_elements=chunk_elements)
+                            chunk_elements=chunk_elements, logits_fn=logits_fn)
         return g if per_example else g.unsqueeze(0)
 
     units = x.shape[0] if per_example else 1
@@ -413,10 +436,11 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
     ids = inf.task_ids.to(x.device)
     if ids.numel() == 1:
         ids = ids.expand(x.shape[0])
-    return ids.clone(), classify(model, x, ids)
+    return ids.clone(), classify(model, x, ids, logits_fn=infer_kwargs.get("logits_fn"))
 
 
-def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor,
+             logits_fn: Optional[Callable] = None) -> torch.Tensor:
     """Classes of every row of ``x`` with its task's mask (``task_ids [B]``): the argmax over all
     outputs, superfluous neurons included. The model's mode is restored afterwards."""
     classes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
@@ -424,7 +448,7 @@ def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch
         for t in torch.unique(task_ids).tolist():
             rows = task_ids == t
             convert.set_task(model, int(t))
-            classes[rows] = model(x[rows]).argmax(-1)
+            classes[rows] = model_logits(model(x[rows]), logits_fn).argmax(-1)
     return classes
 
 

@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import ops
-from .backends._ext import EXT_ERROR, EXT_LOADED, ext_has_cuda
+from .backends._ext import EXT_ERROR, EXT_LOADED, EXT_MODULE, ext_has_cuda
 
 
 def collect() -> dict:
@@ -36,6 +36,7 @@ def collect() -> dict:
                    else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "extension_loaded": EXT_LOADED,
+        "extension_module": EXT_MODULE,
         "extension_error": EXT_ERROR,
         "extension_cuda": ext_has_cuda(),
         "cpu_avx512_gemm": avx512_gemm_state(),
@@ -61,7 +62,9 @@ def avx512_gemm_state() -> str:
 def render(info: dict) -> str:
     lines = [f"supsup_fast on {info['device']} ({info['threads']} threads)"]
     lines += [f"  {k}: {info[k]}" for k in ("python", "torch", "triton", "cuda_available")]
-    ext = "loaded" if info["extension_loaded"] else f"NOT loaded ({info['extension_error']})"
+    build = {"supsup_fast._C_avx2": "the x86-64-v3 (AVX2) build", "supsup_fast._C": "the baseline build"}
+    ext = (f"loaded ({build.get(info.get('extension_module'), info.get('extension_module'))})"
+           if info["extension_loaded"] else f"NOT loaded ({info['extension_error']})")
     lines.append(f"  compiled extension: {ext}" + (" with CUDA kernels" if info["extension_cuda"] else ""))
     lines.append(f"  AVX-512 masked GEMM: {info['cpu_avx512_gemm']}")
     if info["forced"]:

@@ -25,6 +25,7 @@ LAYERS = [
     ("supsup_fast.base_weights",),
     ("supsup_fast.backends", "supsup_fast.reference", "supsup_fast._native", "supsup_fast._gpu_backends"),
     ("supsup_fast.binarise", "supsup_fast.binarize", "supsup_fast.nn"),
+    ("supsup_fast.model_tasks",),
     ("supsup_fast.convert",),
     ("supsup_fast.training", "supsup_fast.inference", "supsup_fast.nns", "supsup_fast.hopfield"),
     ("supsup_fast.checkpoint._files",),
@@ -34,7 +35,7 @@ LAYERS = [
     ("supsup_fast.checkpoint.model_state",),
     ("supsup_fast.checkpoint", "supsup_fast.distributed"),
     ("supsup_fast.info", "supsup_fast.models", "supsup_fast.data", "supsup_fast.experiment", "supsup_fast.cli",
-     "supsup_fast.experiments", "supsup_fast.__main__", "supsup_fast.testing"),
+     "supsup_fast.experiments", "supsup_fast.__main__", "supsup_fast.testing", "supsup_fast.integrations"),
 ]
 
 
@@ -167,7 +168,8 @@ def test_import_loads_the_library_only():
         "import sys, supsup_fast as sf\n"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'safetensors') or m.startswith(("
         "'supsup_fast.experiments', 'supsup_fast.data', 'supsup_fast.cli', 'supsup_fast.experiment',"
-        "'supsup_fast.checkpoint', 'supsup_fast.hopfield', 'supsup_fast.distributed'))]\n"
+        "'supsup_fast.checkpoint', 'supsup_fast.hopfield', 'supsup_fast.distributed', 'supsup_fast.integrations'))"
+        " or m.split('.')[0] in ('avalanche', 'transformers', 'timm', 'torchvision', 'peft')]\n"
         "assert not bad, bad\n"
         "import supsup_fast.data, supsup_fast.experiments.data\n"
         "assert supsup_fast.data is supsup_fast.experiments.data\n"

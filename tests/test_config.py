@@ -22,7 +22,7 @@ BAD = {
     "seed": [-1, 2**32, -2**32, 2**40, 1.0, True, "0", None, np.float64(3.0)],
     "gain": [0, -1.0, math.inf, -math.inf, math.nan, True, "1", None],
     "score_init": ["zeros", None],
-    "keep_bias": [1, 0, "no", None, np.bool_(True)],
+    "keep_bias": [1, 0, "no", np.bool_(True)],  # None is the default: resolved by the base
     "per_task_norm": [1, "yes", None],
     "max_tasks": [0, -3, True, False, 2.0, "4", math.inf],
 }
@@ -54,6 +54,14 @@ def test_assignment_is_checked_and_a_refused_value_is_not_kept():
     with pytest.raises(SupsupError, match="Erdős"):  # the cross-field rule holds on assignment too
         cfg.density_schedule = "erdos_renyi"
     assert cfg.density_schedule == "uniform"
+
+
+def test_keep_bias_none_resolves_by_the_base():
+    assert SupsupConfig().keep_bias is False and SupsupConfig(base="pretrained").keep_bias is True
+    assert SupsupConfig(base="pretrained", keep_bias=False).keep_bias is False
+    cfg = SupsupConfig(base="pretrained")
+    cfg.keep_bias = None  # assigned later: resolved the same way
+    assert cfg.keep_bias is True
 
 
 # ---- seeds: one base, one name -------------------------------------------------------------

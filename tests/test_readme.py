@@ -28,3 +28,11 @@ def test_ci_runs_the_readme_block():
     block = _block("ci")
     assert "pip install --no-build-isolation" in block and "--require-ext" in block
     assert re.search(r"^python -m pytest .*tests", block, re.M)
+
+
+def test_readme_avalanche_example_is_valid_python():
+    """The Avalanche example runs in the integration environment (it trains 5 tasks: run by hand, not in CI);
+    here it must at least be Python that compiles and uses the integration's public names."""
+    block = _block("avalanche")
+    compile(block, "README.md:avalanche", "exec")
+    assert "supsup_strategy" in block and "write_mnist_5k" in block

@@ -28,11 +28,14 @@ made and raises, leaving the bank as it was. Readers never see a partial bank: e
 on the manifest generation it reads, and a writer deletes no shard a held generation names
 (``_generations``). Files are opened as regular files only and read by position, never mapped.
 
-What a bank holds: the frozen tasks (bits and per-task BatchNorm statistics), task names and
-caller-given per-task metadata, the base (seed and config; pretrained weights and frozen
-biases / affine parameters when present). What it does not hold: an open task's scores and the
-"transfer" score mean (training state: use ``model.state_dict()`` for that), and the weights of
-modules :func:`~supsup_fast.convert.convert_` left dense.
+What a bank holds: the frozen tasks (bits, per-task BatchNorm statistics, the parameters of the
+``modules_to_save``), task names and caller-given per-task metadata, the base (seed and config;
+pretrained weights, frozen biases / affine parameters / pretrained statistics when present) and how
+the model was converted. What it does not hold: an open task's scores and the "transfer" score mean
+(training state: use ``model.state_dict()`` for that), and the weights of modules
+:func:`~supsup_fast.convert.convert_` left dense -- their digests are in the fingerprint, so a bank is
+refused by a model whose dense weights differ. :func:`save_pretrained` / :func:`from_pretrained`
+are the peft-style pair: the second converts a plain model as the first one's was, then loads.
 
 This module is the public API; the package holds one concern per module: ``_files`` (file names,
 digests, atomic writes, the writer lock), ``_manifest`` (the manifest's schema), ``_shards``
@@ -68,7 +71,7 @@ from .lazy import LazyBank
 
 __all__ = [
     "FILE_FORMAT", "FILE_VERSION", "BankInfo", "LazyBank", "save_bank", "append_task", "load_bank",
-    "read_bank_info", "verify_bank",
+    "read_bank_info", "verify_bank", "export_task", "save_pretrained", "from_pretrained",
 ]
 
 
@@ -82,16 +85,18 @@ def save_bank(
     task_names: Optional[Sequence[Optional[str]]] = None,
     metadata: Optional[dict] = None,
     task_metadata: Optional[Sequence[dict]] = None,
+    tasks: Optional[Sequence[Union[int, str]]] = None,
 ) -> BankInfo:
-    """Save every frozen task of ``model`` as a new bank at directory ``path`` (replacing any bank there).
+    """Save the frozen tasks of ``model`` as a new bank at directory ``path`` (replacing any bank there).
 
     Args:
-        model: a converted model; every task layer must hold the same number ``T`` of frozen tasks.
-            A task still in training is not a frozen task and is not saved.
+        model: a converted model; every task layer must hold the same number ``T`` of frozen tasks, and
+            no task may be in training (freeze or discard it first).
         path: the bank directory (created if missing; an existing bank there is replaced atomically).
-        task_names: ``T`` unique names (or ``None`` entries).
+        task_names: one unique name (or ``None``) per saved task; default: the model's task names.
         metadata: a JSON dict stored with the bank (e.g. the run's arguments).
-        task_metadata: ``T`` JSON dicts, one per task (training provenance: data, steps, accuracy...).
+        task_metadata: one JSON dict per saved task (training provenance: data, steps, accuracy...).
+        tasks: the model tasks to save (ids or names), in bank order; default: all of them.
 
     Returns:
         The new bank's :class:`BankInfo`.
@@ -107,23 +112,35 @@ def save_bank(
     """
     directory = _files.as_path(path)
     mods = model_state.bank_modules(model)
+    model_state.require_no_open_task(mods, "save_bank")
     count = model_state.num_frozen_tasks(mods)
-    names = _manifest.check_task_names(task_names, count)
-    tmeta = _manifest.check_task_metadata(task_metadata, count)
+    model_names = model_state.task_names(model, count)
+    if tasks is None:
+        order = list(range(count))
+    else:
+        if isinstance(tasks, (int, str)) or not isinstance(tasks, Iterable):
+            raise SupsupError(f"save_bank: tasks must be a sequence of task ids or names, got {tasks!r}")
+        order = [_manifest.resolve_task(t, count, "the model", model_names) for t in tasks]
+        if len(set(order)) != len(order):
+            raise SupsupError(f"save_bank: tasks lists a task twice: {list(tasks)}")
+    names = _manifest.check_task_names([model_names[t] for t in order] if task_names is None else task_names,
+                                       len(order))
+    tmeta = _manifest.check_task_metadata(task_metadata, len(order))
     meta = _manifest.check_dict("metadata", metadata)
     fingerprint, configs = model_state.model_fingerprint(mods)
     _files.prepare_dir(directory)
     with _files.writer_lock(directory):
-        body = _write_new_bank(directory, mods, fingerprint, configs, meta, names, tmeta)
+        body = _write_new_bank(directory, mods, fingerprint, configs, meta, names, tmeta, order)
         _generations.retire(directory, body)
     return _manifest.bank_info(directory, body)
 
 
 def _write_new_bank(directory: str, mods, fingerprint: dict, configs: list, meta: dict, names: list,
-                    tmeta: list) -> dict:
-    """Write a new bank of the model's base and its first ``len(names)`` frozen tasks: shards first, then the
-    manifest that names them. The caller holds the writer lock. Returns the manifest body."""
+                    tmeta: list, order: Optional[list] = None) -> dict:
+    """Write a new bank of the model's base and its frozen tasks ``order`` (default: the first ``len(names)``):
+    shards first, then the manifest that names them. The caller holds the writer lock. Returns the manifest body."""
     count = len(names)
+    order = list(range(count)) if order is None else order
     body = _manifest.new_body(fingerprint, configs, meta)
     written: list = []
     try:
@@ -142,7 +159,7 @@ def _write_new_bank(directory: str, mods, fingerprint: dict, configs: list, meta
             tensors = {}
             for t in tasks:
                 for name, m in mods:
-                    tensors.update(model_state.task_tensors(name, m, t, t))
+                    tensors.update(model_state.task_tensors(name, m, order[t], t))
             fname = _files.shard_name(first)
             written.append(fname)
             body["shards"][fname] = _shards.write_shard(directory, fname, tensors, body)
@@ -221,6 +238,8 @@ def append_task(
         raise SupsupError(f"append_task: task {t} is not a frozen task of the model (num_tasks={count})")
     if name is not None and not isinstance(name, str):
         raise SupsupError(f"append_task: name must be a str, got {name!r}")
+    if name is None:
+        name = model_state.task_names(model, count)[t]
     meta = _manifest.check_dict("metadata", metadata)
     fingerprint, configs = model_state.model_fingerprint(mods)
     if not os.path.lexists(os.path.join(directory, MANIFEST)):
@@ -406,6 +425,7 @@ def load_bank(
     with torch.no_grad():
         for name, m in mods:
             model_state.install_tasks(m, {f: v.to(mdev) for f, v in stacks[name].items()})
+    model_state.set_task_names(model, [snap.body["tasks"][i].get("name") for i in order])
     info = _manifest.bank_info(directory, snap.body)
     info.loaded_tasks = order
     return info
@@ -426,3 +446,57 @@ def _task_order(body: dict, tasks: Optional[list], directory: str, mods) -> list
             raise SupsupError(f"load_bank: loading {len(order)} tasks into '{name}', which allows max_tasks="
                               f"{m.max_tasks}")
     return order
+
+
+# ======================================================================================
+# peft-style: one task out, a whole converted model in
+# ======================================================================================
+def export_task(model: nn.Module, task: Union[int, str], path: PathLike, *,
+                metadata: Optional[dict] = None) -> BankInfo:
+    """Save frozen task ``task`` (an id or a name) alone as a new bank at ``path``: what another copy of the same
+    model needs to run that task (``load_bank`` or :func:`from_pretrained`)."""
+    return save_bank(model, path, tasks=[task], metadata=metadata)
+
+
+def save_pretrained(model: nn.Module, path: PathLike, **kwargs) -> BankInfo:
+    """Save a model converted by :func:`~supsup_fast.convert_` so that :func:`from_pretrained` can rebuild it from a
+    plain copy: its frozen tasks and their names, its base, and how it was converted (config, the modules swapped,
+    ``modules_to_save``). Takes :func:`save_bank`'s keyword arguments."""
+    from ..nn.record import find_record
+
+    rec = find_record(model)
+    if rec is None or rec.config is None:
+        raise SupsupError("save_pretrained: the model was not converted by convert_ (nothing records how to rebuild "
+                          "it); save_bank saves its tasks all the same")
+    return save_bank(model, path, **kwargs)
+
+
+def from_pretrained(model: nn.Module, path: PathLike, *, tasks: Optional[Sequence[Union[int, str]]] = None,
+                    **convert_kwargs) -> nn.Module:
+    """Load the bank at ``path`` into ``model``: a plain model (the same architecture and dense weights as the one
+    saved) is first converted as the saved one was, with the :class:`~supsup_fast.SupsupConfig` rebuilt from the
+    manifest; a model converted already must have been converted with that config. Task names come back with the
+    tasks. Returns ``model``."""
+    from ..config import SupsupConfig
+    from ..convert import _config_for, convert_
+    from ..nn._model import task_modules
+
+    directory = _files.as_path(path)
+    body = _manifest.read_manifest(directory)
+    conversion = body["fingerprint"].get("conversion")
+    if not isinstance(conversion, dict) or "config" not in conversion:
+        raise BankFileError(f"{directory}: the bank does not record how its model was converted (saved by an older "
+                            "version, or from a model built of SupSup layers); convert the model yourself, then "
+                            "load_bank")
+    try:
+        config = SupsupConfig(**conversion["config"])
+    except (TypeError, SupsupError) as e:
+        raise BankFileError(f"{directory}: the recorded SupsupConfig is not valid here ({e})") from None
+    converted = set(conversion.get("converted", {}))
+    if not task_modules(model):
+        convert_(model, config, filter_fn=lambda m, fqn: fqn in converted,
+                 modules_to_save=list(conversion.get("modules_to_save", [])), **convert_kwargs)
+    else:
+        _config_for(model, config)  # refuses a model converted with another config
+    load_bank(model, directory, tasks=tasks)
+    return model

@@ -282,6 +282,8 @@ def _layout_unchecked(body: dict) -> dict[str, list[tuple[str, torch.dtype, tupl
             raise BankFileError(f"corrupted manifest: norm {e.get('name')!r} has stats dtype {e.get('stats_dtype')!r}")
         c = (int(e["num_features"]),)
         out[e["name"]] = [("running_mean", dt, c), ("running_var", dt, c)]
+    for e in body["fingerprint"].get("per_task", []):  # modules_to_save: their parameters per task
+        out[e["name"]] = [(f, DTYPES[dt], tuple(shape)) for f, dt, shape in e["fields"]]
     return out
 
 

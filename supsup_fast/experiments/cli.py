@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+#: What a finished run leaves in its --out folder, by command: a folder holding one is not written over
+#: unless --overwrite is given.
+_RESULT_FILES = {"run": ("results.json", "bank"), "hopfield": ("hopfield_results.json",)}
 
 
 def _cmd_info(args) -> int:
@@ -18,17 +23,35 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _earlier_run(args) -> str | None:
+    """The error message when ``--out`` already holds a run's results and ``--overwrite`` was not given."""
+    found = [f for f in _RESULT_FILES[args.command] if os.path.lexists(os.path.join(args.out, f))]
+    if found and not args.overwrite:
+        return (f"--out {args.out} already holds an earlier run ({', '.join(found)}); give another --out, "
+                "or --overwrite to replace it")
+    return None
+
+
+def _progress(args) -> bool:
+    """Progress bars only where someone watches: not with --no-progress, nor when stderr is not a terminal."""
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _cmd_run(args) -> int:
     from ..errors import SupsupError
     from .experiment import ExperimentConfig, run, summary_table
 
+    if (msg := _earlier_run(args)) is not None:
+        print(f"supsup-fast run: error: {msg}", file=sys.stderr)
+        return 2
     cfg = ExperimentConfig(
         benchmark=args.benchmark, data=args.data, data_root=args.data_root, arch=args.arch, outputs=args.outputs,
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
-        lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method, compare_methods=args.compare_methods,
+        lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method,
+        compare_methods=args.compare_methods,
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
-        seed=args.seed, out_dir=args.out, progress=not args.no_progress, save_bank=not args.no_bank,
+        seed=args.seed, out_dir=args.out, progress=_progress(args), save_bank=not args.no_bank,
     )
     if args.threads:
         import torch
@@ -77,20 +100,21 @@ def _add_run(sub) -> None:
     g.add_argument("--data-root", default=None, help="directory holding torchvision-layout MNIST / CIFAR-100 files")
     g.add_argument("--tasks", type=_positive_int, default=20, help="number of tasks")
     g = pr.add_argument_group("model and masks")
-    g.add_argument("--arch", choices=sorted(models.ARCHITECTURES), default="lenet")
+    g.add_argument("--arch", choices=sorted(models.ARCHITECTURES), default="lenet", help="network architecture")
     g.add_argument("--outputs", type=_positive_int, default=100,
                    help="output neurons (beyond the real classes they are the superfluous neurons of the G objective)")
-    g.add_argument("--binariser", choices=("threshold", "topk"), default="threshold")
+    g.add_argument("--binariser", choices=("threshold", "topk"), default="threshold",
+                   help="threshold: keep weights with score >= 0; topk: keep the --density largest scores")
     g.add_argument("--density", type=float, default=0.5, help="fraction of weights kept (topk binariser)")
     g = pr.add_argument_group("training")
     g.add_argument("--iterations", type=_positive_int, default=1000, help="batches per task")
-    g.add_argument("--batch-size", type=_positive_int, default=128)
-    g.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop")
-    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--batch-size", type=_positive_int, default=128, help="training images per batch")
+    g.add_argument("--optimizer", choices=("rmsprop", "adam", "sgd"), default="rmsprop", help="optimizer of the scores")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate of the scores")
     g = pr.add_argument_group("task inference")
     g.add_argument("--scenario", choices=SCENARIOS, default="GNu",
                    help="GG: task given; GNs/GNu: given at training only (shared / unshared labels); NNs: never given")
-    g.add_argument("--method", choices=inference.METHODS, default="one_shot")
+    g.add_argument("--method", choices=inference.METHODS, default="one_shot", help="task-inference method")
     g.add_argument("--objective", choices=inference.OBJECTIVES, default="g",
                    help="g: the G objective on superfluous neurons; entropy: output entropy")
     g.add_argument("--batch-mode", choices=inference.BATCH_MODES, default="per_example",
@@ -99,15 +123,17 @@ def _add_run(sub) -> None:
     g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
                    help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--eval-images", type=_positive_int, default=100, help="test images per task for task inference")
-    g.add_argument("--test-batch-size", type=_positive_int, default=128)
+    g.add_argument("--test-batch-size", type=_positive_int, default=128, help="test images per batch")
     g.add_argument("--checkpoints", type=_positive_int, nargs="*", default=None,
                    help="numbers of tasks after which task inference is measured (default 1,2,5,10,20,50,...)")
     g = pr.add_argument_group("run")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--seed", type=int, default=0, help="seed of the base weights, scores and data order")
-    g.add_argument("--out", default="supsup_runs/latest", help="output folder")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument("--out", default="supsup_runs/latest", help="output folder (an earlier run there is kept)")
+    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    g.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (there are none either when stderr is not a terminal)")
     g.add_argument("--no-bank", action="store_true", help="do not save the mask bank")
     pr.set_defaults(func=_cmd_run)
 
@@ -116,6 +142,9 @@ def _cmd_hopfield(args) -> int:
     from ..errors import SupsupError
     from .experiment import hopsupsup_table, run_hopsupsup
 
+    if (msg := _earlier_run(args)) is not None:
+        print(f"supsup-fast hopfield: error: {msg}", file=sys.stderr)
+        return 2
     if args.threads:
         import torch
 
@@ -123,7 +152,7 @@ def _cmd_hopfield(args) -> int:
     try:
         results = run_hopsupsup(hidden=args.hidden, train_steps=args.train_steps, recover_steps=args.recover_steps,
                                 gamma=args.gamma, rule=args.rule, seed=args.seed, out_dir=args.out,
-                                progress=not args.no_progress)
+                                progress=_progress(args))
     except SupsupError as e:
         print(f"supsup-fast hopfield: error: {e}", file=sys.stderr)
         return 2
@@ -139,16 +168,22 @@ def _add_hopfield(sub) -> None:
     ph.add_argument("--train-steps", type=_positive_int, default=300, help="training batches per task mask")
     ph.add_argument("--recover-steps", type=_positive_int, default=30, help="gradient steps of recovery")
     ph.add_argument("--gamma", type=float, default=1.5e-2, help="weight of the Hopfield energy in recovery")
-    ph.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default="storkey")
-    ph.add_argument("--threads", type=_positive_int, default=None)
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--out", default="supsup_runs/hopfield")
-    ph.add_argument("--no-progress", action="store_true")
+    ph.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default="storkey",
+                    help="Hopfield learning rule that stores the masks")
+    ph.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    ph.add_argument("--seed", type=int, default=0, help="seed of the base weights, scores and data order")
+    ph.add_argument("--out", default="supsup_runs/hopfield", help="output folder (an earlier run there is kept)")
+    ph.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    ph.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (there are none either when stderr is not a terminal)")
     ph.set_defaults(func=_cmd_hopfield)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
     p = argparse.ArgumentParser(prog="supsup-fast", description=__doc__)
+    p.add_argument("--version", action="version", version=f"supsup-fast {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     pi = sub.add_parser("info", help="print versions, the compiled extension's state and the backend of every op")
     pi.add_argument("--json", action="store_true", help="print as JSON")

@@ -1,4 +1,5 @@
-"""Drop-in SupSup layers: masked ``Linear`` / ``Conv2d`` over a frozen base, per-task BatchNorm."""
+"""Drop-in SupSup layers: masked ``Linear`` / ``Conv2d`` over a frozen base, per-task BatchNorm, per-task dense
+modules (heads kept per task) and the twins of timm's norm-with-activation and "same"-padding conv."""
 
 from ._model import (
     masked_modules,
@@ -8,8 +9,10 @@ from ._model import (
     task_modules,
 )
 from .base import MODES, TaskModule
+from .dense import TaskDense
 from .masked import MaskedConv2d, MaskedLayerBase, MaskedLinear
 from .norm import TaskBatchNorm, TaskBatchNorm1d, TaskBatchNorm2d
+from .wrappers import SamePad2d, SamePadConv2d, TaskBatchNormAct
 
 __all__ = [
     "MODES",
@@ -20,6 +23,10 @@ __all__ = [
     "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
+    "TaskBatchNormAct",
+    "TaskDense",
+    "SamePad2d",
+    "SamePadConv2d",
     "named_task_modules",
     "task_modules",
     "masked_modules",

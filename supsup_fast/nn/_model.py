@@ -42,12 +42,13 @@ def model_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def preserved_mode(model: nn.Module):
-    """Restore every task module's mode, task id and alpha on exit."""
+    """Restore every task module's mode, task id, alpha and row task ids on exit."""
     mods = task_modules(model)
-    saved = [(m.mode, m.task_id, m.__dict__.get("alpha")) for m in mods]
+    saved = [(m.mode, m.task_id, m.__dict__.get("alpha"), m.__dict__.get("row_tasks")) for m in mods]
     try:
         yield
     finally:
-        for m, (mode, task_id, alpha) in zip(mods, saved):
+        for m, (mode, task_id, alpha, rows) in zip(mods, saved):
             m.mode, m.task_id = mode, task_id
             m.__dict__["alpha"] = alpha
+            m.__dict__["row_tasks"] = rows

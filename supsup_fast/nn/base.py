@@ -1,6 +1,6 @@
 """The task protocol every SupSup layer follows: train one task, freeze it, select or mix tasks.
 
-A layer is always in one of three modes:
+A layer is always in one of four modes:
 
 * ``"train"`` -- the task being learned (``task_id``) uses its live state (scores, or running
   statistics being updated); only this state is trainable.
@@ -8,6 +8,9 @@ A layer is always in one of three modes:
 * ``"superpose"`` -- all frozen tasks are mixed with weights ``alpha`` (a 1-D tensor of length
   ``num_tasks``, shared by every layer of a model and never copied, so ``d loss / d alpha``
   accumulates across layers).
+* ``"rows"`` -- row ``i`` of the batch is computed with frozen task ``row_tasks[i]`` (a 1-D int64
+  tensor shared by every layer): a batch that mixes tasks, as a continual-learning evaluation
+  stream with task labels does, in one forward pass.
 
 ``begin_task()`` opens task ``num_tasks`` (or reopens a frozen task ``t`` with
 ``begin_task(t)``; its id is ``open_task`` until frozen), ``freeze_task()`` stores it and
@@ -25,7 +28,7 @@ from torch import nn
 
 from ..errors import SupsupError
 
-MODES = ("train", "task", "superpose")
+MODES = ("train", "task", "superpose", "rows")
 
 
 class TaskModule(nn.Module):
@@ -44,6 +47,7 @@ class TaskModule(nn.Module):
         # kept out of nn.Module's registries on purpose: alpha is owned by the caller, shared by
         # all layers, and must be neither a parameter of each layer nor part of the state dict
         self.__dict__["alpha"] = None
+        self.__dict__["row_tasks"] = None
 
     @property
     def task_id(self) -> int:
@@ -90,6 +94,17 @@ class TaskModule(nn.Module):
         if not self.in_training:
             raise SupsupError(f"{type(self).__name__}: freeze_task() without begin_task(): no task is in training")
 
+    def discard_task(self) -> None:
+        """Drop the task in training without storing it (a reopened task keeps its stored state)."""
+        raise NotImplementedError
+
+    def _after_discard(self) -> None:
+        if self.num_tasks:
+            self.mode, self.task_id = "task", self.num_tasks - 1
+        else:
+            self.mode, self.task_id = "train", 0
+        self.open_task = None
+
     # ---- selection -------------------------------------------------------------------
     def set_task(self, t: int) -> None:
         """Apply task ``t``: a frozen task (``0 <= t < num_tasks``) or the task in training."""
@@ -98,6 +113,10 @@ class TaskModule(nn.Module):
             self.mode = "train"
         elif 0 <= t < self.num_tasks:
             self.mode = "task"
+        elif self.num_tasks == 0:
+            live = f"; task {self.open_task} is in training" if self.in_training else ""
+            raise SupsupError(f"{type(self).__name__}: task id {t}: no task is stored yet{live} "
+                              "(learn one with begin_task / freeze_task, or load a bank)")
         else:
             live = f" (task {self.open_task} is in training)" if self.in_training else ""
             raise SupsupError(
@@ -125,6 +144,28 @@ class TaskModule(nn.Module):
         self.__dict__["alpha"] = alpha
         self.mode = "superpose"
 
+    def set_row_tasks(self, task_ids: torch.Tensor) -> None:
+        """Compute row ``i`` of the next batches with frozen task ``task_ids[i]`` (int64 ``[B]``; stored, not
+        copied)."""
+        if (not isinstance(task_ids, torch.Tensor) or task_ids.dim() != 1 or task_ids.is_floating_point()
+                or task_ids.dtype == torch.bool):
+            got = getattr(task_ids, "shape", task_ids)
+            raise SupsupError(f"row task ids must be a 1-D integer tensor, got {got!r}")
+        if task_ids.numel() and self.num_tasks == 0:
+            raise SupsupError(f"{type(self).__name__}: row task ids given but no task is stored yet")
+        ref = self._reference_tensor()
+        if ref is not None and task_ids.device != ref.device:
+            raise SupsupError(f"row task ids are on {task_ids.device} but the layer is on {ref.device}")
+        self.__dict__["row_tasks"] = task_ids
+        self.mode = "rows"
+
+    def _rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.row_tasks
+        if x.dim() < 1 or x.shape[0] != ids.shape[0]:
+            raise SupsupError(f"{type(self).__name__}: {ids.shape[0]} row task ids for an input of shape "
+                              f"{tuple(x.shape)}; set_row_tasks needs one id per row of the batch")
+        return ids
+
     def _reference_tensor(self) -> Optional[torch.Tensor]:
         return None
 
@@ -140,6 +181,7 @@ class TaskModule(nn.Module):
             self.mode, self.task_id = "train", 0
             self.open_task = None
         self.__dict__["alpha"] = None
+        self.__dict__["row_tasks"] = None
 
 
 def _as_task_id(t) -> int:

@@ -20,7 +20,9 @@ A :class:`MaskedLinear` / :class:`MaskedConv2d` holds
   ``S`` times the binariser's straight-through derivative (see :mod:`supsup_fast.binarize`);
 * ``"task"``: ``ops.masked_linear`` / ``ops.masked_conv2d`` with ``bank[task_id]``;
 * ``"superpose"``: ``W_eff = ops.superpose(weight, bank, alpha)``, then ``F.linear`` / ``F.conv2d``,
-  so ``d loss / d alpha`` flows through ``superpose``'s autograd (``mask_dots``).
+  so ``d loss / d alpha`` flows through ``superpose``'s autograd (``mask_dots``);
+* ``"rows"``: row ``i`` through task ``row_tasks[i]``'s mask: ``ops.masked_linear_grouped`` (one
+  call for the whole batch) for a linear layer, one ``masked_conv2d`` per task present for a conv.
 """
 
 from __future__ import annotations
@@ -208,6 +210,24 @@ class MaskedLayerBase(TaskModule):
         self.bank = store[: t + 1]
 
     @torch.no_grad()
+    def delete_task(self, t: int) -> None:
+        """Remove frozen task ``t`` from the bank (later tasks move down one id). The transfer score mean, when kept,
+        still includes the deleted task: scores are not stored, so it cannot be taken out."""
+        self.bank = torch.cat([self.bank[:t], self.bank[t + 1:]])
+        self._bank_store = None
+
+    def discard_task(self) -> None:
+        """Drop the open task's scores without storing them; a reopened task keeps its stored mask."""
+        self._check_freeze()
+        self.scores = None
+        self._after_discard()
+
+    @torch.no_grad()
+    def masked_weight(self, t: int) -> torch.Tensor:
+        """``W * M_t``: the dense weight frozen task ``t`` applies (what :func:`~supsup_fast.merge_task` folds in)."""
+        return self.weight * self.task_mask(t).to(self.weight.dtype)
+
+    @torch.no_grad()
     def task_mask(self, t: int) -> torch.Tensor:
         """Frozen task ``t``'s mask as a bool tensor of the weight's shape."""
         t = _as_task_id(t)
@@ -222,6 +242,8 @@ class MaskedLayerBase(TaskModule):
             return self._forward_words(x, self.bank.index_select(0, self.task_index).squeeze(0))
         if mode == "superpose":
             return self._forward_dense(x, ops.superpose(self.weight, self.bank, self.alpha))
+        if mode == "rows":
+            return self._forward_rows(x, self._rows_of(x))
         scores = self.scores
         if scores is None:
             raise SupsupError(f"{type(self).__name__}: no task selected: call begin_task() or set_task(t)")
@@ -230,6 +252,17 @@ class MaskedLayerBase(TaskModule):
 
     def _forward_words(self, x, words):  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _forward_rows(self, x, ids):
+        """Rows grouped by task, one call per task present (the conv layers' path)."""
+        out = None
+        for t in torch.unique(ids).tolist():
+            rows = torch.nonzero(ids == t).flatten()
+            y = self._forward_words(x.index_select(0, rows), self.bank[t])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+            out.index_copy_(0, rows, y)
+        return self._forward_words(x, self.bank[0]) if out is None else out  # an empty batch
 
     def _forward_dense(self, x, weight):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -333,6 +366,15 @@ class MaskedLinear(MaskedLayerBase):
 
     def _forward_words(self, x, words):
         return ops.masked_linear(x, self.weight, words, self.bias)
+
+    def _forward_rows(self, x, ids):
+        if x.dim() < 2:
+            raise SupsupError(f"MaskedLinear: row task ids need a batch of rows, got input of shape {tuple(x.shape)}")
+        flat = x.reshape(-1, x.shape[-1])
+        per_row = flat.shape[0] // x.shape[0]  # [B, L, K] inputs: every position of row i uses task i
+        ids = ids.repeat_interleave(per_row) if per_row != 1 else ids
+        y = ops.masked_linear_grouped(flat.contiguous(), self.weight, self.bank, ids, self.bias)
+        return y.reshape(tuple(x.shape[:-1]) + (self.out_features,))
 
     def _forward_dense(self, x, weight):
         return F.linear(x, weight, self.bias)

@@ -14,8 +14,12 @@ last at chance accuracy. :class:`TaskBatchNorm` follows the task protocol of
   (clamped at 0). ``alpha`` is used as given (weights summing to 1 make this an exact
   mixture), and both moments depend on it, so ``d loss / d alpha`` includes the statistics' part.
 
+* ``"rows"``: row ``i`` normalised with frozen task ``row_tasks[i]``'s statistics.
+
 Works on ``[B, C]``, ``[B, C, L]``, ``[B, C, H, W]`` and ``[B, C, D, H, W]`` inputs.
-A pretrained BatchNorm's affine ``weight`` / ``bias`` may be kept, frozen, as buffers.
+A pretrained BatchNorm's affine ``weight`` / ``bias`` may be kept, frozen, as buffers, and its
+running statistics too (``init_mean`` / ``init_var``): every new task's statistics then start
+from them, so a task that has not been trained yet normalises exactly as the pretrained layer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class TaskBatchNorm(TaskModule):
         max_tasks: Optional[int] = None,
         dtype: Optional[torch.dtype] = None,
         device=None,
+        init_mean: Optional[torch.Tensor] = None,
+        init_var: Optional[torch.Tensor] = None,
     ) -> None:
         super().__init__(max_tasks, device)
         if int(num_features) <= 0:
@@ -63,6 +69,14 @@ class TaskBatchNorm(TaskModule):
                     raise SupsupError(f"TaskBatchNorm: {name} has shape {tuple(value.shape)}, expected ({c},)")
                 value = value.detach().clone()
             self.register_buffer(name, value)
+        if (init_mean is None) != (init_var is None):
+            raise SupsupError("TaskBatchNorm: give both init_mean and init_var, or neither")
+        for name, value in (("init_mean", init_mean), ("init_var", init_var)):
+            if value is not None:
+                if tuple(value.shape) != (c,):
+                    raise SupsupError(f"TaskBatchNorm: {name} has shape {tuple(value.shape)}, expected ({c},)")
+                value = value.detach().clone().to(dtype)
+            self.register_buffer(name, value)
         self.register_buffer("running_mean", torch.zeros(0, c, dtype=dtype, device=device))
         self.register_buffer("running_var", torch.ones(0, c, dtype=dtype, device=device))
         # the open task's statistics; allocated by begin_task, folded into the rows by freeze_task
@@ -71,14 +85,17 @@ class TaskBatchNorm(TaskModule):
 
     @classmethod
     def from_module(cls, module: nn.modules.batchnorm._BatchNorm, keep_affine: bool = False,
-                    max_tasks: Optional[int] = None) -> "TaskBatchNorm":
-        """A per-task twin of a BatchNorm; its affine parameters kept frozen only if ``keep_affine``.
+                    max_tasks: Optional[int] = None, keep_stats: bool = False, **kwargs) -> "TaskBatchNorm":
+        """A per-task twin of a BatchNorm; its affine parameters kept frozen only if ``keep_affine``, its running
+        statistics kept as every new task's starting statistics only if ``keep_stats``.
 
         A cumulative-average BatchNorm (``momentum=None``) becomes an exponential one with momentum 0.1.
+        ``kwargs`` go to the constructor (a subclass's own arguments).
         """
         if not isinstance(module, nn.modules.batchnorm._BatchNorm):
             raise SupsupError(f"TaskBatchNorm.from_module needs a BatchNorm layer, got {type(module).__name__}")
         affine = keep_affine and module.affine
+        stats = keep_stats and module.track_running_stats and module.running_mean is not None
         ref = module.running_mean if module.running_mean is not None else module.weight
         return cls(
             module.num_features, module.eps, 0.1 if module.momentum is None else module.momentum,
@@ -86,6 +103,8 @@ class TaskBatchNorm(TaskModule):
             weight=module.weight if affine else None, bias=module.bias if affine else None,
             max_tasks=max_tasks,
             dtype=None if ref is None else ref.dtype, device=None if ref is None else ref.device,
+            init_mean=module.running_mean if stats else None, init_var=module.running_var if stats else None,
+            **kwargs,
         )
 
     # ---- task protocol ---------------------------------------------------------------------
@@ -101,11 +120,15 @@ class TaskBatchNorm(TaskModule):
         return self.running_mean
 
     def begin_task(self, task: Optional[int] = None) -> int:
-        """Open fresh statistics (mean 0, var 1) for task ``num_tasks``, or reopen frozen task ``task``'s."""
+        """Open fresh statistics for task ``num_tasks`` (the kept pretrained statistics, else mean 0 and var 1), or
+        reopen frozen task ``task``'s."""
         t = self._task_to_open(task)
         if t < self.num_tasks:
             self.task_mean = self.running_mean[t].clone()
             self.task_var = self.running_var[t].clone()
+        elif self.init_mean is not None:
+            self.task_mean = self.init_mean.clone()
+            self.task_var = self.init_var.clone()
         else:
             self.task_mean = self.running_mean.new_zeros(self.num_features)
             self.task_var = self.task_mean.new_ones(self.num_features)
@@ -127,6 +150,18 @@ class TaskBatchNorm(TaskModule):
         self.mode, self.task_id, self.open_task = "task", t, None
         return t
 
+    @torch.no_grad()
+    def delete_task(self, t: int) -> None:
+        """Remove frozen task ``t``'s statistics (later tasks move down one id)."""
+        self.running_mean = torch.cat([self.running_mean[:t], self.running_mean[t + 1:]])
+        self.running_var = torch.cat([self.running_var[:t], self.running_var[t + 1:]])
+
+    def discard_task(self) -> None:
+        """Drop the open task's statistics without storing them."""
+        self._check_freeze()
+        self.task_mean = self.task_var = None
+        self._after_discard()
+
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_features:
@@ -139,6 +174,18 @@ class TaskBatchNorm(TaskModule):
             mean = self.running_mean.index_select(0, idx).squeeze(0)
             var = self.running_var.index_select(0, idx).squeeze(0)
             return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+        if mode == "rows":
+            ids = self._rows_of(x)
+            shape = (x.shape[0], -1) + (1,) * (x.dim() - 2)
+            mean = self.running_mean.index_select(0, ids).to(x.dtype).view(shape)
+            var = self.running_var.index_select(0, ids).to(x.dtype).view(shape)
+            y = (x - mean) * torch.rsqrt(var + self.eps)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            if self.weight is not None:
+                y = y * self.weight.view(shape)
+            if self.bias is not None:
+                y = y + self.bias.view(shape)
+            return y
         if mode == "superpose":
             a = self.alpha.to(self.running_mean.dtype)
             mean = a @ self.running_mean
@@ -182,7 +229,8 @@ class TaskBatchNorm(TaskModule):
 
     def extra_repr(self) -> str:
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, tasks={self.num_tasks}, "
-                f"mode={self.mode!r}, task_id={self.task_id}, affine={self.weight is not None}")
+                f"mode={self.mode!r}, task_id={self.task_id}, affine={self.weight is not None}, "
+                f"pretrained_stats={self.init_mean is not None}")
 
 
 # Aliases for readers who expect the dimensional names; one class serves every input rank.

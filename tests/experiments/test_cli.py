@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 import torch
 
 from supsup_fast import checkpoint, convert, data, models
@@ -99,3 +98,56 @@ def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys):
     assert [r["task"] for r in rows] == [0, 1, 2, 3, 4] and res["d"] == 64
     assert all(0 <= r["hamming"] <= 64 and 0.0 <= r["recovered_acc"] <= 1.0 for r in rows)
     assert res["report"]["mean_exact_acc"] > 0.6  # 40 steps on two-digit tasks: far above chance (0.5)
+
+
+def test_version_flag(capsys):
+    import supsup_fast
+    from supsup_fast.experiments.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"supsup-fast {supsup_fast.__version__}"
+
+
+def test_every_flag_has_help_and_run_flags_show_their_default():
+    import argparse
+
+    from supsup_fast.experiments.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, p in sub.choices.items():
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction):
+                continue
+            assert a.help, f"supsup-fast {name} {a.option_strings}: no help"
+    for name in ("run", "hopfield"):  # (info's flags are switches)
+        assert isinstance(sub.choices[name].formatter_class("x"), argparse.ArgumentDefaultsHelpFormatter)
+    assert "number of tasks (default: 20)" in " ".join(sub.choices["run"].format_help().split())
+
+
+def test_out_never_overwrites_an_earlier_run_silently(tmp_path, capsys):
+    out = tmp_path / "hop"
+    out.mkdir()
+    (out / "hopfield_results.json").write_text("{}")
+    argv = ["hopfield", "--hidden", "8", "--train-steps", "1", "--recover-steps", "1", "--out", str(out)]
+    assert main(argv) == 2
+    assert "already holds an earlier run (hopfield_results.json)" in capsys.readouterr().err
+    assert (out / "hopfield_results.json").read_text() == "{}"
+    run_out = tmp_path / "run"
+    (run_out / "bank").mkdir(parents=True)
+    assert main(["run", "--tasks", "1", "--iterations", "1", "--out", str(run_out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*argv, "--overwrite", "--no-progress"]) == 0
+    assert json.loads((out / "hopfield_results.json").read_text())["d"] == 8
+
+
+def test_progress_bars_only_on_a_terminal(monkeypatch):
+    from supsup_fast.experiments import cli
+
+    args = cli.build_parser().parse_args(["run"])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert cli._progress(args) is False
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert cli._progress(args) is True
+    assert cli._progress(cli.build_parser().parse_args(["run", "--no-progress"])) is False
