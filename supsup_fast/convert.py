@@ -33,7 +33,7 @@ from .base_weights import (
 from .config import ERDOS_RENYI_CAP, SupsupConfig
 from .errors import SupsupError
 from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
-from .nn._model import masked_modules, task_modules
+from .nn._model import masked_modules, refuse_if_in_use, task_modules
 from .nn.base import TaskModule
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -156,7 +156,9 @@ def masked_layers(model: nn.Module) -> list[TaskModule]:
     return task_modules(model)
 
 
-def _layers(model: nn.Module) -> list[TaskModule]:
+def _layers(model: nn.Module, changing: str = "") -> list[TaskModule]:
+    if changing:  # a mode change under another thread's inference would change that thread's result
+        refuse_if_in_use(model, changing)
     layers = task_modules(model)
     if not layers:
         raise SupsupError(f"{type(model).__name__} has no SupSup layers; convert it with convert_(model, config)")
@@ -182,7 +184,7 @@ def _same(ids: list[int], what: str) -> int:
 
 def begin_task(model: nn.Module, task: Optional[int] = None) -> int:
     """Open a new task (or reopen frozen ``task``) in every layer; returns its id."""
-    layers = _layers(model)
+    layers = _layers(model, "begin_task")
     num_tasks(model)
     if any(m.in_training for m in layers):
         raise SupsupError("begin_task: a task is still in training; call freeze_task(model) first")
@@ -191,7 +193,7 @@ def begin_task(model: nn.Module, task: Optional[int] = None) -> int:
 
 def freeze_task(model: nn.Module) -> int:
     """Store the task in training in every layer (bits, statistics); returns its id."""
-    layers = _layers(model)
+    layers = _layers(model, "freeze_task")
     missing = [n for n, m in model.named_modules() if isinstance(m, TaskModule) and not m.in_training]
     if missing:
         raise SupsupError(f"freeze_task without begin_task: no task is in training in {', '.join(missing[:5])}"
@@ -201,7 +203,7 @@ def freeze_task(model: nn.Module) -> int:
 
 def set_task(model: nn.Module, t: int) -> None:
     """Apply task ``t`` everywhere (a frozen task, or the one in training)."""
-    layers = _layers(model)
+    layers = _layers(model, "set_task")
     num_tasks(model)
     for m in layers:
         m.set_task(t)
@@ -215,7 +217,7 @@ def set_superposition(model: nn.Module, alpha: Optional[torch.Tensor] = None,
     device). With ``requires_grad=True`` the returned alpha is a leaf requiring grad, so one
     backward pass yields ``d loss / d alpha`` summed over every layer.
     """
-    layers = _layers(model)
+    layers = _layers(model, "set_superposition")
     t = num_tasks(model)
     if t == 0:
         raise SupsupError("set_superposition: the model has no frozen tasks to superpose")
