@@ -118,7 +118,8 @@ def model_in_use(model: nn.Module):
             mine = g.owner
 
             def foreign_forward(module, args):
-                if threading.get_ident() != mine:
+                # a compiled graph is not checked: it cannot ask which thread runs it
+                if not torch.compiler.is_compiling() and threading.get_ident() != mine:
                     raise _in_use_error(model, f"{type(module).__name__}.forward")
 
             g.hooks = [m.register_forward_pre_hook(foreign_forward) for m in task_modules(model)]
