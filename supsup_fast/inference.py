@@ -240,8 +240,17 @@ def _module_row_grads(module, x: torch.Tensor, dy: torch.Tensor, leaf: torch.Ten
     directly (per-task normalisation in superposition mixes its statistics with ``alpha``).
 
     The module is re-run on its recorded (detached) input, so only its own dependence on ``alpha``
-    is differentiated; a batched backward gives every row its own gradient.
+    is differentiated; a batched backward gives every row its own gradient. Rows whose input is not
+    finite are left out of that backward (its zero weight on another row's input, 0 * NaN, would
+    reach every row) and get NaN.
     """
+    finite = _finite_rows(x)
+    if not bool(finite.all()):
+        out = leaf.new_full((x.shape[0], leaf.shape[0]), math.nan)
+        idx = torch.nonzero(finite).flatten()
+        if idx.numel():
+            out[idx.to(out.device)] = _module_row_grads(module, x[idx], dy[idx], leaf, chunk_elements)
+        return out
     per_row = max(1, dy[0].numel())
     step = max(1, int(math.isqrt(max(1, int(chunk_elements) // per_row))))
     parts = []
@@ -252,9 +261,12 @@ def _module_row_grads(module, x: torch.Tensor, dy: torch.Tensor, leaf: torch.Ten
             parts.append(leaf.new_zeros(xs.shape[0], leaf.shape[0]))
             continue
         r = xs.shape[0]
-        eye = torch.eye(r, dtype=gs.dtype, device=gs.device).view((r, r) + (1,) * (gs.dim() - 1))
-        (g,) = torch.autograd.grad(y, leaf, grad_outputs=eye * gs.unsqueeze(0), is_grads_batched=True,
-                                   allow_unused=True)
+        # batch i carries row i's gradient alone; written, not multiplied by an identity (0 * NaN of
+        # another row would be NaN)
+        rows = torch.arange(r, device=gs.device)
+        grad_outputs = gs.new_zeros((r,) + tuple(gs.shape))
+        grad_outputs[rows, rows] = gs
+        (g,) = torch.autograd.grad(y, leaf, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True)
         parts.append(leaf.new_zeros(r, leaf.shape[0]) if g is None else g.detach())
     return torch.cat(parts, 0)
 
