@@ -8,6 +8,9 @@ on one model (task inference, classification): each thread's call runs alone and
 result. While a thread is inside such a call, another thread's mode change
 (:func:`refuse_if_in_use`) or forward through the model's task modules raises
 :class:`~supsup_fast.errors.SupsupError` instead of silently using or changing the other's mode.
+Threads that both drive one model by hand (``convert.set_task`` then ``model(x)``), with no library
+call between them, are not detected: use ``inference.task_logits`` / ``classify`` (a task per row)
+from threads, or one model per thread.
 """
 
 from __future__ import annotations
