@@ -533,7 +533,7 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
     Returns ``(task_ids [B], classes [B])``: in batch mode every row gets the batch's task. Classes
     are the argmax over all outputs (superfluous neurons included, as in the paper: the labels
     live in the real range, so a superfluous winner counts as wrong); rows without a task
-    (:data:`NO_TASK`) get class ``-1``. Takes :func:`infer_task`'s keyword arguments; the model's
+    (:data:`NO_TASK`) or with non-finite outputs get class ``-1``. Takes :func:`infer_task`'s keyword arguments; the model's
     mode is restored afterwards.
     """
     with model_in_use(model):
@@ -546,11 +546,13 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
 
 def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
     """Classes of every row of ``x`` with its task's mask (``task_ids [B]``): the argmax over all
-    outputs, superfluous neurons included; ``-1`` for rows whose id is :data:`NO_TASK`. The model
+    outputs, superfluous neurons included; ``-1`` for rows whose id is :data:`NO_TASK` or whose
+    outputs are not all finite. The model
     runs in ``eval()`` mode; its modes are restored afterwards."""
     classes = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
     for rows, y in _outputs_by_task(model, x, task_ids):
-        classes[rows] = y.argmax(-1)
+        finite = torch.isfinite(y).reshape(y.shape[0], -1).all(1)  # the argmax of NaN outputs is no class
+        classes[rows] = torch.where(finite, y.argmax(-1), -1)
     return classes
 
 
