@@ -533,8 +533,8 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
     Returns ``(task_ids [B], classes [B])``: in batch mode every row gets the batch's task. Classes
     are the argmax over all outputs (superfluous neurons included, as in the paper: the labels
     live in the real range, so a superfluous winner counts as wrong); rows without a task
-    (:data:`NO_TASK`) or with non-finite outputs get class ``-1``. Takes :func:`infer_task`'s keyword arguments; the model's
-    mode is restored afterwards.
+    (:data:`NO_TASK`) or with non-finite outputs get class ``-1``. Takes :func:`infer_task`'s
+    keyword arguments; the model's mode is restored afterwards.
     """
     with model_in_use(model):
         inf = infer_task(model, x, **infer_kwargs)

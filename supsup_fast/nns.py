@@ -171,7 +171,8 @@ class NNsTrainer:
 
     def _allocate(self) -> int:
         if self.num_masks >= self.budget:
-            raise SupsupError(f"NNs budget exhausted: {self.budget} masks are allocated and the data asks for a new one")
+            raise SupsupError(f"NNs budget exhausted: {self.budget} masks are allocated and the data asks for a "
+                              "new one")
         if self.current is not None:
             convert.freeze_task(self.model)
         self.current = convert.begin_task(self.model)

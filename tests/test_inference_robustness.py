@@ -218,8 +218,8 @@ def test_predict_classify_and_task_logits_on_no_task_rows():
     # batch mode looks at the first row only: the batch gets a task, the NaN row no class
     ids, classes = inference.predict(model, x, batch_mode="batch", rows=1)
     assert (ids == ids[0]).all() and ids[0] >= 0 and classes[3] == -1 and (classes[:3] >= 0).all()
-    for bad in (torch.tensor([0, 1, 2, 3]), torch.tensor([0, -2, 0, 0]), torch.zeros(4), torch.zeros(3, dtype=torch.int64),
-                torch.zeros(4, dtype=torch.bool)):
+    for bad in (torch.tensor([0, 1, 2, 3]), torch.tensor([0, -2, 0, 0]), torch.zeros(4),
+                torch.zeros(3, dtype=torch.int64), torch.zeros(4, dtype=torch.bool)):
         with pytest.raises(SupsupError, match="task_ids"):
             inference.classify(model, x, bad)
 
