@@ -31,18 +31,32 @@ Confidence: ``max_i softmax(-g)_i`` over the candidates, ``g`` the final pass's 
 gradient (the belief ``nu`` of the NNs novelty test); in ``[1/n, 1]`` for ``n`` candidates of
 that pass. Gradient descent reports its final ``max alpha`` instead.
 
-Rows must not interact: run inference with the model in ``eval()`` mode (batch statistics in
-training-mode normalisation couple the rows of a batch).
+Rows never interact: inference (and :func:`classify` / :func:`task_logits`) runs the model with
+every module in ``eval()`` mode, whatever mode it is in (batch statistics of a training-mode
+BatchNorm would couple the rows of a batch and update its running statistics; dropout would make
+rows random); each module's ``training`` flag is restored afterwards.
 
 Models that return more than a logits tensor: a Hugging Face ``ModelOutput`` (or any object with a
 ``logits`` attribute, or a dict with a ``"logits"`` key) is read for its logits; anything else is
 mapped to ``[B, C]`` logits by ``logits_fn=`` (e.g. ``lambda out: out[0][:, -1]`` for a language
 model's last position).
+
+Non-finite inputs: a unit (a row in per-example mode, the batch in batch mode) whose input rows
+hold a NaN or an Inf, or whose objective or alpha gradient over its candidates is not finite in
+any pass, gets the task :data:`NO_TASK` (``-1``) with confidence ``0``: no task is claimed and no
+NaN confidence is reported. It takes no further passes, so it neither hangs a search nor changes
+another row's passes. :func:`predict` / :func:`classify` give its rows the class ``-1``.
+
+Threads: calls on one model take turns (:func:`supsup_fast.nn._model.model_in_use`), so two
+threads sharing a model each get their own result; another thread's ``convert.set_task`` /
+``set_superposition`` / ``begin_task`` / ``freeze_task`` or forward through the model during a call
+raises :class:`~supsup_fast.errors.SupsupError` instead of mixing the two threads' tasks.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -53,7 +67,7 @@ from torch import nn
 from . import convert, ops
 from .errors import SupsupError
 from .nn import MaskedLayerBase
-from .nn._model import model_device, preserved_mode, task_modules  # noqa: F401  (preserved_mode re-exported)
+from .nn._model import eval_mode, model_device, model_in_use, preserved_mode, task_modules  # noqa: F401
 from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 
 METHODS = ("one_shot", "binary", "gradient_descent")
@@ -61,6 +75,9 @@ BATCH_MODES = ("batch", "per_example")
 
 #: Per-example weight gradients are formed for at most this many elements at a time.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+#: The task id of a unit whose input or gradients are not finite: no task is claimed for it.
+NO_TASK = -1
 
 
 # ======================================================================================
@@ -78,15 +95,50 @@ def _candidate_mask(model: nn.Module, candidates, device) -> torch.Tensor:
     t = _learned_tasks(model)
     if candidates is None:
         return torch.ones(t, dtype=torch.bool, device=device)
-    ids = torch.as_tensor(candidates, dtype=torch.int64).flatten().to(device)
-    if ids.numel() == 0:
+    ids = _candidate_ids(candidates)
+    if not ids:
         raise SupsupError("candidates is empty: at least one learned task must be a candidate")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= t:
-        raise SupsupError(f"candidates must be learned task ids in 0..{t - 1}, got min {lo}, max {hi}")
+    bad = [i for i in ids if not 0 <= i < t]
+    if bad:
+        raise SupsupError(f"candidates must be learned task ids in 0..{t - 1}, got {bad[:5]}")
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise SupsupError(f"candidates lists task(s) {twice[:5]} more than once; give each task id once")
     mask = torch.zeros(t, dtype=torch.bool, device=device)
-    mask[ids] = True
+    mask[torch.tensor(ids, dtype=torch.int64, device=device)] = True
     return mask
+
+
+def _candidate_ids(candidates) -> list[int]:
+    """``candidates`` as a list of ints: task ids only (an int, a sequence or a 0/1-D integer tensor).
+
+    A bool mask or float values are refused rather than read as ids (``[False, True]`` would be ids
+    ``[0, 1]``, ``1.9`` would be truncated to ``1``)."""
+    hint = "pass task ids, e.g. candidates=[0, 2] (for a bool mask: torch.nonzero(mask).flatten())"
+    if isinstance(candidates, torch.Tensor):
+        if candidates.dtype == torch.bool or candidates.is_floating_point() or candidates.is_complex():
+            raise SupsupError(f"candidates must hold integer task ids, got a {candidates.dtype} tensor; {hint}")
+        if candidates.dim() > 1:
+            raise SupsupError(f"candidates must be 1-D task ids, got shape {tuple(candidates.shape)}")
+        return [int(i) for i in candidates.flatten().tolist()]
+    items = [candidates] if not isinstance(candidates, (str, bytes)) and _is_int(candidates) else candidates
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise SupsupError(f"candidates must be task ids, got {type(candidates).__name__}; {hint}")
+    out = []
+    for i in items:
+        if isinstance(i, torch.Tensor) and i.dim() == 0:
+            i = i.item() if i.dtype != torch.bool else bool(i)
+        if not _is_int(i):
+            raise SupsupError(f"candidates must hold integer task ids, got {i!r} ({type(i).__name__}); {hint}")
+        out.append(int(i))
+    return out
+
+
+def _is_int(v) -> bool:
+    """An integer that is not a bool (``numbers.Integral`` covers numpy's ints; bools are refused)."""
+    import numpy as np  # late: only candidate parsing needs it
+
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def _uniform(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -115,7 +167,8 @@ def alpha_gradients(
     ``per_example=True``: every row's own objective's gradient; returns ``[B, T]``.
     ``objective`` is ``"entropy"``, ``"g"`` (needs ``num_real``) or a callable mapping logits
     ``[B, C]`` to per-row objectives ``[B]``; ``logits_fn`` maps the model's output to those logits (see
-    :func:`model_logits`). The model's mode is restored afterwards.
+    :func:`model_logits`). The model runs in ``eval()`` mode; its modes are restored afterwards. Where the
+    objective (of the batch, or of a row) is not finite, the gradient (of the batch, or that row's) is NaN.
     """
     rows_fn = objective if callable(objective) else objective_rows(objective, num_real)
     t = _learned_tasks(model)
@@ -123,14 +176,22 @@ def alpha_gradients(
         raise SupsupError(f"alpha must be a float tensor of shape [{t}] (one weight per learned task)")
     if x.dim() < 1 or x.shape[0] == 0:
         raise SupsupError(f"x must be a batch with at least one row, got shape {tuple(x.shape)}")
-    with preserved_mode(model), torch.enable_grad():
+    chunk_elements = _positive_int(chunk_elements, "chunk_elements")
+    with model_in_use(model), eval_mode(model), preserved_mode(model), torch.enable_grad():
         leaf = alpha.detach().clone().float().requires_grad_(True)
         leaf = convert.set_superposition(model, leaf, requires_grad=True)
         if not per_example:
             obj = _rows(rows_fn, model(x), x.shape[0], logits_fn).mean()
             (g,) = torch.autograd.grad(obj, leaf, allow_unused=True)
-            return torch.zeros_like(leaf) if g is None else g.detach()
+            g = torch.zeros_like(leaf) if g is None else g.detach()
+            return g if bool(torch.isfinite(obj)) else torch.full_like(g, math.nan)  # no gradient of a NaN
         return _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn)
+
+
+def _positive_int(v, name: str) -> int:
+    if not _is_int(v) or v < 1:
+        raise SupsupError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
 
 
 def model_logits(out, logits_fn: Optional[Callable] = None) -> torch.Tensor:
@@ -170,8 +231,8 @@ def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn=No
 
     handles = [layer.register_forward_hook(hook) for layer in layers]
     try:
-        obj = _rows(rows_fn, model(x), x.shape[0], logits_fn).sum()
-        torch.autograd.grad(obj, leaf, allow_unused=True)
+        obj_rows = _rows(rows_fn, model(x), x.shape[0], logits_fn)
+        torch.autograd.grad(obj_rows.sum(), leaf, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
@@ -190,6 +251,7 @@ def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn=No
         else:
             part = _module_row_grads(layer, inp, slot[0], leaf, chunk_elements)
         out += part.to(out.dtype)
+    out[~torch.isfinite(obj_rows.detach()).to(out.device)] = math.nan  # a row without a finite objective
     return out
 
 
@@ -198,8 +260,17 @@ def _module_row_grads(module, x: torch.Tensor, dy: torch.Tensor, leaf: torch.Ten
     directly (per-task normalisation in superposition mixes its statistics with ``alpha``).
 
     The module is re-run on its recorded (detached) input, so only its own dependence on ``alpha``
-    is differentiated; a batched backward gives every row its own gradient.
+    is differentiated; a batched backward gives every row its own gradient. Rows whose input is not
+    finite are left out of that backward (its zero weight on another row's input, 0 * NaN, would
+    reach every row) and get NaN.
     """
+    finite = _finite_rows(x)
+    if not bool(finite.all()):
+        out = leaf.new_full((x.shape[0], leaf.shape[0]), math.nan)
+        idx = torch.nonzero(finite).flatten()
+        if idx.numel():
+            out[idx.to(out.device)] = _module_row_grads(module, x[idx], dy[idx], leaf, chunk_elements)
+        return out
     per_row = max(1, dy[0].numel())
     step = max(1, int(math.isqrt(max(1, int(chunk_elements) // per_row))))
     parts = []
@@ -210,9 +281,12 @@ def _module_row_grads(module, x: torch.Tensor, dy: torch.Tensor, leaf: torch.Ten
             parts.append(leaf.new_zeros(xs.shape[0], leaf.shape[0]))
             continue
         r = xs.shape[0]
-        eye = torch.eye(r, dtype=gs.dtype, device=gs.device).view((r, r) + (1,) * (gs.dim() - 1))
-        (g,) = torch.autograd.grad(y, leaf, grad_outputs=eye * gs.unsqueeze(0), is_grads_batched=True,
-                                   allow_unused=True)
+        # batch i carries row i's gradient alone; written, not multiplied by an identity (0 * NaN of
+        # another row would be NaN)
+        rows = torch.arange(r, device=gs.device)
+        grad_outputs = gs.new_zeros((r,) + tuple(gs.shape))
+        grad_outputs[rows, rows] = gs
+        (g,) = torch.autograd.grad(y, leaf, grad_outputs=grad_outputs, is_grads_batched=True, allow_unused=True)
         parts.append(leaf.new_zeros(r, leaf.shape[0]) if g is None else g.detach())
     return torch.cat(parts, 0)
 
@@ -263,12 +337,13 @@ class TaskInference:
     """What :func:`infer_task` found.
 
     Attributes:
-        task_ids: int64 ``[1]`` (batch mode: one task for the batch) or ``[B]`` (per example).
-        confidence: float ``[same]`` in ``[0, 1]`` (see the module docstring).
+        task_ids: int64 ``[1]`` (batch mode: one task for the batch) or ``[B]`` (per example);
+            :data:`NO_TASK` where the input or the gradients were not finite.
+        confidence: float ``[same]`` in ``[0, 1]`` (see the module docstring); ``0`` for ``NO_TASK``.
         passes: forward+backward passes run (per group of rows for per-example binary search).
         alphas: per pass, the ``alpha`` used, ``[U, T]`` (``U`` = 1 in batch mode, else rows).
         grads: per pass, ``d obj / d alpha``, ``[U, T]`` (gradient descent: NaN for units that
-            had already reached the threshold and took no step).
+            had already reached the threshold and took no step; NaN for the units a pass skipped).
     """
 
     task_ids: torch.Tensor
@@ -308,8 +383,16 @@ def infer_task(
     See the module docstring for ``method``, ``objective``, ``batch_mode`` and ``logits_fn`` (for models
     returning a ``ModelOutput`` or other non-tensor output). ``rows`` (batch mode only) is how many leading rows
     the inference looks at (``None`` = all). ``lr``, ``threshold`` and ``max_steps`` configure
-    ``"gradient_descent"``. The model's mode is restored afterwards.
+    ``"gradient_descent"``. The model runs in ``eval()`` mode; its modes are restored afterwards. Units whose
+    input or gradients are not finite get :data:`NO_TASK`.
     """
+    with model_in_use(model), eval_mode(model):
+        return _infer_task(model, x, method, objective, num_real, batch_mode, rows, candidates, lr, threshold,
+                           max_steps, chunk_elements, logits_fn)
+
+
+def _infer_task(model, x, method, objective, num_real, batch_mode, rows, candidates, lr, threshold, max_steps,
+                chunk_elements, logits_fn) -> TaskInference:
     if method not in METHODS:
         raise SupsupError(f"unknown method {method!r}; expected one of {METHODS}")
     if batch_mode not in BATCH_MODES:
@@ -324,6 +407,9 @@ def infer_task(
                 raise SupsupError(f"rows must be a positive int or None, got {rows!r}")
             x = x[:rows]
     cand = _candidate_mask(model, candidates, model_device(model))
+    chunk_elements = _positive_int(chunk_elements, "chunk_elements")
+    finite_rows = _finite_rows(x).to(cand.device)
+    failed = ~finite_rows if per_example else ~finite_rows.all().reshape(1)
 
     def grads_of(xs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """``[U, T]`` gradients: one row for batch mode, one per row of ``xs`` otherwise."""
@@ -333,8 +419,31 @@ def infer_task(
 
     units = x.shape[0] if per_example else 1
     if method == "gradient_descent":
-        return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps)
-    return _halving(x, cand, units, grads_of, per_example, one_shot=(method == "one_shot"))
+        return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps, failed)
+    return _halving(x, cand, units, grads_of, per_example, (method == "one_shot"), failed)
+
+
+def _finite_rows(x: torch.Tensor) -> torch.Tensor:
+    """Bool ``[B]``: which rows of ``x`` hold only finite values (integer inputs always do)."""
+    if not (x.is_floating_point() or x.is_complex()):
+        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    return torch.isfinite(x).reshape(x.shape[0], -1).all(1)
+
+
+def _finite_over(g: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
+    """Bool ``[U]``: whether each unit's gradient is finite over its candidates."""
+    return torch.where(alive, torch.isfinite(g), True).all(-1)
+
+
+def _pass(x, alpha, todo, grads_of, per_row: bool):
+    """Gradients ``[U, T]`` for the units in ``todo`` (NaN for the others) and the number of passes."""
+    g = torch.full(alpha.shape, math.nan, dtype=torch.float32, device=alpha.device)
+    idx = torch.nonzero(todo).flatten()
+    if idx.numel() == 0:
+        return g, 0
+    sub, passes = _grads_grouped(x[idx.to(x.device)] if per_row else x, alpha[idx], grads_of, per_row)
+    g[idx] = sub.float()
+    return g, passes
 
 
 def _groups(alphas: torch.Tensor):
@@ -354,70 +463,86 @@ def _grads_grouped(x, alphas, grads_of, units_are_rows: bool):
     return out, len(groups)
 
 
-def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool) -> TaskInference:
+def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, failed: torch.Tensor) -> TaskInference:
     alive = cand.unsqueeze(0).expand(units, -1).clone()
+    failed = failed.clone()
+    ids = alive.float().argmax(-1)  # a single candidate needs no pass
+    conf = torch.ones(units, device=cand.device)
     result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0))
-    if int(cand.sum()) == 1:  # nothing to decide: no pass needed
-        result.task_ids = alive.float().argmax(-1)
-        result.confidence = torch.ones(units, device=cand.device)
-        return result
-    while True:
+    n = int(cand.sum())
+    inf = torch.tensor(math.inf, device=cand.device)
+    # every pass halves each live unit's survivors (rounding up): ceil(log2 n) passes end every search,
+    # whatever the gradients hold; a unit with a non-finite gradient leaves the search
+    for _ in range(0 if n == 1 else 1 if one_shot else math.ceil(math.log2(n))):
+        todo = ~failed & (alive.sum(-1) > 1)
+        if not bool(todo.any()):
+            break
         alpha = _uniform(alive)
-        g, passes = _grads_grouped(x, alpha, grads_of, per_row)
+        g, passes = _pass(x, alpha, todo, grads_of, per_row)
         result.passes += passes
         result.alphas.append(alpha)
         result.grads.append(g)
-        conf = belief(g, alive).max(-1).values
-        counts = alive.sum(-1)
+        live = todo & _finite_over(g, alive)
+        failed |= todo & ~live
+        g_live = torch.where(live.unsqueeze(1) & alive, g, 0.0)
+        conf = torch.where(live, belief(g_live, alive).max(-1).values, conf)
+        masked = torch.where(alive, g_live, inf)  # finite on the survivors, so they sort before the rest
         if one_shot:
-            masked = torch.where(alive, g, torch.tensor(math.inf, device=g.device))
-            ids = masked.argmin(-1)  # first minimum: ties go to the lower task id
+            ids = torch.where(live, masked.argmin(-1), ids)  # first minimum: ties go to the lower task id
             break
         # keep the ceil(n/2) lowest gradients of each unit's survivors; stable sort -> lower id first
-        masked = torch.where(alive, g, torch.tensor(math.inf, device=g.device))
         order = torch.sort(masked, dim=-1, stable=True).indices
-        keep = (counts + 1) // 2
+        keep = (alive.sum(-1) + 1) // 2
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
-        alive = alive & (rank < keep.unsqueeze(1))
-        if bool((alive.sum(-1) == 1).all()):
-            ids = alive.float().argmax(-1)
-            break
-    result.task_ids = ids.to(torch.int64)
-    result.confidence = conf.clamp(0.0, 1.0)
+        alive = torch.where(live.unsqueeze(1), alive & (rank < keep.unsqueeze(1)), alive)
+        ids = torch.where(live, alive.float().argmax(-1), ids)
+    if not one_shot and bool((~failed & (alive.sum(-1) != 1)).any()):  # pragma: no cover - a broken invariant
+        raise SupsupError("binary search did not end with one task per unit")
+    result.task_ids = torch.where(failed, NO_TASK, ids).to(torch.int64)
+    result.confidence = torch.where(failed, 0.0, conf.clamp(0.0, 1.0))
     return result
 
 
-def _gradient_descent(x, cand, units, grads_of, per_row, lr, threshold, max_steps) -> TaskInference:
+def _real(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
+        raise SupsupError(f"{name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _gradient_descent(x, cand, units, grads_of, per_row, lr, threshold, max_steps, failed) -> TaskInference:
+    threshold, lr = _real(threshold, "threshold"), _real(lr, "lr")
     if not (0.0 < threshold <= 1.0):
         raise SupsupError(f"threshold must be in (0, 1], got {threshold}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1:
-        raise SupsupError(f"max_steps must be a positive int, got {max_steps!r}")
+    max_steps = _positive_int(max_steps, "max_steps")
     if not lr > 0:
         raise SupsupError(f"lr must be positive, got {lr}")
+    failed = failed.clone()
     alive = cand.unsqueeze(0).expand(units, -1)
     theta = torch.zeros(alive.shape, device=cand.device)
     neg_inf = torch.tensor(-math.inf, device=cand.device)
     result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0))
     for _ in range(max_steps):
         alpha = torch.softmax(torch.where(alive, theta, neg_inf), dim=-1)
-        todo = torch.nonzero(alpha.max(-1).values < threshold).flatten()  # each unit stops on its own
-        if todo.numel() == 0:
+        todo = (alpha.max(-1).values < threshold) & ~failed  # each unit stops on its own
+        if not bool(todo.any()):
             break
-        a = alpha[todo]
-        g, passes = _grads_grouped(x[todo] if per_row else x, a, grads_of, per_row)
+        g, passes = _pass(x, alpha, todo, grads_of, per_row)
         result.passes += passes
         result.alphas.append(alpha)
-        result.grads.append(torch.full(alpha.shape, math.nan, device=g.device).index_copy(0, todo, g.float()))
+        result.grads.append(g)
         # chain rule through the softmax, then a step of lr logits along the normalised direction
-        live = alive[todo]
-        d = a * (g - (a * torch.where(live, g, 0.0)).sum(-1, keepdim=True))
-        d = torch.where(live, d, 0.0)
+        g = torch.where(alive, g, 0.0)
+        d = alpha * (g - (alpha * g).sum(-1, keepdim=True))
+        d = torch.where(alive, d, 0.0)
+        live = todo & torch.isfinite(d).all(-1)  # a NaN/Inf gradient (or an overflow) ends that unit's descent
+        failed |= todo & ~live
+        d = torch.where(live.unsqueeze(1), d, 0.0)
         scale = d.abs().amax(-1, keepdim=True)
-        theta[todo] = theta[todo] - lr * d / torch.where(scale > 0, scale, 1.0)
+        theta = theta - lr * d / torch.where(scale > 0, scale, 1.0)
     alpha = torch.softmax(torch.where(alive, theta, neg_inf), dim=-1)
-    result.task_ids = alpha.argmax(-1).to(torch.int64)
-    result.confidence = alpha.max(-1).values.clamp(0.0, 1.0)
+    result.task_ids = torch.where(failed, NO_TASK, alpha.argmax(-1)).to(torch.int64)
+    result.confidence = torch.where(failed, 0.0, alpha.max(-1).values.clamp(0.0, 1.0))
     return result
 
 
@@ -429,27 +554,78 @@ def predict(model: nn.Module, x: torch.Tensor, **infer_kwargs) -> tuple[torch.Te
 
     Returns ``(task_ids [B], classes [B])``: in batch mode every row gets the batch's task. Classes
     are the argmax over all outputs (superfluous neurons included, as in the paper: the labels
-    live in the real range, so a superfluous winner counts as wrong). Takes :func:`infer_task`'s
+    live in the real range, so a superfluous winner counts as wrong); rows without a task
+    (:data:`NO_TASK`) or with non-finite outputs get class ``-1``. Takes :func:`infer_task`'s
     keyword arguments; the model's mode is restored afterwards.
     """
-    inf = infer_task(model, x, **infer_kwargs)
-    ids = inf.task_ids.to(x.device)
-    if ids.numel() == 1:
-        ids = ids.expand(x.shape[0])
-    return ids.clone(), classify(model, x, ids, logits_fn=infer_kwargs.get("logits_fn"))
+    with model_in_use(model):
+        inf = infer_task(model, x, **infer_kwargs)
+        ids = inf.task_ids.to(x.device)
+        if ids.numel() == 1:
+            ids = ids.expand(x.shape[0])
+        return ids.clone(), classify(model, x, ids, logits_fn=infer_kwargs.get("logits_fn"))
 
 
 def classify(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor,
              logits_fn: Optional[Callable] = None) -> torch.Tensor:
     """Classes of every row of ``x`` with its task's mask (``task_ids [B]``): the argmax over all
-    outputs, superfluous neurons included. The model's mode is restored afterwards."""
-    classes = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
-    with preserved_mode(model), torch.no_grad():
-        for t in torch.unique(task_ids).tolist():
-            rows = task_ids == t
-            convert.set_task(model, int(t))
-            classes[rows] = model_logits(model(x[rows]), logits_fn).argmax(-1)
+    outputs, superfluous neurons included; ``-1`` for rows whose id is :data:`NO_TASK` or whose
+    outputs are not all finite. The model runs in ``eval()`` mode; its modes are restored afterwards."""
+    classes = torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+    for rows, y in _outputs_by_task(model, x, task_ids, logits_fn):
+        finite = torch.isfinite(y).reshape(y.shape[0], -1).all(1)  # the argmax of NaN outputs is no class
+        classes[rows] = torch.where(finite, y.argmax(-1), -1)
     return classes
+
+
+def task_logits(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor,
+                logits_fn: Optional[Callable] = None) -> torch.Tensor:
+    """The model's logits (:func:`model_logits`) with every row's own task (``task_ids [B]``): GG inference
+    with a task per row, without gradients. Rows whose id is :data:`NO_TASK` are NaN. The model runs in
+    ``eval()`` mode; its modes are restored afterwards. Safe to call from threads sharing the model."""
+    out = None
+    for rows, y in _outputs_by_task(model, x, task_ids, logits_fn, all_rows_if_none=True):
+        if out is None:
+            out = y.new_full((x.shape[0],) + tuple(y.shape[1:]), math.nan)
+        out[rows] = y
+    return out
+
+
+def _row_task_ids(model: nn.Module, x: torch.Tensor, task_ids) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise SupsupError(f"x must be a batch tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if (not isinstance(task_ids, torch.Tensor) or task_ids.dtype == torch.bool or task_ids.is_floating_point()
+            or task_ids.is_complex() or task_ids.shape != (x.shape[0],)):
+        raise SupsupError(f"task_ids must be an integer tensor of shape [{x.shape[0]}] (one task per row), got "
+                          f"{getattr(task_ids, 'dtype', type(task_ids).__name__)} "
+                          f"{tuple(getattr(task_ids, 'shape', ()))}")
+    t = _learned_tasks(model)
+    ids = task_ids.to(device=x.device, dtype=torch.int64)
+    if ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < NO_TASK or hi >= t:
+            raise SupsupError(f"task_ids must be learned task ids in 0..{t - 1} (or NO_TASK={NO_TASK}), "
+                              f"got min {lo}, max {hi}")
+    return ids
+
+
+def _outputs_by_task(model, x, task_ids, logits_fn: Optional[Callable] = None, all_rows_if_none: bool = False) -> list:
+    """``(rows, logits of model(x[rows]))`` for every task among ``task_ids`` (one forward per task), computed
+    with the model held by this thread, in ``eval()`` mode, without gradients."""
+    ids = _row_task_ids(model, x, task_ids)
+    out = []
+    with model_in_use(model), eval_mode(model), preserved_mode(model), torch.no_grad():
+        tasks = [t for t in torch.unique(ids).tolist() if t != NO_TASK]
+        if not tasks and all_rows_if_none:  # one row run only for the output's shape: every row stays NaN
+            if x.shape[0] == 0:
+                raise SupsupError("task_logits needs at least one row")
+            convert.set_task(model, 0)
+            return [(torch.zeros_like(ids, dtype=torch.bool), model_logits(model(x[:1]), logits_fn)[:0])]
+        for t in tasks:
+            rows = ids == t
+            convert.set_task(model, int(t))
+            out.append((rows, model_logits(model(x[rows]), logits_fn)))
+    return out
 
 
 def gnu_correct(task_pred, class_pred, task_true, class_true) -> torch.Tensor:

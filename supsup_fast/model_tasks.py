@@ -23,7 +23,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .errors import SupsupError
 from .nn import TaskBatchNorm, TaskDense
-from .nn._model import masked_modules, model_device, named_task_modules, task_modules
+from .nn._model import masked_modules, model_device, named_task_modules, refuse_if_in_use, task_modules
 from .nn.base import TaskModule, _as_task_id
 from .nn.record import record_of
 
@@ -33,7 +33,9 @@ TaskRef = Union[int, str]
 # ---------------------------------------------------------------------------------------------
 # The task modules and their agreement
 # ---------------------------------------------------------------------------------------------
-def _layers(model: nn.Module) -> list[TaskModule]:
+def _layers(model: nn.Module, changing: str = "") -> list[TaskModule]:
+    if changing:  # a mode change under another thread's inference would change that thread's result
+        refuse_if_in_use(model, changing)
     layers = task_modules(model)
     if not layers:
         raise SupsupError(f"{type(model).__name__} has no SupSup layers; convert it with convert_(model, config)")
@@ -114,7 +116,7 @@ def rename_task(model: nn.Module, task: TaskRef, name: Optional[str]) -> None:
 def begin_task(model: nn.Module, task: Optional[TaskRef] = None, *, name: Optional[str] = None) -> int:
     """Open a new task (``task=None``, optionally called ``name``) or reopen frozen task ``task`` (an id or a
     name) in every layer; returns its id. Nothing but the task's scores (and its ``modules_to_save``) trains."""
-    layers = _layers(model)
+    layers = _layers(model, "begin_task")
     count = num_tasks(model)
     if any(m.in_training for m in layers):
         raise SupsupError("begin_task: a task is still in training; call freeze_task(model) (or discard_task) first")
@@ -135,7 +137,7 @@ def begin_task(model: nn.Module, task: Optional[TaskRef] = None, *, name: Option
 
 def freeze_task(model: nn.Module) -> int:
     """Store the task in training in every layer (bits, statistics, per-task modules); returns its id."""
-    layers = _layers(model)
+    layers = _layers(model, "freeze_task")
     missing = [n for n, m in named_task_modules(model) if not m.in_training]
     if missing:
         raise SupsupError(f"freeze_task without begin_task: no task is in training in {', '.join(missing[:5])}"
@@ -152,7 +154,7 @@ def freeze_task(model: nn.Module) -> int:
 
 def discard_task(model: nn.Module) -> None:
     """Drop the task in training without storing it; a reopened task keeps what it had stored."""
-    layers = _layers(model)
+    layers = _layers(model, "discard_task")
     if not any(m.in_training for m in layers):
         raise SupsupError("discard_task: no task is in training")
     trained = _scores(model)
@@ -165,7 +167,7 @@ def discard_task(model: nn.Module) -> None:
 
 def delete_task(model: nn.Module, task: TaskRef) -> None:
     """Remove frozen task ``task`` from every layer; the tasks after it move down one id (their names stay)."""
-    layers = _layers(model)
+    layers = _layers(model, "delete_task")
     if any(m.in_training for m in layers):
         raise SupsupError("delete_task: a task is in training; freeze_task or discard_task first")
     t = task_id(model, task)
@@ -194,7 +196,7 @@ def task(model: nn.Module, task: Optional[TaskRef] = None, *, name: Optional[str
 # ---------------------------------------------------------------------------------------------
 def set_task(model: nn.Module, t: TaskRef) -> None:
     """Apply task ``t`` (an id or a name) everywhere: a frozen task, or the one in training."""
-    layers = _layers(model)
+    layers = _layers(model, "set_task")
     count = num_tasks(model)
     if isinstance(t, str):
         rec = record_of(model)
@@ -212,7 +214,7 @@ def set_task(model: nn.Module, t: TaskRef) -> None:
 def set_row_tasks(model: nn.Module, task_ids: Union[torch.Tensor, Sequence[TaskRef]]) -> torch.Tensor:
     """Compute row ``i`` of every following batch with frozen task ``task_ids[i]`` (ids or names), in one forward
     pass: a batch mixing tasks. Returns the int64 id tensor every layer shares. Leave with ``set_task``."""
-    layers = _layers(model)
+    layers = _layers(model, "set_row_tasks")
     count = num_tasks(model)
     device = model_device(model)
     if isinstance(task_ids, torch.Tensor):
@@ -237,7 +239,7 @@ def set_superposition(model: nn.Module, alpha: Optional[torch.Tensor] = None,
     device). With ``requires_grad=True`` the returned alpha is a leaf requiring grad, so one
     backward pass yields ``d loss / d alpha`` summed over every layer.
     """
-    layers = _layers(model)
+    layers = _layers(model, "set_superposition")
     t = num_tasks(model)
     if t == 0:
         raise SupsupError("set_superposition: the model has no frozen tasks to superpose")

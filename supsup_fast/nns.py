@@ -65,6 +65,9 @@ def is_novel(grad_alpha: torch.Tensor, k: int, epsilon: float = 2.0 ** -3) -> bo
     """
     if not isinstance(grad_alpha, torch.Tensor) or grad_alpha.dim() != 1 or grad_alpha.numel() == 0:
         raise SupsupError("grad_alpha must be a non-empty 1-D tensor of slot gradients")
+    if not bool(torch.isfinite(grad_alpha).all()):  # a NaN belief would read as "not novel", task 0
+        raise SupsupError("grad_alpha must be finite: the batch holds NaN/Inf or the network overflowed; "
+                          "the novelty test cannot decide on it")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise SupsupError(f"k must be a positive int, got {k!r}")
     if not epsilon >= 0:
@@ -168,7 +171,8 @@ class NNsTrainer:
 
     def _allocate(self) -> int:
         if self.num_masks >= self.budget:
-            raise SupsupError(f"NNs budget exhausted: {self.budget} masks are allocated and the data asks for a new one")
+            raise SupsupError(f"NNs budget exhausted: {self.budget} masks are allocated and the data asks for a "
+                              "new one")
         if self.current is not None:
             convert.freeze_task(self.model)
         self.current = convert.begin_task(self.model)

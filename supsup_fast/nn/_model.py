@@ -1,11 +1,23 @@
 """A model's SupSup modules, seen from outside: which they are, where they live, and their modes.
 
 One copy of each question the rest of the library asks about a converted model.
+
+Threads: a model's mode (task, superposition, alpha) is state of its modules, so two threads that
+set it at once would run each other's task. :func:`model_in_use` serialises the library's calls
+on one model (task inference, classification): each thread's call runs alone and gets its own
+result. While a thread is inside such a call, another thread's mode change
+(:func:`refuse_if_in_use`) or forward through the model's task modules raises
+:class:`~supsup_fast.errors.SupsupError` instead of silently using or changing the other's mode.
+Threads that both drive one model by hand (``convert.set_task`` then ``model(x)``), with no library
+call between them, are not detected: use ``inference.task_logits`` / ``classify`` (a task per row)
+from threads, or one model per thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 
 import torch
 from torch import nn
@@ -52,3 +64,84 @@ def preserved_mode(model: nn.Module):
             m.mode, m.task_id = mode, task_id
             m.__dict__["alpha"] = alpha
             m.__dict__["row_tasks"] = rows
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Every module in ``eval()`` (so no batch statistics couple rows or update running statistics, no
+    dropout), each module's own ``training`` flag restored on exit."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+class _Guard:
+    """One model's lock and the thread holding it (re-entrant: a call may call another)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.owner: int | None = None
+        self.depth = 0
+        self.hooks: list = []
+
+
+_GUARDS: "weakref.WeakKeyDictionary[nn.Module, _Guard]" = weakref.WeakKeyDictionary()
+_GUARDS_LOCK = threading.Lock()
+
+
+def _guard(model: nn.Module) -> _Guard:
+    with _GUARDS_LOCK:
+        g = _GUARDS.get(model)
+        if g is None:
+            g = _GUARDS[model] = _Guard()
+        return g
+
+
+def _in_use_error(model: nn.Module, what: str) -> SupsupError:
+    return SupsupError(
+        f"{what}: this {type(model).__name__} is in use by another thread (task inference or classification "
+        "switches its mode); a model's mode is shared state, so changing it or running it from two threads "
+        "at once would give one thread the other's task. Use inference.task_logits / classify / infer_task "
+        "(they take turns on a shared model) or give each thread its own model"
+    )
+
+
+@contextlib.contextmanager
+def model_in_use(model: nn.Module):
+    """Hold ``model`` for the calling thread: other threads' library calls on it wait, their mode changes
+    and forwards through its task modules raise."""
+    g = _guard(model)
+    g.lock.acquire()
+    try:
+        if g.depth == 0:
+            g.owner = threading.get_ident()
+            mine = g.owner
+
+            def foreign_forward(module, args):
+                # a compiled graph is not checked: it cannot ask which thread runs it
+                if not torch.compiler.is_compiling() and threading.get_ident() != mine:
+                    raise _in_use_error(model, f"{type(module).__name__}.forward")
+
+            g.hooks = [m.register_forward_pre_hook(foreign_forward) for m in task_modules(model)]
+        g.depth += 1
+        try:
+            yield
+        finally:
+            g.depth -= 1
+            if g.depth == 0:
+                for h in g.hooks:
+                    h.remove()
+                g.hooks, g.owner = [], None
+    finally:
+        g.lock.release()
+
+
+def refuse_if_in_use(model: nn.Module, what: str) -> None:
+    """Raise if a thread other than the caller holds ``model`` (see :func:`model_in_use`)."""
+    g = _GUARDS.get(model)
+    if g is not None and g.owner is not None and g.owner != threading.get_ident():
+        raise _in_use_error(model, what)
