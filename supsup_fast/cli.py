@@ -29,6 +29,7 @@ def _cmd_run(args) -> int:
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
         seed=args.seed, out_dir=args.out, progress=not args.no_progress, save_bank=not args.no_bank,
+        eval_seed=args.eval_seed, preset=args.preset,
     )
     if args.threads:
         import torch
@@ -69,6 +70,11 @@ def _add_run(sub) -> None:
                     "accuracy and task-inference accuracy without task identity, bytes per task and time.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    from .presets import PRESETS, describe
+
+    pr.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="start from a named configuration; flags given explicitly override it. "
+                         + "; ".join(f"{n}: {describe(n)}" for n in sorted(PRESETS)))
     g = pr.add_argument_group("data")
     g.add_argument("--benchmark", choices=BENCHMARKS, default="permuted", help="task sequence")
     g.add_argument("--data", choices=SOURCES, default="mnist5k",
@@ -99,6 +105,8 @@ def _add_run(sub) -> None:
                    help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--eval-images", type=_positive_int, default=100, help="test images per task for task inference")
     g.add_argument("--test-batch-size", type=_positive_int, default=128)
+    g.add_argument("--eval-seed", type=int, default=0,
+                   help="seed of the order the evaluated test images are batched in (class-mixed batches)")
     g.add_argument("--checkpoints", type=_positive_int, nargs="*", default=None,
                    help="numbers of tasks after which task inference is measured (default 1,2,5,10,20,50,...)")
     g = pr.add_argument_group("run")
@@ -109,6 +117,7 @@ def _add_run(sub) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument("--no-bank", action="store_true", help="do not save the mask bank")
     pr.set_defaults(func=_cmd_run)
+    return pr
 
 
 def _cmd_hopfield(args) -> int:
@@ -153,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--json", action="store_true", help="print as JSON")
     pi.add_argument("--require-ext", action="store_true", help="exit 1 when the compiled extension is not loaded")
     pi.set_defaults(func=_cmd_info)
-    _add_run(sub)
+    p.run_parser = _add_run(sub)
     _add_hopfield(sub)
     return p
 
@@ -161,4 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "preset", None):
+        # a preset replaces the defaults, so every flag given on the command line still wins
+        from .presets import preset_values
+
+        parser.run_parser.set_defaults(**preset_values(args.preset))
+        args = parser.parse_args(argv)
     return args.func(args)

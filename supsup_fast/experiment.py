@@ -63,12 +63,14 @@ class ExperimentConfig:
     rows: Optional[int] = 1
     eval_images: int = 100
     test_batch_size: int = 128
+    eval_seed: int = 0
     checkpoints: list = field(default_factory=list)
     device: str = "cpu"
     seed: int = 0
     out_dir: str = "supsup_runs/latest"
     progress: bool = True
     save_bank: bool = True
+    preset: Optional[str] = None  # the --preset these values came from (recorded; see supsup_fast.presets)
 
     def validate(self) -> None:
         """Reject impossible combinations with a message that says which flags clash."""
@@ -119,6 +121,9 @@ class ExperimentConfig:
             need(torch.cuda.is_available(), f"--device {self.device} asked for, but torch sees no CUDA device")
         else:
             need(self.device == "cpu", f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        from .presets import PRESETS
+
+        need(self.preset is None or self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         bad = [c for c in self.checkpoints if not (isinstance(c, int) and 1 <= c <= self.tasks)]
         need(not bad, f"--checkpoints must lie in [1, --tasks={self.tasks}], got {bad}")
 
@@ -164,25 +169,63 @@ def eval_indices(size: int, count: int) -> torch.Tensor:
     return torch.arange(n) * size // n
 
 
+#: Tag mixed into the seed of the evaluation order (keeps it apart from the training streams' seeds).
+EVAL_ORDER_TAG = 2
+
+
+def eval_batches(size: int, count: int, batch_size: int, task: int, seed: int = 0) -> list[torch.Tensor]:
+    """The test positions one task is evaluated on, as batches of at most ``batch_size``.
+
+    The images are :func:`eval_indices` (class-balanced even on a split sorted by class) in an
+    order shuffled by ``torch.randperm`` from a generator seeded with ``(seed, task,
+    EVAL_ORDER_TAG)``, so every batch is class-mixed like the paper's shuffled test loaders
+    (consecutive chunks of a sorted split would hold one or two digits each). Per-example
+    results cannot depend on this order; batch-mode results do, and the seed is recorded.
+    """
+    picked = eval_indices(size, count)
+    gen = torch.Generator().manual_seed(data._mix_seed(seed, task, EVAL_ORDER_TAG))
+    picked = picked[torch.randperm(picked.numel(), generator=gen)]
+    return list(picked.split(batch_size))
+
+
+def eval_protocol(cfg: ExperimentConfig) -> dict:
+    """How the evaluated test batches are formed, for a results file."""
+    return {"images_per_task": cfg.eval_images, "batch_size": cfg.test_batch_size, "eval_seed": cfg.eval_seed,
+            "picks": "min(eval_images, split) test images evenly spaced over the task's test split",
+            "order": "torch.randperm(picks) from torch.Generator seeded with numpy SeedSequence([eval_seed, task, "
+                     f"{EVAL_ORDER_TAG}]); consecutive batches of batch_size from that order (the last may be short)",
+            "batch_mode": cfg.batch_mode, "rows": "all" if cfg.rows is None else cfg.rows}
+
+
 def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, progress: bool,
                            method: Optional[str] = None) -> dict:
-    """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks."""
+    """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks.
+
+    ``task_inference_accuracy`` counts images; ``inference_accuracy`` counts inferences (test
+    batches in batch mode, images per example); ``min_classes_per_batch`` is the fewest distinct
+    classes any evaluated batch held."""
     num_real = bench.num_classes
     kwargs = _infer_kwargs(cfg, num_real, method)
     confusion = torch.zeros(tasks, tasks, dtype=torch.int64)
     correct = gg_correct = count = 0
     seconds = 0.0
-    inferences = 0
-    chunk = cfg.test_batch_size
+    inferences = inferences_right = 0
+    min_classes = None
     for t in tqdm(range(tasks), desc=f"task inference ({tasks} tasks)", leave=False, disable=not progress):
-        picked = eval_indices(bench.split_size(t, "test"), cfg.eval_images)
-        n = picked.numel()
-        for start in range(0, n, chunk):
-            x, y = bench.batch(t, "test", picked[start:start + chunk])
+        for positions in eval_batches(bench.split_size(t, "test"), cfg.eval_images, cfg.test_batch_size, t,
+                                      cfg.eval_seed):
+            x, y = bench.batch(t, "test", positions)
+            classes_here = int(torch.unique(y).numel())
+            min_classes = classes_here if min_classes is None else min(min_classes, classes_here)
             t0 = time.perf_counter()
             ids, classes = inference.predict(model, x, **kwargs)
             seconds += time.perf_counter() - t0
-            inferences += x.shape[0] if cfg.batch_mode == "per_example" else 1
+            if cfg.batch_mode == "per_example":
+                inferences += x.shape[0]
+                inferences_right += int((ids == t).sum())
+            else:
+                inferences += 1
+                inferences_right += int(ids[0] == t)
             hit = (inference.gnu_correct(ids, classes, t, y) if cfg.scenario in ("GNu", "NNs")
                    else inference.gns_correct(classes, y))
             correct += int(hit.sum())
@@ -193,7 +236,8 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
     task_acc = float(confusion.diag().sum()) / max(count, 1)
     return {"tasks": tasks, "method": kwargs["method"], "accuracy": correct / max(count, 1), "task_inference_accuracy": task_acc,
             "gg_accuracy_same_images": gg_correct / max(count, 1),
-            "images": count, "inferences": inferences, "seconds": seconds,
+            "images": count, "inferences": inferences, "inference_accuracy": inferences_right / max(inferences, 1),
+            "min_classes_per_batch": min_classes, "seconds": seconds,
             "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist()}
 
 
@@ -251,7 +295,8 @@ def run(cfg: ExperimentConfig) -> dict:
     sup = SupsupConfig(binariser=cfg.binariser, density=cfg.density, seed=cfg.seed)
     convert.convert_(model, sup)
     model.to(cfg.device)
-    results = {"config": asdict(cfg), "data": bench.describe(), "environment": _environment(),
+    results = {"config": asdict(cfg), "protocol": eval_protocol(cfg), "data": bench.describe(),
+               "environment": _environment(),
                "per_task": [], "vs_tasks": [], "train_seconds": 0.0}
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.scenario == "NNs":

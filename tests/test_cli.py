@@ -12,7 +12,7 @@ import torch
 from supsup_fast import checkpoint, convert, data, models
 from supsup_fast.cli import main
 from supsup_fast.config import SupsupConfig
-from supsup_fast.experiment import eval_indices
+from supsup_fast.experiment import eval_batches, eval_indices
 
 
 def test_short_run_writes_results_plot_and_bank(tmp_path, capsys):
@@ -50,6 +50,53 @@ def test_task_inference_images_cover_every_class():
         picked = y[eval_indices(y.numel(), count)]
         assert picked.numel() == min(count, y.numel())
         assert torch.equal(picked.bincount(minlength=10), torch.full((10,), picked.numel() // 10))
+
+
+def test_batch_mode_evaluates_class_mixed_batches():
+    """Every evaluated test batch of 128 holds >= 8 digits (the paper's shuffled test loaders), on
+    the real MNIST-5k test split (sorted by digit) and its rotated tasks; the order is seeded."""
+    bench = data.RotatedMNIST(data.mnist_5k(), 36)
+    size = bench.split_size(0, "test")
+    for t in range(36):
+        batches = eval_batches(size, 1000, 128, t, seed=0)
+        picked = torch.cat(batches)
+        assert sorted(picked.tolist()) == list(range(size))  # the whole split, each image once
+        assert [b.numel() for b in batches] == [128] * 7 + [104]
+        for positions in batches:
+            _, y = bench.batch(t, "test", positions)
+            assert torch.unique(y).numel() >= 8
+    # consecutive chunks of the sorted split, the old protocol, fail the same check
+    _, y = bench.batch(0, "test", torch.arange(128))
+    assert torch.unique(y).numel() <= 2
+    # fixed by the seed; another seed or task gives another order
+    assert all(torch.equal(a, b) for a, b in zip(eval_batches(size, 1000, 128, 3, 0), eval_batches(size, 1000, 128, 3, 0)))
+    assert not torch.equal(eval_batches(size, 1000, 128, 3, 0)[0], eval_batches(size, 1000, 128, 3, 1)[0])
+    assert not torch.equal(eval_batches(size, 1000, 128, 3, 0)[0], eval_batches(size, 1000, 128, 4, 0)[0])
+    # fewer images than the split: still class-balanced, then shuffled
+    few = torch.cat(eval_batches(size, 100, 128, 0, 0))
+    assert torch.equal(bench.batch(0, "test", few)[1].bincount(minlength=10), torch.full((10,), 10))
+
+
+def test_preset_sets_the_papers_rotated_configuration_and_flags_override_it(monkeypatch):
+    from supsup_fast import experiment
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        raise experiment.SupsupError("stop here")
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    assert main(["run", "--preset", "rotated-paper"]) == 2
+    c = seen[-1]
+    assert (c.benchmark, c.tasks, c.arch, c.outputs, c.binariser) == ("rotated", 36, "fc1024", 200, "threshold")
+    assert (c.optimizer, c.lr, c.iterations, c.batch_size) == ("rmsprop", 1e-4, 1000, 128)
+    assert (c.scenario, c.method, c.objective, c.batch_mode, c.rows) == ("GNu", "binary", "entropy", "batch", None)
+    assert (c.eval_images, c.test_batch_size, c.preset) == (1000, 128, "rotated-paper")
+    assert main(["run", "--preset", "rotated-paper", "--arch", "lenet", "--outputs", "100", "--rows", "1"]) == 2
+    c = seen[-1]
+    assert (c.arch, c.outputs, c.rows, c.method, c.tasks) == ("lenet", 100, 1, "binary", 36)
+    assert main(["run"]) == 2 and seen[-1].preset is None and seen[-1].benchmark == "permuted"
 
 
 @pytest.mark.parametrize(
