@@ -26,10 +26,11 @@ def _cmd_run(args) -> int:
         benchmark=args.benchmark, data=args.data, data_root=args.data_root, arch=args.arch, outputs=args.outputs,
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method, compare_methods=args.compare_methods,
-        objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, eval_images=args.eval_images,
+        objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, shortlist=args.shortlist,
+        shortlist_by=args.shortlist_by, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
         seed=args.seed, out_dir=args.out, progress=not args.no_progress, save_bank=not args.no_bank,
-        eval_seed=args.eval_seed, preset=args.preset,
+        eval_seed=args.eval_seed, preset=args.preset, check_every=args.check_every,
     )
     if args.threads:
         import torch
@@ -96,13 +97,20 @@ def _add_run(sub) -> None:
     g.add_argument("--scenario", choices=SCENARIOS, default="GNu",
                    help="GG: task given; GNs/GNu: given at training only (shared / unshared labels); NNs: never given")
     g.add_argument("--method", choices=inference.METHODS, default="one_shot")
-    g.add_argument("--objective", choices=inference.OBJECTIVES, default="g",
-                   help="g: the G objective on superfluous neurons; entropy: output entropy")
+    g.add_argument("--objective", choices=inference.OBJECTIVES, default=None,
+                   help="g: the G objective on superfluous neurons; entropy: output entropy "
+                        "(default: g, except entropy for --scenario NNs, whose novelty test needs it)")
     g.add_argument("--batch-mode", choices=inference.BATCH_MODES, default="per_example",
                    help="per_example: every image inferred on its own; batch: one task per test batch")
     g.add_argument("--rows", type=_rows, default=1, help="batch mode: rows of each batch used to infer ('all': every row)")
+    g.add_argument("--shortlist", type=_positive_int, default=4,
+                   help="method shortlist: at most this many candidates, each scored by its own forward pass")
+    g.add_argument("--shortlist-by", choices=inference.SHORTLIST_BY, default="binary",
+                   help="method shortlist: how the candidates are chosen (binary search stopped early, or one-shot)")
     g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
                    help="also measure these inference methods on the same masks after the last task")
+    g.add_argument("--check-every", type=_positive_int, default=100,
+                   help="NNs: batches between novelty checks (at most --iterations)")
     g.add_argument("--eval-images", type=_positive_int, default=100, help="test images per task for task inference")
     g.add_argument("--test-batch-size", type=_positive_int, default=128)
     g.add_argument("--eval-seed", type=int, default=0,

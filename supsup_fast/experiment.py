@@ -37,6 +37,13 @@ from .errors import SupsupError
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
 BENCHMARKS = ("permuted", "rotated", "split")
 SOURCES = ("mnist5k", "mnist", "cifar100")
+#: The task-inference objective when none is given: G (with superfluous neurons) for the GN
+#: scenarios; entropy for NNs, whose novelty test needs it (see ExperimentConfig.validate).
+DEFAULT_OBJECTIVE = {"GG": "g", "GNs": "g", "GNu": "g", "NNs": "entropy"}
+NNS_NEEDS_ENTROPY = (
+    "--scenario NNs needs --objective entropy: its novelty test allocates a mask when the belief "
+    "softmax(-d obj/d alpha) is close to uniform, but the G objective's alpha-gradient favours any trained mask "
+    "over the untrained slots even on data no mask was trained on, so no mask would be allocated after the first")
 
 
 @dataclass
@@ -58,9 +65,11 @@ class ExperimentConfig:
     scenario: str = "GNu"
     method: str = "one_shot"
     compare_methods: list = field(default_factory=list)
-    objective: str = "g"
+    objective: Optional[str] = None  # None: the scenario's default (DEFAULT_OBJECTIVE)
     batch_mode: str = "per_example"
     rows: Optional[int] = 1
+    shortlist: int = 4  # method "shortlist": the most survivors scored by their own forward pass
+    shortlist_by: str = "binary"  # method "shortlist": how they are chosen ("binary" or "one_shot")
     eval_images: int = 100
     test_batch_size: int = 128
     eval_seed: int = 0
@@ -70,6 +79,7 @@ class ExperimentConfig:
     out_dir: str = "supsup_runs/latest"
     progress: bool = True
     save_bank: bool = True
+    check_every: int = 100  # NNs: batches between novelty checks
     preset: Optional[str] = None  # the --preset these values came from (recorded; see supsup_fast.presets)
 
     def validate(self) -> None:
@@ -83,15 +93,21 @@ class ExperimentConfig:
         need(self.data in SOURCES, f"--data must be one of {SOURCES}, got {self.data!r}")
         need(self.arch in models.ARCHITECTURES, f"--arch must be one of {sorted(models.ARCHITECTURES)}")
         need(self.scenario in SCENARIOS, f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.objective is None:
+            self.objective = DEFAULT_OBJECTIVE[self.scenario]
         for m in [self.method, *self.compare_methods]:
             need(m in inference.METHODS, f"--method must be one of {inference.METHODS}, got {m!r}")
         need(not self.compare_methods or self.scenario in ("GNs", "GNu"),
              "--compare-methods needs a task-inference scenario (GNs or GNu)")
         need(self.objective in inference.OBJECTIVES, f"--objective must be one of {inference.OBJECTIVES}")
+        need(isinstance(self.shortlist, int) and self.shortlist >= 1,
+             f"--shortlist must be a positive integer, got {self.shortlist!r}")
+        need(self.shortlist_by in inference.SHORTLIST_BY,
+             f"--shortlist-by must be one of {inference.SHORTLIST_BY}, got {self.shortlist_by!r}")
         need(self.batch_mode in inference.BATCH_MODES, f"--batch-mode must be one of {inference.BATCH_MODES}")
         need(self.rows is None or (isinstance(self.rows, int) and self.rows >= 1),
              f"--rows must be a positive integer or 'all', got {self.rows!r}")
-        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs"):
+        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs", "check_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         need(0.0 < self.lr < 10.0, f"--lr must be in (0, 10), got {self.lr}")
@@ -117,6 +133,12 @@ class ExperimentConfig:
         if self.scenario in ("GNs", "GNu", "NNs"):
             need(self.binariser == "threshold" or self.density < 1.0,
                  "task inference needs masks that differ: --density 1 keeps every weight in every task")
+        if self.scenario == "NNs":
+            need(self.objective == "entropy", NNS_NEEDS_ENTROPY)
+            need(self.iterations >= self.check_every,
+                 f"--scenario NNs checks for novelty every --check-every={self.check_every} batches; with "
+                 f"--iterations {self.iterations} per task some tasks would pass without a check and train "
+                 f"another task's mask: give --iterations >= --check-every")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), f"--device {self.device} asked for, but torch sees no CUDA device")
         else:
@@ -159,7 +181,7 @@ def default_checkpoints(tasks: int) -> list[int]:
 
 def _infer_kwargs(cfg: ExperimentConfig, num_real: int, method: Optional[str] = None) -> dict:
     return dict(method=method or cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
-                batch_mode=cfg.batch_mode, rows=cfg.rows)
+                batch_mode=cfg.batch_mode, rows=cfg.rows, shortlist=cfg.shortlist, shortlist_by=cfg.shortlist_by)
 
 
 def eval_indices(size: int, count: int) -> torch.Tensor:
@@ -198,15 +220,18 @@ def eval_protocol(cfg: ExperimentConfig) -> dict:
 
 
 def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, progress: bool,
-                           method: Optional[str] = None) -> dict:
+                           method: Optional[str] = None, mask_of_task: Optional[list] = None) -> dict:
     """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks.
 
     ``task_inference_accuracy`` counts images; ``inference_accuracy`` counts inferences (test
     batches in batch mode, images per example); ``min_classes_per_batch`` is the fewest distinct
-    classes any evaluated batch held."""
+    classes any evaluated batch held. ``mask_of_task[t]`` is the mask that is right for task
+    ``t``'s images (NNs; default: mask ``t``); the confusion is then tasks x masks."""
     num_real = bench.num_classes
     kwargs = _infer_kwargs(cfg, num_real, method)
-    confusion = torch.zeros(tasks, tasks, dtype=torch.int64)
+    right = list(range(tasks)) if mask_of_task is None else [int(m) for m in mask_of_task]
+    masks = max(tasks, convert.num_tasks(model))
+    confusion = torch.zeros(tasks, masks, dtype=torch.int64)
     correct = gg_correct = count = 0
     seconds = 0.0
     inferences = inferences_right = 0
@@ -222,18 +247,18 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
             seconds += time.perf_counter() - t0
             if cfg.batch_mode == "per_example":
                 inferences += x.shape[0]
-                inferences_right += int((ids == t).sum())
+                inferences_right += int((ids == right[t]).sum())
             else:
                 inferences += 1
-                inferences_right += int(ids[0] == t)
-            hit = (inference.gnu_correct(ids, classes, t, y) if cfg.scenario in ("GNu", "NNs")
+                inferences_right += int(ids[0] == right[t])
+            hit = (inference.gnu_correct(ids, classes, right[t], y) if cfg.scenario in ("GNu", "NNs")
                    else inference.gns_correct(classes, y))
             correct += int(hit.sum())
-            given = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+            given = torch.full((x.shape[0],), right[t], dtype=torch.int64, device=x.device)
             gg_correct += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
             count += x.shape[0]
-            confusion[t] += torch.bincount(ids.cpu().clamp_max(tasks - 1), minlength=tasks)
-    task_acc = float(confusion.diag().sum()) / max(count, 1)
+            confusion[t] += torch.bincount(ids.cpu(), minlength=masks)
+    task_acc = float(sum(int(confusion[t, right[t]]) for t in range(tasks))) / max(count, 1)
     return {"tasks": tasks, "method": kwargs["method"], "accuracy": correct / max(count, 1), "task_inference_accuracy": task_acc,
             "gg_accuracy_same_images": gg_correct / max(count, 1),
             "images": count, "inferences": inferences, "inference_accuracy": inferences_right / max(inferences, 1),
@@ -264,24 +289,11 @@ def _train_labelled(model, bench, cfg, results, progress):
 
 def _train_nns(model, bench, cfg, results, progress):
     """NNs: the stream carries no task identity; masks are allocated by the novelty test."""
-    from .nns import NNsTrainer
+    from .experiment_nns import train_nns
 
-    trainer = NNsTrainer(model, cfg.optimizer, lr=cfg.lr, objective=cfg.objective,
-                         num_real=bench.num_classes if cfg.objective == "g" else None, budget=max(2500, cfg.tasks),
-                         seed=cfg.seed)
-    t0 = time.perf_counter()
-    for t in tqdm(range(cfg.tasks), desc="tasks (identity hidden)", disable=not progress):
-        stream = bench.infinite_batches(t, cfg.batch_size, seed=cfg.seed)
-        for _ in tqdm(range(cfg.iterations), desc=f"stream {t}", leave=False, disable=not progress):
-            trainer.step(*next(stream))
-    trainer.finish()
-    results["train_seconds"] += time.perf_counter() - t0
-    results["nns"] = {"masks_allocated": trainer.num_frozen, "checks": len(trainer.history),
-                      "decisions": [h["decision"] for h in trainer.history]}
-    # GG has no meaning without a task -> mask map; report each mask's best task instead.
-    results["vs_tasks"].append(measure_task_inference(model, bench, cfg, min(cfg.tasks, trainer.num_frozen), progress)
-                               if trainer.num_frozen == cfg.tasks else
-                               {"tasks": cfg.tasks, "note": f"{trainer.num_frozen} masks for {cfg.tasks} tasks"})
+    train_nns(model, bench, cfg, results, progress, checkpoints=set(cfg.checkpoints or default_checkpoints(cfg.tasks)),
+              measure=lambda m, tasks, mask_of_task: measure_task_inference(m, bench, cfg, tasks, progress,
+                                                                             mask_of_task=mask_of_task))
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -400,8 +412,11 @@ def summary_table(results: dict) -> str:
                      f"{100 * p['task_inference_accuracy']:.2f}% at {p['tasks']} tasks, "
                      f"{p['ms_per_inference']:.2f} ms/inference")
     if "nns" in results:
-        lines.append(f"NNs: {results['nns']['masks_allocated']} masks allocated for {c['tasks']} tasks "
-                     f"({results['nns']['checks']} novelty checks)")
+        n = results["nns"]
+        lines.append(f"NNs: {n['masks_allocated']} masks allocated for {c['tasks']} tasks "
+                     f"({'one per task, in order' if n['one_mask_per_task'] else 'masks of the tasks: ' + str(n['mask_of_task'])}; "
+                     f"{n['checks']} novelty checks: {n['decisions']['new']} new, {n['decisions']['switch']} switch, "
+                     f"{n['decisions']['continue']} continue)")
     m = results["memory"]
     lines.append("")
     lines.append(f"mask bits: {m['mask_bytes_per_task'] / 1024:.1f} KiB per task, {m['mask_bytes_total'] / 2**20:.2f} MiB "

@@ -15,6 +15,18 @@ Methods (``infer_task(method=...)``):
   repeat until one remains: ``ceil(log2 k)`` passes.
 * ``"gradient_descent"`` -- ``alpha = softmax(theta)`` over the candidates; ``theta`` descends the
   objective (normalised steps of ``lr`` logits) until ``max alpha >= threshold`` or ``max_steps``.
+* ``"shortlist"`` -- the gradient narrows, each survivor's own network decides. Binary search
+  (``shortlist_by="binary"``) runs only until at most ``shortlist`` candidates remain (or one-shot,
+  ``shortlist_by="one_shot"``, keeps the ``shortlist`` lowest gradients of one pass); then every
+  survivor ``i`` is scored by the objective's value under its *own* mask alone (``alpha = e_i``),
+  all survivors of all units in one batched forward pass (rows x candidates through
+  ``ops.masked_linear_grouped``), and the lowest score wins (ties: the lower task id). The
+  gradient at a uniform ``alpha`` ranks well when masks differ (PermutedMNIST) but poorly among
+  masks that look alike (RotatedMNIST's neighbouring angles); the survivors' own forward passes
+  separate those. Scores: output entropy for ``objective="entropy"``; for ``"g"`` the log of the
+  probability mass on the superfluous neurons (:func:`superfluous_logmass_rows`), which
+  cross-entropy training drives down on a task's own data. Confidence: ``max softmax(-n * score)``
+  over the survivors, ``n`` the rows a score averages (1 per example).
 
 Batch handling (``batch_mode=...``):
 
@@ -27,7 +39,7 @@ Batch handling (``batch_mode=...``):
   (computed in row chunks so memory stays bounded). Binary search and gradient descent group the
   rows that share an ``alpha`` into one pass.
 
-Confidence: ``max_i softmax(-g)_i`` over the candidates, ``g`` the final pass's per-row alpha
+Confidence (gradient methods): ``max_i softmax(-g)_i`` over the candidates, ``g`` the final pass's per-row alpha
 gradient (the belief ``nu`` of the NNs novelty test); in ``[1/n, 1]`` for ``n`` candidates of
 that pass. Gradient descent reports its final ``max alpha`` instead.
 
@@ -48,10 +60,11 @@ from torch import nn
 
 from . import convert, ops
 from .errors import SupsupError
-from .nn import MaskedLayerBase
+from .nn import MaskedLayerBase, MaskedLinear
 from .nn.base import TaskModule
 
-METHODS = ("one_shot", "binary", "gradient_descent")
+METHODS = ("one_shot", "binary", "gradient_descent", "shortlist")
+SHORTLIST_BY = ("binary", "one_shot")
 OBJECTIVES = ("entropy", "g")
 BATCH_MODES = ("batch", "per_example")
 
@@ -78,6 +91,22 @@ def g_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
     return torch.logsumexp(z_hat, dim=-1)
 
 
+def superfluous_logmass_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
+    """``log sum_{j >= num_real} softmax(logits)_j`` per row: how much the output believes in the
+    superfluous neurons (the value by which :data:`"shortlist"` scores candidates for ``"g"``)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return torch.logsumexp(logp[..., num_real:], dim=-1)
+
+
+def objective_value_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-row scores (lower: the candidate's network fits the input better) that ``"shortlist"``
+    compares across candidates' own forward passes: entropy, or for ``"g"`` the superfluous log-mass."""
+    objective_rows(objective, num_real)  # same validation
+    if objective == "entropy":
+        return entropy_rows
+    return lambda logits: superfluous_logmass_rows(_with_superfluous(logits, num_real), num_real)
+
+
 def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-row objective function named ``objective`` (``"entropy"`` or ``"g"``)."""
     if objective == "entropy":
@@ -89,13 +118,17 @@ def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.T
     raise SupsupError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
-def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
+def _with_superfluous(logits: torch.Tensor, num_real: int) -> torch.Tensor:
     if num_real >= logits.shape[-1]:
         raise SupsupError(
             f"the G objective needs superfluous output neurons: num_real={num_real} but the model has only "
             f"{logits.shape[-1]} outputs"
         )
-    return g_rows(logits, num_real)
+    return logits
+
+
+def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
+    return g_rows(_with_superfluous(logits, num_real), num_real)
 
 
 # ======================================================================================
@@ -308,6 +341,8 @@ class TaskInference:
         alphas: per pass, the ``alpha`` used, ``[U, T]`` (``U`` = 1 in batch mode, else rows).
         grads: per pass, ``d obj / d alpha``, ``[U, T]`` (gradient descent: NaN for units that
             had already reached the threshold and took no step).
+        candidates: ``"shortlist"`` only: the survivors each unit scored, int64 ``[U, C]``, ascending.
+        scores: ``"shortlist"`` only: their scores under their own masks, ``[U, C]``.
     """
 
     task_ids: torch.Tensor
@@ -315,6 +350,8 @@ class TaskInference:
     passes: int = 0
     alphas: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+    candidates: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
 
 
 def belief(grads: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -339,13 +376,17 @@ def infer_task(
     lr: float = 1.0,
     threshold: float = 0.99,
     max_steps: int = 100,
+    shortlist: int = 4,
+    shortlist_by: str = "binary",
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> TaskInference:
     """Infer the task of ``x`` among the model's learned tasks (or ``candidates``), without a task id.
 
     See the module docstring for ``method``, ``objective`` and ``batch_mode``. ``rows`` (batch mode
     only) is how many leading rows the inference looks at (``None`` = all). ``lr``, ``threshold``
-    and ``max_steps`` configure ``"gradient_descent"``. The model's mode is restored afterwards.
+    and ``max_steps`` configure ``"gradient_descent"``; ``shortlist`` (the most survivors scored
+    by their own forward pass) and ``shortlist_by`` configure ``"shortlist"``. The model's mode
+    is restored afterwards.
     """
     if method not in METHODS:
         raise SupsupError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -369,6 +410,13 @@ def infer_task(
         return g if per_example else g.unsqueeze(0)
 
     units = x.shape[0] if per_example else 1
+    if method == "shortlist":
+        if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
+            raise SupsupError(f"shortlist must be a positive int, got {shortlist!r}")
+        if shortlist_by not in SHORTLIST_BY:
+            raise SupsupError(f"unknown shortlist_by {shortlist_by!r}; expected one of {SHORTLIST_BY}")
+        return _shortlist(model, x, cand, units, grads_of, per_example, objective_value_rows(objective, num_real),
+                          shortlist, shortlist_by, chunk_elements)
     if method == "gradient_descent":
         return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps)
     return _halving(x, cand, units, grads_of, per_example, one_shot=(method == "one_shot"))
@@ -391,9 +439,14 @@ def _grads_grouped(x, alphas, grads_of, units_are_rows: bool):
     return out, len(groups)
 
 
-def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool) -> TaskInference:
+def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, stop_at: int = 1) -> TaskInference:
+    """Binary search (or one pass, ``one_shot``); with ``stop_at > 1`` it stops once at most
+    ``stop_at`` candidates survive and leaves them in ``result.candidates`` (``task_ids`` unset)."""
     alive = cand.unsqueeze(0).expand(units, -1).clone()
     result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0))
+    if stop_at > 1 and int(cand.sum()) <= stop_at:  # already short enough: no pass needed
+        result.candidates = _survivors(alive)
+        return result
     if int(cand.sum()) == 1:  # nothing to decide: no pass needed
         result.task_ids = alive.float().argmax(-1)
         result.confidence = torch.ones(units, device=cand.device)
@@ -417,12 +470,99 @@ def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool) -> TaskInf
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         alive = alive & (rank < keep.unsqueeze(1))
+        if stop_at > 1 and bool((alive.sum(-1) <= stop_at).all()):
+            result.candidates = _survivors(alive)
+            return result
         if bool((alive.sum(-1) == 1).all()):
             ids = alive.float().argmax(-1)
             break
     result.task_ids = ids.to(torch.int64)
     result.confidence = conf.clamp(0.0, 1.0)
     return result
+
+
+def _survivors(alive: torch.Tensor) -> torch.Tensor:
+    """int64 ``[U, C]``: each unit's ``True`` task ids, ascending (every unit has ``C`` of them)."""
+    counts = alive.sum(-1)
+    if not bool((counts == counts[0]).all()):  # halving keeps ceil(n/2) of the same n in every unit
+        raise SupsupError("internal: units kept different numbers of candidates")
+    return torch.nonzero(alive)[:, 1].reshape(alive.shape[0], int(counts[0]))
+
+
+def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, chunk_elements) -> TaskInference:
+    if by == "one_shot" and int(cand.sum()) > size:
+        result = _halving(x, cand, units, grads_of, per_row, one_shot=True)
+        g = torch.where(cand, result.grads[-1], torch.tensor(math.inf, device=cand.device))
+        lowest = torch.sort(g, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
+        result.candidates = torch.sort(lowest, dim=-1).values
+    else:
+        result = _halving(x, cand, units, grads_of, per_row, one_shot=False, stop_at=size)
+    survivors = result.candidates
+    scores = candidate_scores(model, x, survivors, value_fn, per_example=per_row, chunk_elements=chunk_elements)
+    best = scores.argmin(-1)  # first minimum: survivors ascend, so ties go to the lower task id
+    result.task_ids = survivors.gather(1, best.unsqueeze(1)).squeeze(1).to(torch.int64)
+    n = 1 if per_row else x.shape[0]
+    result.confidence = torch.softmax(-n * scores.double(), dim=-1).max(-1).values.float().clamp(0.0, 1.0)
+    result.scores = scores
+    return result
+
+
+def candidate_scores(model: nn.Module, x: torch.Tensor, candidates: torch.Tensor,
+                     value_fn: Callable[[torch.Tensor], torch.Tensor], *, per_example: bool,
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """``[U, C]``: each candidate task's score under its own mask alone.
+
+    ``per_example=False``: ``candidates`` is ``[1, C]`` and a score is the mean of ``value_fn``
+    over the rows of ``x``. ``per_example=True``: ``candidates`` is ``[B, C]``, row ``r`` of ``x``
+    is scored under each of its own ``C`` candidates. Every (row, candidate) pair is one row of a
+    single forward pass (:func:`forward_rows_through_tasks`), in chunks of bounded size.
+    """
+    b, c = x.shape[0], candidates.shape[1]
+    if per_example:
+        xs, ids = x.repeat_interleave(c, dim=0), candidates.reshape(-1)
+    else:
+        xs, ids = x.repeat((c,) + (1,) * (x.dim() - 1)), candidates[0].repeat_interleave(b)
+    widest = max([layer.weight.shape[0] for layer in convert.masked_layers(model)
+                  if isinstance(layer, MaskedLayerBase)] + [x[0].numel()])
+    step = max(1, int(chunk_elements) // max(1, widest))
+    with torch.no_grad():
+        values = torch.cat([value_fn(forward_rows_through_tasks(model, xs[s:s + step], ids[s:s + step])).float()
+                            for s in range(0, xs.shape[0], step)])
+    return values.reshape(b, c) if per_example else values.reshape(c, b).mean(-1, keepdim=True).t()
+
+
+def forward_rows_through_tasks(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """The model's output for every row ``i`` of ``x`` under task ``task_ids[i]``'s stored mask alone.
+
+    An ``nn.Sequential`` whose only task modules are :class:`~supsup_fast.nn.MaskedLinear` runs once,
+    every masked layer as one ``ops.masked_linear_grouped`` call (rows x tasks); any other model runs
+    once per distinct task on that task's rows. The model's mode is restored afterwards.
+    """
+    if task_ids.shape != (x.shape[0],):
+        raise SupsupError(f"task_ids must have one entry per row of x, shape [{x.shape[0]}], got {tuple(task_ids.shape)}")
+    ids = task_ids.to(device=_model_device(model), dtype=torch.int64)
+    if isinstance(model, nn.Sequential) and all(isinstance(m, MaskedLinear) for m in model.modules()
+                                                if isinstance(m, TaskModule)):
+        h = x
+        for m in model:
+            if isinstance(m, MaskedLinear):
+                if h.dim() != 2 or h.shape[0] != ids.shape[0]:
+                    raise SupsupError(f"grouped forward: {type(m).__name__} got input of shape {tuple(h.shape)}, "
+                                      f"expected [{ids.shape[0]}, {m.in_features}]")
+                h = ops.masked_linear_grouped(h, m.weight, m.bank, ids, m.bias)
+            else:
+                h = m(h)
+        return h
+    out = None
+    with preserved_mode(model):
+        for t in torch.unique(ids).tolist():
+            rows = torch.nonzero(ids == t).flatten()
+            convert.set_task(model, int(t))
+            y = model(x[rows])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+            out[rows] = y
+    return out
 
 
 def _gradient_descent(x, cand, units, grads_of, per_row, lr, threshold, max_steps) -> TaskInference:

@@ -99,6 +99,31 @@ def test_preset_sets_the_papers_rotated_configuration_and_flags_override_it(monk
     assert main(["run"]) == 2 and seen[-1].preset is None and seen[-1].benchmark == "permuted"
 
 
+def test_nns_with_default_objective_allocates_one_mask_per_task(tmp_path, capsys):
+    """No task identity anywhere: the novelty test (entropy, the NNs default) opens a mask at each task
+    boundary and nowhere else; each task's images are scored against the mask that trained on them."""
+    out = tmp_path / "nns"
+    rc = main(["run", "--scenario", "NNs", "--tasks", "3", "--iterations", "60", "--check-every", "30", "--lr", "1e-3",
+               "--eval-images", "20", "--no-progress", "--no-bank", "--out", str(out)])
+    assert rc == 0
+    assert "3 masks allocated for 3 tasks (one per task, in order" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["objective"] == "entropy"
+    nns = res["nns"]
+    assert nns["masks_allocated"] == 3 and nns["mask_of_task"] == [0, 1, 2] and nns["one_mask_per_task"]
+    # checks at batches 30, 60, ..., 150: "new" exactly at the boundaries 60 and 120
+    assert [(h["batch"], h["decision"]) for h in nns["history"]] == [
+        (30, "continue"), (60, "new"), (90, "continue"), (120, "new"), (150, "continue")]
+    assert all((h["slots_times_nu_max"] < 1 + 2 ** -3) == (h["decision"] == "new") for h in nns["history"])
+    assert [p["masks_after"] for p in res["per_task"]] == [1, 2, 3]
+    final = res["final"]
+    assert final["tasks"] == 3 and final["masks"] == 3 and final["images"] == 60
+    # a wrong mask scores 0: NNs accuracy never exceeds GG accuracy on the same images
+    assert final["accuracy"] <= final["gg_accuracy_same_images"]
+    if final["task_inference_accuracy"] == 1.0:
+        assert final["accuracy"] == final["gg_accuracy_same_images"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -108,6 +133,8 @@ def test_preset_sets_the_papers_rotated_configuration_and_flags_override_it(monk
         (["run", "--device", "cuda"], "no CUDA device"),
         (["run", "--density", "1.5"], "(0, 1]"),
         (["run", "--checkpoints", "50", "--tasks", "3"], "--checkpoints"),
+        (["run", "--scenario", "NNs", "--objective", "g"], "needs --objective entropy"),
+        (["run", "--scenario", "NNs", "--iterations", "50"], "--iterations >= --check-every"),
     ],
 )
 def test_impossible_combinations_get_a_clear_message(argv, message, capsys):

@@ -228,6 +228,102 @@ def test_gradient_descent_steps_follow_softmax_chain_rule():
 
 
 # --------------------------------------------------------------------------------------
+# Shortlist: the gradient narrows, each survivor's own forward pass decides
+# --------------------------------------------------------------------------------------
+def own_mask_scores(model, x, tasks, objective="entropy", num_real=None):
+    """Each task's mean score over the rows of ``x`` under its own mask, one plain forward per task."""
+    out = []
+    for t in tasks:
+        convert.set_task(model, t)
+        with torch.no_grad():
+            z = model(x)
+        if objective == "entropy":
+            out.append(float(reference.entropy(z)))
+        else:  # log of the softmax mass on the superfluous neurons
+            p = torch.softmax(z.double(), -1)
+            out.append(float(torch.log(p[:, num_real:].sum(-1)).mean()))
+    return out
+
+
+def test_superfluous_logmass_is_the_log_of_the_superfluous_probability():
+    z = torch.randn(7, 12, dtype=torch.float64)
+    want = torch.log(torch.softmax(z, -1)[:, 5:].sum(-1))
+    torch.testing.assert_close(inference.superfluous_logmass_rows(z, 5).double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SupsupError, match="superfluous"):
+        inference.objective_value_rows("g", 12)(z)
+
+
+@pytest.mark.parametrize("seed,objective", [(s, o) for s in range(4) for o in ("entropy", "g")])
+def test_shortlist_of_every_task_picks_the_lowest_own_mask_score(seed, objective):
+    gen = torch.Generator().manual_seed(300 + seed)
+    t = int(torch.randint(2, 10, (1,), generator=gen))
+    model = store_random_tasks(mlp([10, 15, 13, 9], seed), t, seed=seed)
+    x = torch.randn(6, 10, generator=gen) * 2
+    num_real = 4 if objective == "g" else None
+    want = own_mask_scores(model, x, range(t), objective, num_real)
+    res = inference.infer_task(model, x, method="shortlist", shortlist=t, objective=objective, num_real=num_real,
+                               rows=None)
+    assert res.passes == 0 and res.candidates.tolist() == [list(range(t))]  # no gradient pass needed
+    torch.testing.assert_close(res.scores[0].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    assert int(res.task_ids[0]) == min(range(t), key=lambda i: (want[i], i))
+    n_conf = torch.softmax(-6 * torch.tensor(want, dtype=torch.float64), 0).max()
+    torch.testing.assert_close(res.confidence[0].double(), n_conf, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
+    gen = torch.Generator().manual_seed(400 + seed)
+    t, size = 11, 3
+    model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
+    x = torch.randn(5, 12, generator=gen)
+    # binary: halve (keep ceil(n/2), ties to the lower id) until at most `size` remain: 11 -> 6 -> 3
+    alive = list(range(t))
+    while len(alive) > size:
+        g = explicit_grad(model, x, uniform(t, alive), "entropy")
+        alive = sorted(sorted(alive, key=lambda i: (float(g[i]), i))[: (len(alive) + 1) // 2])
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, rows=None)
+    assert res.passes == 2 and res.candidates.tolist() == [alive]
+    scores = own_mask_scores(model, x, alive)
+    assert int(res.task_ids[0]) == alive[min(range(len(alive)), key=lambda i: (scores[i], i))]
+    # one-shot: the `size` lowest gradients of one pass at alpha uniform
+    g = explicit_grad(model, x, uniform(t), "entropy")
+    lowest = sorted(sorted(range(t), key=lambda i: (float(g[i]), i))[:size])
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="one_shot", rows=None)
+    assert res.passes == 1 and res.candidates.tolist() == [lowest]
+    scores = own_mask_scores(model, x, lowest)
+    assert int(res.task_ids[0]) == lowest[min(range(size), key=lambda i: (scores[i], i))]
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv_bn"])
+def test_forward_rows_through_tasks_equals_each_rows_own_task(kind):
+    torch.manual_seed(5)
+    if kind == "conv_bn":
+        model = store_random_tasks(convnet(5, bn=True), 4, x_stats=torch.randn(16, 2, 5, 5))
+        x = torch.randn(9, 2, 5, 5)
+    else:
+        model = store_random_tasks(mlp([10, 16, 12, 8], 5), 4)
+        x = torch.randn(9, 10)
+    convert.set_task(model, 2)
+    ids = torch.tensor([3, 0, 0, 1, 3, 2, 1, 0, 3])
+    with torch.no_grad():
+        got = inference.forward_rows_through_tasks(model, x, ids)
+    for r in range(9):
+        convert.set_task(model, int(ids[r]))
+        with torch.no_grad():
+            torch.testing.assert_close(got[r], model(x[r:r + 1])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SupsupError, match="one entry per row"):
+        inference.forward_rows_through_tasks(model, x, ids[:3])
+
+
+def test_shortlist_arguments_are_checked():
+    model = store_random_tasks(mlp([4, 5, 3], 0), 3)
+    with pytest.raises(SupsupError, match="shortlist must"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist=0)
+    with pytest.raises(SupsupError, match="shortlist_by"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_by="nope")
+
+
+# --------------------------------------------------------------------------------------
 # Per-example inference
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mlp", "mlp_inplace", "conv_bn"])
@@ -249,14 +345,14 @@ def test_per_example_gradients_equal_single_row_gradients(kind):
                                    rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist"])
 @pytest.mark.parametrize("objective", ["entropy", "g"])
 def test_per_example_inference_equals_batch_inference_on_each_row(method, objective):
     torch.manual_seed(2)
     model = store_random_tasks(mlp([9, 14, 11], 2), 7)
     x = torch.randn(6, 9) * 2
     kw = dict(method=method, objective=objective, num_real=5 if objective == "g" else None,
-              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7)
+              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7, shortlist=2)
     res = inference.infer_task(model, x, batch_mode="per_example", **kw)
     assert res.task_ids.shape == (6,) and res.confidence.shape == (6,)
     for r in range(6):
@@ -273,7 +369,7 @@ def test_only_learned_tasks_are_candidates_and_confidence_is_a_probability():
     model = store_random_tasks(mlp([8, 12, 6], 4), 5)
     convert.begin_task(model)  # task 5 is open: it must never be chosen
     x = torch.randn(20, 8) * 3
-    for method in ("one_shot", "binary", "gradient_descent"):
+    for method in ("one_shot", "binary", "gradient_descent", "shortlist"):
         res = inference.infer_task(model, x, method=method, batch_mode="per_example", max_steps=3)
         assert ((res.task_ids >= 0) & (res.task_ids < 5)).all()
         assert ((res.confidence >= 0) & (res.confidence <= 1)).all()
@@ -362,7 +458,7 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist"])
 @pytest.mark.parametrize("batch_mode", ["batch", "per_example"])
 def test_no_float_tensor_as_large_as_a_mask_stack(method, batch_mode):
     t = 48
