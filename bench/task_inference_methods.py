@@ -1,6 +1,6 @@
 """Every task-inference method on one saved run's masks, on the same test batches: accuracy and time.
 
-    python bench/task_inference_methods.py RUN_DIR [--variants one_shot binary shortlist:binary:4 ...]
+    python bench/task_inference_methods.py RUN_DIR [--variants one_shot binary shortlist:rows:4:16 ...]
                                            [--repeats 3] [--batch-mode ...] [--rows ...] [--objective ...]
                                            [--out results.json]
 
@@ -8,8 +8,8 @@
 and benchmark are rebuilt from the run's config, the bank is loaded, and each variant is measured
 by :func:`supsup_fast.experiment.measure_task_inference` -- the CLI's own measurement, protocol
 included (class-mixed test batches, seeded) -- on exactly the images the run used. Variants:
-``one_shot``, ``binary``, ``gradient_descent``, ``shortlist:<by>:<size>`` (``by`` = ``binary`` or
-``one_shot``). Inference settings other than the method (objective, batch mode, rows) are the
+``one_shot``, ``binary``, ``gradient_descent``, ``shortlist:<by>[:<size>[:<rows>]]`` (``by``: ``auto``,
+``rows``, ``one_shot`` or ``binary``; a size of at least the number of tasks scores every task). Inference settings other than the method (objective, batch mode, rows) are the
 run's unless overridden.
 
 Time: every repeat measures all variants one after another (side by side on the same machine
@@ -35,19 +35,25 @@ from supsup_fast import checkpoint, convert, models
 from supsup_fast.config import SupsupConfig
 from supsup_fast.experiment import ExperimentConfig, build_benchmark, eval_protocol, measure_task_inference
 
-DEFAULT_VARIANTS = ["one_shot", "binary", "gradient_descent", "shortlist:binary:4"]
+DEFAULT_VARIANTS = ["one_shot", "binary", "gradient_descent", "shortlist:auto"]
 
 
 def parse_variant(text: str) -> dict:
-    """``"shortlist:binary:4"`` -> ``{"method": "shortlist", "shortlist_by": "binary", "shortlist": 4}``."""
+    """``"shortlist:rows:4:16"`` -> ``{"method": "shortlist", "shortlist_by": "rows", "shortlist": 4,
+    "shortlist_rows": 16}`` (the last two optional: the config's values)."""
     parts = text.split(":")
     if parts[0] != "shortlist":
         if len(parts) != 1:
-            raise SystemExit(f"variant {text!r}: only shortlist takes parameters (shortlist:<by>:<size>)")
+            raise SystemExit(f"variant {text!r}: only shortlist takes parameters (shortlist:<by>[:<size>[:<rows>]])")
         return {"method": parts[0]}
-    if len(parts) != 3:
-        raise SystemExit(f"variant {text!r}: write shortlist:<binary|one_shot>:<size>")
-    return {"method": "shortlist", "shortlist_by": parts[1], "shortlist": int(parts[2])}
+    if not 2 <= len(parts) <= 4:
+        raise SystemExit(f"variant {text!r}: write shortlist:<by>[:<size>[:<rows>]]")
+    out = {"method": "shortlist", "shortlist_by": parts[1]}
+    if len(parts) > 2:
+        out["shortlist"] = int(parts[2])
+    if len(parts) > 3:
+        out["shortlist_rows"] = int(parts[3])
+    return out
 
 
 def load_run(run_dir: str, overrides: dict):

@@ -27,7 +27,7 @@ def _cmd_run(args) -> int:
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method, compare_methods=args.compare_methods,
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, shortlist=args.shortlist,
-        shortlist_by=args.shortlist_by, eval_images=args.eval_images,
+        shortlist_by=args.shortlist_by, shortlist_rows=args.shortlist_rows, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
         seed=args.seed, out_dir=args.out, progress=not args.no_progress, save_bank=not args.no_bank,
         eval_seed=args.eval_seed, preset=args.preset, check_every=args.check_every,
@@ -104,9 +104,12 @@ def _add_run(sub) -> None:
                    help="per_example: every image inferred on its own; batch: one task per test batch")
     g.add_argument("--rows", type=_rows, default=1, help="batch mode: rows of each batch used to infer ('all': every row)")
     g.add_argument("--shortlist", type=_positive_int, default=4,
-                   help="method shortlist: at most this many candidates, each scored by its own forward pass")
-    g.add_argument("--shortlist-by", choices=inference.SHORTLIST_BY, default="binary",
-                   help="method shortlist: how the candidates are chosen (binary search stopped early, or one-shot)")
+                   help="method shortlist: at most this many candidates are scored by their own networks on all rows")
+    g.add_argument("--shortlist-by", choices=inference.SHORTLIST_BY, default="auto",
+                   help="method shortlist: how they are chosen: rows (own-network scores on the first --shortlist-rows "
+                        "rows), one_shot, binary (stopped early); auto: rows in batch mode, one_shot per example")
+    g.add_argument("--shortlist-rows", type=_positive_int, default=16,
+                   help="method shortlist, --shortlist-by rows: rows of the batch the first scoring uses")
     g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
                    help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--check-every", type=_positive_int, default=100,

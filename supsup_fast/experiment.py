@@ -68,8 +68,9 @@ class ExperimentConfig:
     objective: Optional[str] = None  # None: the scenario's default (DEFAULT_OBJECTIVE)
     batch_mode: str = "per_example"
     rows: Optional[int] = 1
-    shortlist: int = 4  # method "shortlist": the most survivors scored by their own forward pass
-    shortlist_by: str = "binary"  # method "shortlist": how they are chosen ("binary" or "one_shot")
+    shortlist: int = 4  # method "shortlist": the most candidates scored by their own networks on all rows
+    shortlist_by: str = "auto"  # method "shortlist": how they are chosen (inference.SHORTLIST_BY)
+    shortlist_rows: int = 16  # method "shortlist", shortlist_by "rows": rows the first scoring uses
     eval_images: int = 100
     test_batch_size: int = 128
     eval_seed: int = 0
@@ -100,8 +101,9 @@ class ExperimentConfig:
         need(not self.compare_methods or self.scenario in ("GNs", "GNu"),
              "--compare-methods needs a task-inference scenario (GNs or GNu)")
         need(self.objective in inference.OBJECTIVES, f"--objective must be one of {inference.OBJECTIVES}")
-        need(isinstance(self.shortlist, int) and self.shortlist >= 1,
-             f"--shortlist must be a positive integer, got {self.shortlist!r}")
+        for name in ("shortlist", "shortlist_rows"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         need(self.shortlist_by in inference.SHORTLIST_BY,
              f"--shortlist-by must be one of {inference.SHORTLIST_BY}, got {self.shortlist_by!r}")
         need(self.batch_mode in inference.BATCH_MODES, f"--batch-mode must be one of {inference.BATCH_MODES}")
@@ -181,7 +183,8 @@ def default_checkpoints(tasks: int) -> list[int]:
 
 def _infer_kwargs(cfg: ExperimentConfig, num_real: int, method: Optional[str] = None) -> dict:
     return dict(method=method or cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
-                batch_mode=cfg.batch_mode, rows=cfg.rows, shortlist=cfg.shortlist, shortlist_by=cfg.shortlist_by)
+                batch_mode=cfg.batch_mode, rows=cfg.rows, shortlist=cfg.shortlist, shortlist_by=cfg.shortlist_by,
+                shortlist_rows=cfg.shortlist_rows)
 
 
 def eval_indices(size: int, count: int) -> torch.Tensor:

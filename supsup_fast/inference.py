@@ -15,18 +15,25 @@ Methods (``infer_task(method=...)``):
   repeat until one remains: ``ceil(log2 k)`` passes.
 * ``"gradient_descent"`` -- ``alpha = softmax(theta)`` over the candidates; ``theta`` descends the
   objective (normalised steps of ``lr`` logits) until ``max alpha >= threshold`` or ``max_steps``.
-* ``"shortlist"`` -- the gradient narrows, each survivor's own network decides. Binary search
-  (``shortlist_by="binary"``) runs only until at most ``shortlist`` candidates remain (or one-shot,
-  ``shortlist_by="one_shot"``, keeps the ``shortlist`` lowest gradients of one pass); then every
-  survivor ``i`` is scored by the objective's value under its *own* mask alone (``alpha = e_i``),
-  all survivors of all units in one batched forward pass (rows x candidates through
-  ``ops.masked_linear_grouped``), and the lowest score wins (ties: the lower task id). The
-  gradient at a uniform ``alpha`` ranks well when masks differ (PermutedMNIST) but poorly among
-  masks that look alike (RotatedMNIST's neighbouring angles); the survivors' own forward passes
-  separate those. Scores: output entropy for ``objective="entropy"``; for ``"g"`` the log of the
-  probability mass on the superfluous neurons (:func:`superfluous_logmass_rows`), which
-  cross-entropy training drives down on a task's own data. Confidence: ``max softmax(-n * score)``
-  over the survivors, ``n`` the rows a score averages (1 per example).
+* ``"shortlist"`` -- candidates are judged by their *own* networks: candidate ``i`` is scored by
+  the objective's value under its mask alone (``alpha = e_i``), every (row, candidate) pair one
+  row of a single batched forward pass (rows x candidates through ``ops.masked_linear_grouped``),
+  and the lowest mean score wins (ties: the lower task id). The gradient at a uniform ``alpha``
+  ranks well when masks differ (PermutedMNIST) but poorly among masks that look alike
+  (RotatedMNIST's neighbouring angles), where the own networks still separate. To bound the
+  cost, the candidates are first narrowed to at most ``shortlist`` (``shortlist_by``):
+
+  - ``"rows"``: by the same own-network scores on only the first ``shortlist_rows`` rows; the
+    survivors are then scored on all rows. In per-example mode a row is all there is, so every
+    candidate is scored on it (no narrowing: cost grows with the number of tasks);
+  - ``"one_shot"``: the ``shortlist`` lowest gradients of one pass at ``alpha`` uniform;
+  - ``"binary"``: binary search, stopped once at most ``shortlist`` candidates remain;
+  - ``"auto"`` (default): ``"rows"`` in batch mode, ``"one_shot"`` per example.
+
+  Scores: output entropy for ``objective="entropy"``; for ``"g"`` the log of the probability mass
+  on the superfluous neurons (:func:`superfluous_logmass_rows`), which cross-entropy training
+  drives down on a task's own data. Confidence: ``max softmax(-n * score)`` over the final
+  survivors, ``n`` the rows a score averages (1 per example).
 
 Batch handling (``batch_mode=...``):
 
@@ -64,7 +71,7 @@ from .nn import MaskedLayerBase, MaskedLinear
 from .nn.base import TaskModule
 
 METHODS = ("one_shot", "binary", "gradient_descent", "shortlist")
-SHORTLIST_BY = ("binary", "one_shot")
+SHORTLIST_BY = ("auto", "rows", "one_shot", "binary")
 OBJECTIVES = ("entropy", "g")
 BATCH_MODES = ("batch", "per_example")
 
@@ -377,7 +384,8 @@ def infer_task(
     threshold: float = 0.99,
     max_steps: int = 100,
     shortlist: int = 4,
-    shortlist_by: str = "binary",
+    shortlist_by: str = "auto",
+    shortlist_rows: int = 16,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
 ) -> TaskInference:
     """Infer the task of ``x`` among the model's learned tasks (or ``candidates``), without a task id.
@@ -385,8 +393,8 @@ def infer_task(
     See the module docstring for ``method``, ``objective`` and ``batch_mode``. ``rows`` (batch mode
     only) is how many leading rows the inference looks at (``None`` = all). ``lr``, ``threshold``
     and ``max_steps`` configure ``"gradient_descent"``; ``shortlist`` (the most survivors scored
-    by their own forward pass) and ``shortlist_by`` configure ``"shortlist"``. The model's mode
-    is restored afterwards.
+    on all rows), ``shortlist_by`` and ``shortlist_rows`` configure ``"shortlist"``. The model's
+    mode is restored afterwards.
     """
     if method not in METHODS:
         raise SupsupError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -415,8 +423,11 @@ def infer_task(
             raise SupsupError(f"shortlist must be a positive int, got {shortlist!r}")
         if shortlist_by not in SHORTLIST_BY:
             raise SupsupError(f"unknown shortlist_by {shortlist_by!r}; expected one of {SHORTLIST_BY}")
+        if isinstance(shortlist_rows, bool) or not isinstance(shortlist_rows, int) or shortlist_rows < 1:
+            raise SupsupError(f"shortlist_rows must be a positive int, got {shortlist_rows!r}")
+        by = ("one_shot" if per_example else "rows") if shortlist_by == "auto" else shortlist_by
         return _shortlist(model, x, cand, units, grads_of, per_example, objective_value_rows(objective, num_real),
-                          shortlist, shortlist_by, chunk_elements)
+                          shortlist, by, shortlist_rows, chunk_elements)
     if method == "gradient_descent":
         return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps)
     return _halving(x, cand, units, grads_of, per_example, one_shot=(method == "one_shot"))
@@ -489,8 +500,20 @@ def _survivors(alive: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(alive)[:, 1].reshape(alive.shape[0], int(counts[0]))
 
 
-def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, chunk_elements) -> TaskInference:
-    if by == "one_shot" and int(cand.sum()) > size:
+def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, first_rows, chunk_elements):
+    def scores_of(xs, survivors):
+        return candidate_scores(model, xs, survivors, value_fn, per_example=per_row, chunk_elements=chunk_elements)
+
+    everyone = _survivors(cand.unsqueeze(0).expand(units, -1))
+    if int(cand.sum()) <= size:  # short enough already
+        result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0), candidates=everyone)
+    elif by == "rows":
+        result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0), candidates=everyone)
+        if not per_row and first_rows < x.shape[0]:  # narrow on the first rows, decide on all of them
+            pre = scores_of(x[:first_rows], everyone)
+            keep = torch.sort(pre, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
+            result.candidates = everyone.gather(1, torch.sort(keep, dim=-1).values)
+    elif by == "one_shot":
         result = _halving(x, cand, units, grads_of, per_row, one_shot=True)
         g = torch.where(cand, result.grads[-1], torch.tensor(math.inf, device=cand.device))
         lowest = torch.sort(g, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
@@ -498,7 +521,7 @@ def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, chu
     else:
         result = _halving(x, cand, units, grads_of, per_row, one_shot=False, stop_at=size)
     survivors = result.candidates
-    scores = candidate_scores(model, x, survivors, value_fn, per_example=per_row, chunk_elements=chunk_elements)
+    scores = scores_of(x, survivors)
     best = scores.argmin(-1)  # first minimum: survivors ascend, so ties go to the lower task id
     result.task_ids = survivors.gather(1, best.unsqueeze(1)).squeeze(1).to(torch.int64)
     n = 1 if per_row else x.shape[0]

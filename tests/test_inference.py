@@ -281,7 +281,7 @@ def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
     while len(alive) > size:
         g = explicit_grad(model, x, uniform(t, alive), "entropy")
         alive = sorted(sorted(alive, key=lambda i: (float(g[i]), i))[: (len(alive) + 1) // 2])
-    res = inference.infer_task(model, x, method="shortlist", shortlist=size, rows=None)
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="binary", rows=None)
     assert res.passes == 2 and res.candidates.tolist() == [alive]
     scores = own_mask_scores(model, x, alive)
     assert int(res.task_ids[0]) == alive[min(range(len(alive)), key=lambda i: (scores[i], i))]
@@ -292,6 +292,31 @@ def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
     assert res.passes == 1 and res.candidates.tolist() == [lowest]
     scores = own_mask_scores(model, x, lowest)
     assert int(res.task_ids[0]) == lowest[min(range(size), key=lambda i: (scores[i], i))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shortlist_by_rows_narrows_on_the_first_rows_and_decides_on_all(seed):
+    gen = torch.Generator().manual_seed(500 + seed)
+    t, size, first = 9, 3, 4
+    model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
+    x = torch.randn(10, 12, generator=gen) * 2
+    pre = own_mask_scores(model, x[:first], range(t))
+    kept = sorted(sorted(range(t), key=lambda i: (pre[i], i))[:size])
+    for by in ("rows", "auto"):  # auto is rows in batch mode
+        res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by=by, shortlist_rows=first,
+                                   rows=None)
+        assert res.passes == 0 and res.candidates.tolist() == [kept]
+        final = own_mask_scores(model, x, kept)
+        torch.testing.assert_close(res.scores[0].double(), torch.tensor(final, dtype=torch.float64), rtol=1e-4,
+                                   atol=1e-5)
+        assert int(res.task_ids[0]) == kept[min(range(size), key=lambda i: (final[i], i))]
+    # per example there are no other rows to narrow on: every candidate is scored on the row itself
+    res = inference.infer_task(model, x[:3], method="shortlist", shortlist=size, shortlist_by="rows",
+                               batch_mode="per_example")
+    assert res.candidates.tolist() == [list(range(t))] * 3
+    for r in range(3):
+        own = own_mask_scores(model, x[r:r + 1], range(t))
+        assert int(res.task_ids[r]) == min(range(t), key=lambda i: (own[i], i))
 
 
 @pytest.mark.parametrize("kind", ["mlp", "conv_bn"])
@@ -321,6 +346,8 @@ def test_shortlist_arguments_are_checked():
         inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist=0)
     with pytest.raises(SupsupError, match="shortlist_by"):
         inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_by="nope")
+    with pytest.raises(SupsupError, match="shortlist_rows"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_rows=0)
 
 
 # --------------------------------------------------------------------------------------
@@ -345,14 +372,16 @@ def test_per_example_gradients_equal_single_row_gradients(kind):
                                    rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist:one_shot", "shortlist:binary",
+                                    "shortlist:rows"])
 @pytest.mark.parametrize("objective", ["entropy", "g"])
 def test_per_example_inference_equals_batch_inference_on_each_row(method, objective):
     torch.manual_seed(2)
     model = store_random_tasks(mlp([9, 14, 11], 2), 7)
     x = torch.randn(6, 9) * 2
+    method, _, by = method.partition(":")
     kw = dict(method=method, objective=objective, num_real=5 if objective == "g" else None,
-              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7, shortlist=2)
+              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7, shortlist=2, shortlist_by=by or "auto")
     res = inference.infer_task(model, x, batch_mode="per_example", **kw)
     assert res.task_ids.shape == (6,) and res.confidence.shape == (6,)
     for r in range(6):
