@@ -100,6 +100,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", default=None, help="batch mode: rows used ('all' or a number)")
     p.add_argument("--objective", choices=("entropy", "g"), default=None)
     p.add_argument("--tasks", type=int, default=None, help="measure over the first TASKS tasks (default: all)")
+    p.add_argument("--eval-images", type=int, default=None, help="test images per task (default: the run's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None, help="JSON to write (default: print only)")
     args = p.parse_args(argv)
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
         overrides["rows"] = None if args.rows == "all" else int(args.rows)
     if args.objective:
         overrides["objective"] = args.objective
+    if args.eval_images:
+        overrides["eval_images"] = args.eval_images
     cfg, bench, model, saved = load_run(args.run_dir, overrides)
     tasks = args.tasks or convert.num_tasks(model)
     variants = [(v, parse_variant(v)) for v in args.variants]

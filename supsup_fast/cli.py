@@ -96,7 +96,9 @@ def _add_run(sub) -> None:
     g = pr.add_argument_group("task inference")
     g.add_argument("--scenario", choices=SCENARIOS, default="GNu",
                    help="GG: task given; GNs/GNu: given at training only (shared / unshared labels); NNs: never given")
-    g.add_argument("--method", choices=inference.METHODS, default="one_shot")
+    g.add_argument("--method", choices=inference.METHODS, default="shortlist",
+                   help="shortlist: the candidates' own networks decide (right when masks look alike, e.g. "
+                        "RotatedMNIST); one_shot / binary / gradient_descent: the alpha-gradient alone (the paper's)")
     g.add_argument("--objective", choices=inference.OBJECTIVES, default=None,
                    help="g: the G objective on superfluous neurons; entropy: output entropy "
                         "(default: g, except entropy for --scenario NNs, whose novelty test needs it)")

@@ -63,7 +63,7 @@ class ExperimentConfig:
     binariser: str = "threshold"
     density: float = 0.5
     scenario: str = "GNu"
-    method: str = "one_shot"
+    method: str = "shortlist"
     compare_methods: list = field(default_factory=list)
     objective: Optional[str] = None  # None: the scenario's default (DEFAULT_OBJECTIVE)
     batch_mode: str = "per_example"

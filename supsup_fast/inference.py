@@ -16,7 +16,7 @@ Methods (``infer_task(method=...)``):
 * ``"gradient_descent"`` -- ``alpha = softmax(theta)`` over the candidates; ``theta`` descends the
   objective (normalised steps of ``lr`` logits) until ``max alpha >= threshold`` or ``max_steps``.
 * ``"shortlist"`` -- candidates are judged by their *own* networks: candidate ``i`` is scored by
-  the objective's value under its mask alone (``alpha = e_i``), every (row, candidate) pair one
+  the output entropy under its mask alone (``alpha = e_i``), every (row, candidate) pair one
   row of a single batched forward pass (rows x candidates through ``ops.masked_linear_grouped``),
   and the lowest mean score wins (ties: the lower task id). The gradient at a uniform ``alpha``
   ranks well when masks differ (PermutedMNIST) but poorly among masks that look alike
@@ -30,10 +30,10 @@ Methods (``infer_task(method=...)``):
   - ``"binary"``: binary search, stopped once at most ``shortlist`` candidates remain;
   - ``"auto"`` (default): ``"rows"`` in batch mode, ``"one_shot"`` per example.
 
-  Scores: output entropy for ``objective="entropy"``; for ``"g"`` the log of the probability mass
-  on the superfluous neurons (:func:`superfluous_logmass_rows`), which cross-entropy training
-  drives down on a task's own data. Confidence: ``max softmax(-n * score)`` over the final
-  survivors, ``n`` the rows a score averages (1 per example).
+  The score is always the output entropy, whatever ``objective`` the gradient narrows by: the G
+  objective has no value to compare across networks (its real-class logits are detached for the
+  gradient only). Confidence: ``max softmax(-n * score)`` over the final survivors, ``n`` the
+  rows a score averages (1 per example).
 
 Batch handling (``batch_mode=...``):
 
@@ -98,22 +98,6 @@ def g_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
     return torch.logsumexp(z_hat, dim=-1)
 
 
-def superfluous_logmass_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    """``log sum_{j >= num_real} softmax(logits)_j`` per row: how much the output believes in the
-    superfluous neurons (the value by which :data:`"shortlist"` scores candidates for ``"g"``)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return torch.logsumexp(logp[..., num_real:], dim=-1)
-
-
-def objective_value_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-row scores (lower: the candidate's network fits the input better) that ``"shortlist"``
-    compares across candidates' own forward passes: entropy, or for ``"g"`` the superfluous log-mass."""
-    objective_rows(objective, num_real)  # same validation
-    if objective == "entropy":
-        return entropy_rows
-    return lambda logits: superfluous_logmass_rows(_with_superfluous(logits, num_real), num_real)
-
-
 def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     """The per-row objective function named ``objective`` (``"entropy"`` or ``"g"``)."""
     if objective == "entropy":
@@ -125,17 +109,13 @@ def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.T
     raise SupsupError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
 
 
-def _with_superfluous(logits: torch.Tensor, num_real: int) -> torch.Tensor:
+def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
     if num_real >= logits.shape[-1]:
         raise SupsupError(
             f"the G objective needs superfluous output neurons: num_real={num_real} but the model has only "
             f"{logits.shape[-1]} outputs"
         )
-    return logits
-
-
-def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    return g_rows(_with_superfluous(logits, num_real), num_real)
+    return g_rows(logits, num_real)
 
 
 # ======================================================================================
@@ -426,8 +406,8 @@ def infer_task(
         if isinstance(shortlist_rows, bool) or not isinstance(shortlist_rows, int) or shortlist_rows < 1:
             raise SupsupError(f"shortlist_rows must be a positive int, got {shortlist_rows!r}")
         by = ("one_shot" if per_example else "rows") if shortlist_by == "auto" else shortlist_by
-        return _shortlist(model, x, cand, units, grads_of, per_example, objective_value_rows(objective, num_real),
-                          shortlist, by, shortlist_rows, chunk_elements)
+        return _shortlist(model, x, cand, units, grads_of, per_example, entropy_rows, shortlist, by, shortlist_rows,
+                          chunk_elements)
     if method == "gradient_descent":
         return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps)
     return _halving(x, cand, units, grads_of, per_example, one_shot=(method == "one_shot"))
