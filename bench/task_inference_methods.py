@@ -13,7 +13,7 @@ included (class-mixed test batches, seeded) -- on exactly the images the run use
 run's unless overridden.
 
 Time: every repeat measures all variants one after another (side by side on the same machine
-state); reported are the median seconds over repeats, the spread, and the median over repeats of
+state), each repeat starting one variant later than the one before; reported are the median seconds over repeats, the spread, and the median over repeats of
 each variant's time divided by binary search's in the same repeat. Accuracy must come out the
 same in every repeat (the methods are deterministic); the script stops if it does not.
 """
@@ -117,10 +117,13 @@ def main(argv=None) -> int:
         overrides["eval_images"] = args.eval_images
     cfg, bench, model, saved = load_run(args.run_dir, overrides)
     tasks = args.tasks or convert.num_tasks(model)
+    if len(set(args.variants)) != len(args.variants):
+        raise SystemExit(f"--variants names a variant twice: {args.variants}")
     variants = [(v, parse_variant(v)) for v in args.variants]
     rows = {v: {"variant": v, **params, "seconds": []} for v, params in variants}
     for r in range(args.repeats):
-        for v, params in variants:
+        # each repeat starts one variant later, so no variant always runs first (cold) or last
+        for v, params in variants[r % len(variants):] + variants[:r % len(variants)]:
             got = measure_task_inference(model, bench, dataclasses.replace(cfg, **params), tasks, progress=False)
             row = rows[v]
             fixed = {k: got[k] for k in ("accuracy", "task_inference_accuracy", "inference_accuracy",
