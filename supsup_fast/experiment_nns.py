@@ -8,7 +8,8 @@ recorded, beside the usual results:
   (*its* mask) and the share of its batches that mask got, and the novelty decisions taken
   during its stream;
 * every novelty check: batch, masks, slots, ``max nu``, ``S * max nu`` (novel below
-  ``1 + epsilon``), argmax slot, decision;
+  ``1 + epsilon``), argmax slot, decision, which test found the data novel (``belief`` or
+  ``own_entropy``) and the believed mask's own output entropy where it was measured;
 * accuracy vs tasks: at each checkpoint, a copy of the model with the open mask frozen is
   measured like a GN run, except that the right answer for task ``t``'s images is *its* mask
   (masks are the trainer's, tasks the stream's: with exactly one allocation per task, mask
@@ -77,5 +78,7 @@ def train_nns(model, bench, cfg, results: dict, progress: bool, measure, checkpo
         "decisions": {d: sum(p["decisions"][d] for p in per_task) for d in DECISIONS},
         "history": [{"batch": h["batch"], "masks": h["masks"], "slots": h["slots"], "nu_max": h["nu_max"],
                      "slots_times_nu_max": h["slots"] * h["nu_max"], "argmax": h["argmax"],
-                     "decision": h["decision"], "from": h["from"], "to": h["to"]} for h in trainer.history],
+                     "decision": h["decision"], "novel_by": h["novel_by"], "own_entropy": h.get("own_entropy"),
+                     "from": h["from"], "to": h["to"]} for h in trainer.history],
+        "own_entropy_threshold": trainer.own_entropy,
     }

@@ -114,7 +114,10 @@ def test_nns_with_default_objective_allocates_one_mask_per_task(tmp_path, capsys
     # checks at batches 30, 60, ..., 150: "new" exactly at the boundaries 60 and 120
     assert [(h["batch"], h["decision"]) for h in nns["history"]] == [
         (30, "continue"), (60, "new"), (90, "continue"), (120, "new"), (150, "continue")]
-    assert all((h["slots_times_nu_max"] < 1 + 2 ** -3) == (h["decision"] == "new") for h in nns["history"])
+    # each "new" names the test that found the data novel; the belief test's own verdict is in the record
+    assert all((h["novel_by"] is not None) == (h["decision"] == "new") for h in nns["history"])
+    assert all((h["slots_times_nu_max"] < 1 + 2 ** -3) <= (h["novel_by"] == "belief") for h in nns["history"])
+    assert nns["own_entropy_threshold"] == 0.5
     assert [p["masks_after"] for p in res["per_task"]] == [1, 2, 3]
     final = res["final"]
     assert final["tasks"] == 3 and final["masks"] == 3 and final["images"] == 60
