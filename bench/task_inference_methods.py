@@ -31,9 +31,10 @@ import time
 
 import torch
 
-from supsup_fast import checkpoint, convert, models
+from supsup_fast import checkpoint, convert
 from supsup_fast.config import SupsupConfig
-from supsup_fast.experiment import ExperimentConfig, build_benchmark, eval_protocol, measure_task_inference
+from supsup_fast.experiments import models
+from supsup_fast.experiments.experiment import ExperimentConfig, build_benchmark, eval_protocol, measure_task_inference
 
 DEFAULT_VARIANTS = ["one_shot", "binary", "gradient_descent", "shortlist:auto"]
 

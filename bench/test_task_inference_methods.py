@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from supsup_fast.cli import main as cli_main
+from supsup_fast.experiments.cli import main as cli_main
 
 sys.path.insert(0, os.path.dirname(__file__))
 import task_inference_methods as tim  # noqa: E402

@@ -1,8 +1,14 @@
 """Frozen base weights regenerated from a seed: the signed Kaiming constant.
 
 Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-based hash of
-``(seed, layer, index)`` (see :func:`supsup_fast.reference.signed_constant`), so a checkpoint
-stores the seed instead of the weights and every backend regenerates them bit for bit.
+``(seed, layer, index)`` (:func:`hash32`, :func:`layer_key`, :func:`signed_constant_signs` below
+are that hash's specification), so a checkpoint stores the seed instead of the weights and every
+backend regenerates them bit for bit.
+
+The hash reads the low 32 bits of the seed and of the layer id (the spec functions below are defined
+on any int that way, as the kernels are); the functions that name a base -- :func:`signed_constant`,
+the ``seeded`` ops, :class:`~supsup_fast.config.SupsupConfig` and the masked layers -- take seeds and
+layer ids in ``[0, 2**32)`` only (:func:`~supsup_fast.config.check_seed`), so one base has one name.
 """
 
 from __future__ import annotations
@@ -13,11 +19,39 @@ from typing import Sequence
 
 import torch
 
-from . import reference as ref
-from ._native import EXT_LOADED
+from . import ops
+from .config import check_seed
 from .errors import SupsupError
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_U32 = 0xFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------
+# The hash (format version 1): sign of weight i of layer l = bit 0 of hash32(i ^ layer_key(seed, l))
+# --------------------------------------------------------------------------------------
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32), on uint32 values held in int64 tensors."""
+    x = x & _U32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _U32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _U32
+    x = x ^ (x >> 16)
+    return x
+
+
+def layer_key(seed: int, layer: int) -> int:
+    """The per-layer hash key ``hash32(layer ^ hash32(seed))`` as a Python int."""
+    s = hash32(torch.tensor([seed & _U32], dtype=torch.int64))
+    return int(hash32(torch.tensor([layer & _U32], dtype=torch.int64) ^ s).item())
+
+
+def signed_constant_signs(seed: int, layer: int, numel: int, device=None) -> torch.Tensor:
+    """Bool signs (True = +) of weights ``0..numel-1`` in row-major order: bit 0 of ``hash32(index ^ key)``."""
+    key = layer_key(seed, layer)
+    idx = torch.arange(numel, dtype=torch.int64, device=device)
+    return (hash32(idx ^ key) & 1).bool()
 
 
 def layer_id_for(name: str) -> int:
@@ -41,9 +75,10 @@ def signed_constant(
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    Equal bit for bit to :func:`supsup_fast.reference.signed_constant`; on CPU the compiled
-    extension fills it without materialising the hash's intermediates.
+    Filled by the ``signed_constant_fill_`` op: every backend writes the same bits as the
+    reference's; the compiled ones without materialising the hash's intermediates.
     """
+    seed, layer = check_seed(seed, "signed_constant: seed"), check_seed(layer, "signed_constant: layer")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise SupsupError(f"signed_constant needs a weight shape of at least 2 dims [out, in, ...], got {shape}")
@@ -54,9 +89,5 @@ def signed_constant(
     fan_in = math.prod(shape[1:])
     if fan_in == 0:
         raise SupsupError(f"signed_constant: fan_in is 0 for shape {shape}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if EXT_LOADED and dev.type == "cpu":
-        out = torch.empty(shape, dtype=dtype, device=dev)
-        torch.ops.supsup_fast_C.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
-        return out
-    return ref.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return ops.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))

@@ -1,15 +1,7 @@
-// CPU kernels of the supsup_fast_C ops.
+// CPU kernels of the supsup_fast_C ops (schemas: csrc/ops.cpp).
 #include <torch/library.h>
 
 #include "cpu/ops.h"
-
-// CPU-only helpers, declared here rather than with the device ops
-TORCH_LIBRARY_FRAGMENT(supsup_fast_C, m) {
-  m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
-  m.def("masked_weight_grad_sign(Tensor grad_out, Tensor x, Tensor weight, Tensor scores) -> Tensor");
-  m.def("threshold_words(Tensor scores) -> Tensor");
-  m.def("topk_words(Tensor scores, int k) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("largest_k", &supsup::largest_k);
