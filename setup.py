@@ -95,7 +95,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["supsup_fast", "supsup_fast.nn", "supsup_fast.kernels"],
+    packages=["supsup_fast", "supsup_fast.nn", "supsup_fast.kernels", "supsup_fast.experiments"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
