@@ -119,13 +119,13 @@ def _cmd_hopfield(args) -> int:
     cfg = HopSupSupConfig(
         hidden=args.hidden, outputs=args.outputs, remap_labels=args.remap_labels, activation=args.activation,
         gate=args.gate, train_steps=args.train_steps, train_optimizer=args.train_optimizer, train_lr=args.train_lr,
-        train_init=args.train_init, memories=args.memories, rule=args.rule, modern_beta=args.modern_beta,
-        paper_baseline=not args.no_paper_baseline, recover_steps=args.recover_steps,
-        recover_batch_size=args.recover_batch_size, recover_lr=args.recover_lr,
+        train_weight_decay=args.train_weight_decay, train_init=args.train_init, memories=args.memories,
+        rule=args.rule, modern_beta=args.modern_beta, paper_baseline=not args.no_paper_baseline,
+        recover_steps=args.recover_steps, recover_batch_size=args.recover_batch_size, recover_lr=args.recover_lr,
         recover_weight_decay=args.recover_weight_decay, gamma=args.gamma, init=args.init, gradient=args.gradient,
-        stress=args.stress or [], stress_d=args.stress_d, stress_targets=args.stress_targets,
-        stress_noise=args.stress_noise, seed=args.seed, mask_cache=args.mask_cache, out_dir=args.out,
-        progress=not args.no_progress,
+        recover_seeds=args.recover_seeds, stress=args.stress or [], stress_d=args.stress_d,
+        stress_targets=args.stress_targets, stress_noise=args.stress_noise, seed=args.seed,
+        mask_cache=args.mask_cache, out_dir=args.out, progress=not args.no_progress,
     )
     if args.threads:
         import torch
@@ -168,6 +168,7 @@ def _add_hopfield(sub) -> None:
     g.add_argument("--train-steps", type=_positive_int, default=d.train_steps, help="training batches (of 128) per mask")
     g.add_argument("--train-optimizer", choices=("sgd", "adam"), default=d.train_optimizer)
     g.add_argument("--train-lr", type=float, default=d.train_lr)
+    g.add_argument("--train-weight-decay", type=float, default=d.train_weight_decay)
     g.add_argument("--train-init", choices=("zeros", "uniform"), default=d.train_init, help="initial scores")
     g.add_argument("--mask-cache", default=None,
                    help="safetensors file of trained masks: read if it exists (and matches the training flags), "
@@ -175,7 +176,7 @@ def _add_hopfield(sub) -> None:
     g = ph.add_argument_group("memories and recovery")
     g.add_argument("--memories", nargs="+", choices=MEMORIES, default=d.memories, help="memories to recover through")
     g.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default=d.rule, help="classical learning rule")
-    g.add_argument("--modern-beta", type=float, default=None, help="inverse temperature (default 8/sqrt(d))")
+    g.add_argument("--modern-beta", type=float, default=None, help="inverse temperature of the modern memory (default 8 ln(T + 1) / d for T stored masks)")
     g.add_argument("--no-paper-baseline", action="store_true",
                    help="skip the recovery with the paper's plain gradient through the Storkey memory")
     g.add_argument("--gradient", choices=GRADIENTS, default=d.gradient,
@@ -187,6 +188,8 @@ def _add_hopfield(sub) -> None:
     g.add_argument("--recover-weight-decay", type=float, default=d.recover_weight_decay)
     g.add_argument("--gamma", type=float, default=d.gamma, help="weight of the memory energy at the last step")
     g.add_argument("--init", choices=("mean", "zeros"), default=d.init, help="initial scores: mean stored pattern or 0")
+    g.add_argument("--recover-seeds", type=int, nargs="+", default=d.recover_seeds,
+                   help="orders of the test batches: every task is recovered once per seed")
     g = ph.add_argument_group("synthetic stress test")
     g.add_argument("--stress", type=_positive_int, nargs="*", default=None,
                    help="numbers of random masks to store in both memories (e.g. 50 100 200 500 1000 2000)")

@@ -133,16 +133,17 @@ class HopfieldMaskStore(nn.Module):
             raise SupsupError(f"store() takes one mask [d], got shape {tuple(mask.shape)}")
         x = to_pattern(mask.to(self.psi.device))
         psi, d = self.psi, self.d
+        # rank-1 updates in place (addr_): no d x d temporaries, which dominate at d = 2048
         if self.rule == "hebbian":
-            psi += (torch.outer(x, x) - torch.eye(d, device=psi.device)) / d
+            psi.addr_(x, x, alpha=1 / d)
+            psi.diagonal().sub_(1 / d)
         elif self.rule == "simplified":
             h = psi @ x
-            pre = torch.outer(x, h)
-            psi += (torch.outer(x, x) - torch.eye(d, device=psi.device) - pre - pre.T) / d
+            psi.addr_(x, x, alpha=1 / d).addr_(x, h, alpha=-1 / d).addr_(h, x, alpha=-1 / d)
+            psi.diagonal().sub_(1 / d)
         else:
             h = psi @ x  # diagonal is zero, so h_i already excludes k = i
-            pre = torch.outer(x, h)
-            psi.mul_(1 + 2 / d).add_((torch.outer(x, x) - pre - pre.T) / d)
+            psi.mul_(1 + 2 / d).addr_(x, x, alpha=1 / d).addr_(x, h, alpha=-1 / d).addr_(h, x, alpha=-1 / d)
             psi.fill_diagonal_(0)
         self.pattern_sum += x
         self.num_stored += 1

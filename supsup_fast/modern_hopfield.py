@@ -46,22 +46,31 @@ __all__ = ["ModernHopfieldMaskMemory"]
 class ModernHopfieldMaskMemory:
     """Task masks ``[d]`` stored as bit-packed patterns; retrieval ``X^T softmax(beta X xi)``.
 
-    ``beta`` is the inverse temperature; the default ``None`` means ``8 / sqrt(d)``: the gap
-    between the similarity of the nearest stored pattern and the others must be large against
-    ``1 / beta`` for retrieval to land on one pattern, and similarities of random ``{-1, +1}``
-    patterns scatter by ``sqrt(d)``. Storage grows by doubling, so ``store`` is amortised O(d).
+    ``beta`` is the inverse temperature. The default (``None``) follows the number of stored
+    patterns: ``beta = 8 ln(T + 1) / d``, so one pattern outweighs all ``T`` others together once
+    its similarity to the state leads theirs by ``d / 8`` (its mask agrees with the state on
+    1/16 more of the units). Below that lead the weights stay soft: the recovery starts from
+    the mean of the stored masks, a state about equally similar to all of them, and a fixed
+    ``beta`` large enough for thousands of patterns would commit there to whichever mask the
+    first noisy entropy steps happen to favour; a fixed small one cannot single out one
+    pattern among thousands. Storage grows by doubling, so ``store`` is amortised O(d).
     """
 
     def __init__(self, d: int, beta: float | None = None, device=None):
         if not isinstance(d, int) or isinstance(d, bool) or d < 1:
             raise SupsupError(f"d must be an int >= 1, got {d!r}")
-        beta = 8.0 / math.sqrt(d) if beta is None else beta
-        if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-            raise SupsupError(f"beta must be a finite number > 0, got {beta!r}")
-        self.d, self.beta = d, float(beta)
+        if beta is not None and not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+            raise SupsupError(f"beta must be a finite number > 0 (or None: 8 ln(T + 1) / d), got {beta!r}")
+        self.d = d
+        self._beta = None if beta is None else float(beta)
         self._words = torch.zeros(8, 1, words_per_row(d), dtype=torch.int32, device=device)
         self._count = 0
         self._pattern_sum = torch.zeros(d, dtype=torch.float32, device=device)
+
+    @property
+    def beta(self) -> float:
+        """The inverse temperature now: the one given, or ``8 ln(T + 1) / d`` for ``T`` stored patterns."""
+        return self._beta if self._beta is not None else 8.0 * math.log(self._count + 1) / self.d
 
     # ------------------------------------------------------------------ storage
     @property
@@ -185,4 +194,5 @@ class ModernHopfieldMaskMemory:
             return self.combine(self.similarities(g) / self.d)
 
     def __repr__(self) -> str:
-        return f"ModernHopfieldMaskMemory(d={self.d}, beta={self.beta:.4g}, stored={self._count})"
+        beta = "8 ln(T + 1) / d" if self._beta is None else f"{self._beta:.4g}"
+        return f"ModernHopfieldMaskMemory(d={self.d}, beta={beta}, stored={self._count})"

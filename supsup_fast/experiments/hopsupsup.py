@@ -83,6 +83,7 @@ class HopSupSupConfig:
     gamma: float = 1.5e-3
     init: str = "mean"
     gradient: str = "memory"
+    recover_seeds: list = field(default_factory=lambda: [1])
     # synthetic stress test (empty: none)
     stress: list = field(default_factory=list)
     stress_d: int = 2048
@@ -134,6 +135,9 @@ class HopSupSupConfig:
              f"--modern-beta must be > 0, got {self.modern_beta!r}")
         need(self.init in ("mean", "zeros"), "--init must be 'mean' or 'zeros'")
         need(self.gradient in hopfield.GRADIENTS, f"--gradient must be one of {hopfield.GRADIENTS}")
+        need(isinstance(self.recover_seeds, (list, tuple)) and len(self.recover_seeds) >= 1
+             and all(isinstance(v, int) for v in self.recover_seeds),
+             f"--recover-seeds must be one or more integers, got {self.recover_seeds!r}")
         need(all(isinstance(n, int) and n >= 1 for n in self.stress), f"--stress sizes must be positive, got {self.stress}")
         need(0 <= self.stress_noise < 0.5, f"--stress-noise is a fraction of flipped bits in [0, 0.5), got {self.stress_noise}")
 
@@ -195,20 +199,22 @@ def _recover_kwargs(cfg: HopSupSupConfig, gradient: str) -> dict:
                 init=cfg.init, weight_decay=cfg.recover_weight_decay, gradient=gradient)
 
 
-def _entropy_objective(model, bench, task: int, cfg: HopSupSupConfig):
+def _entropy_objective(model, bench, task: int, cfg: HopSupSupConfig, batch_seed: int):
     # every memory sees the same sequence of unlabelled test batches of the task
-    batches = bench.infinite_batches(task, cfg.recover_batch_size, seed=cfg.seed + 1, split="test")
+    batches = bench.infinite_batches(task, cfg.recover_batch_size, seed=batch_seed, split="test")
     return lambda mask: reference.entropy(model(next(batches)[0], mask))
 
 
 def _recover_all(name: str, mem, gradient: str, model, bench, masks, exact_acc, cfg, progress) -> dict:
     rows = []
     t0 = time.perf_counter()
-    for t in tqdm(range(len(masks)), desc=f"recovering ({name})", disable=not progress):
-        tr = hopfield.recovery_trace(mem, _entropy_objective(model, bench, t, cfg), masks[t],
+    runs = [(b, t) for b in cfg.recover_seeds for t in range(len(masks))]
+    for batch_seed, t in tqdm(runs, desc=f"recovering ({name})", disable=not progress):
+        tr = hopfield.recovery_trace(mem, _entropy_objective(model, bench, t, cfg, batch_seed), masks[t],
                                      **_recover_kwargs(cfg, gradient))
-        rows.append({"task": t, "hamming": tr["hamming"], "final_hamming": tr["final_hamming"],
-                     "steps_to_converge": tr["steps_to_converge"], "exact_acc": exact_acc[t],
+        rows.append({"task": t, "batch_seed": batch_seed, "hamming": tr["hamming"],
+                     "final_hamming": tr["final_hamming"], "steps_to_converge": tr["steps_to_converge"],
+                     "exact_acc": exact_acc[t],
                      "recovered_acc": hopfield.mask_accuracy(model, tr["mask"], bench.test_loader(t, 500)),
                      "nearest_stored": int(torch.stack([(tr["mask"] != m).sum() for m in masks]).argmin())})
     seconds = time.perf_counter() - t0
@@ -219,7 +225,9 @@ def _recover_all(name: str, mem, gradient: str, model, bench, masks, exact_acc, 
             "bytes": mem.nbytes(), "tasks": rows, "exact_recoveries": sum(r["final_hamming"] == 0 for r in rows),
             "mean_final_hamming": sum(r["final_hamming"] for r in rows) / len(rows),
             "max_steps_to_converge": max(conv) if len(conv) == len(rows) else None,
-            "mean_recovered_acc": sum(r["recovered_acc"] for r in rows) / len(rows), "seconds": seconds}
+            "mean_recovered_acc": sum(r["recovered_acc"] for r in rows) / len(rows),
+            "mean_exact_acc": sum(r["exact_acc"] for r in rows) / len(rows), "recoveries": len(rows),
+            "seconds": seconds, "seconds_per_step": seconds / (len(rows) * cfg.recover_steps)}
 
 
 def entropy_gradient_diagnosis(model, bench, masks, cfg: HopSupSupConfig) -> dict:
@@ -240,7 +248,7 @@ def entropy_gradient_diagnosis(model, bench, masks, cfg: HopSupSupConfig) -> dic
     rows = []
     for t in range(len(masks)):
         s = mem.pattern_mean().clone().requires_grad_(True)
-        h = _entropy_objective(model, bench, t, cfg)(hopfield._SignSTE.apply(s))
+        h = _entropy_objective(model, bench, t, cfg, cfg.recover_seeds[0])(hopfield._SignSTE.apply(s))
         g = torch.autograd.grad(h, s)[0]
         psi_g = mem.filter_gradient(g)
         in_span, psi_in_span = [], []
@@ -279,7 +287,7 @@ def stress_test(sizes, d: int = 2048, targets: int = 20, noise: float = 0.2, rul
     memories = {"storkey": hopfield.HopfieldMaskStore(d, rule), "modern": ModernHopfieldMaskMemory(d, beta=beta)}
     kwargs = dict(recover_kwargs)
     out = {"d": d, "targets": targets, "noise": noise, "rule": rule, "seed": seed,
-           "beta": memories["modern"].beta, "recover": kwargs, "bank_bytes_per_mask": 4 * ((d + 31) // 32),
+           "beta": beta if beta is not None else "8 ln(T + 1) / d", "recover": kwargs, "bank_bytes_per_mask": 4 * ((d + 31) // 32),
            "storkey_break_even_masks": 32 * d, "capacity_hint_storkey": memories["storkey"].capacity_hint(),
            "rows": []}
     stored = 0
@@ -312,6 +320,7 @@ def stress_test(sizes, d: int = 2048, targets: int = 20, noise: float = 0.2, rul
                 "objective_alone_hamming": sum(objective_alone) / len(objective_alone),
                 "steps_to_converge": conv, "median_steps_to_converge": done[len(done) // 2] if done else None,
                 "bytes": mem.nbytes(), "bank_bytes": n * 4 * ((d + 31) // 32),
+                "beta": mem.beta if name == "modern" else None,
                 "store_seconds_cumulative": store_seconds[name],
                 "ms_per_step": 1e3 * seconds / (len(picks) * kwargs.get("steps", 30))})
     return out
@@ -378,13 +387,16 @@ def hopsupsup_table(results: dict) -> str:
              f"{c['recover_steps']} recovery steps, gamma {c['gamma']}, masks {m['source']}"]
     for name, r in results["recoveries"].items():
         lines += ["", f"{name}: {r['layout']}, {r['gradient']} gradient, {r['bytes'] / 2**20:.3f} MiB",
-                  f"{'task':>4} | {'hamming':>7} | {'converged at':>12} | {'exact-mask acc':>14} | {'recovered acc':>13}",
-                  "-" * 64]
+                  f"{'task' if len(c['recover_seeds']) == 1 else 'task/b':>6} | {'hamming':>7} | {'converged at':>12} | "
+                  f"{'exact-mask acc':>14} | {'recovered acc':>13}", "-" * 66]
         for row in r["tasks"]:
             conv = row["steps_to_converge"]
-            lines.append(f"{row['task']:>4} | {row['final_hamming']:>7} | {('step ' + str(conv)) if conv else '-':>12} | "
+            task = str(row["task"]) if len(c["recover_seeds"]) == 1 else f"{row['task']}/{row['batch_seed']}"
+            lines.append(f"{task:>6} | {row['final_hamming']:>7} | {('step ' + str(conv)) if conv else '-':>12} | "
                          f"{100 * row['exact_acc']:>13.2f}% | {100 * row['recovered_acc']:>12.2f}%")
-        lines.append(f"exact recoveries: {r['exact_recoveries']} of {len(r['tasks'])}; mean Hamming "
+        if len(c["recover_seeds"]) > 1:
+            lines.append("(task/b: task / seed of the order of its test batches)")
+        lines.append(f"exact recoveries: {r['exact_recoveries']} of {r['recoveries']}; mean Hamming "
                      f"{r['mean_final_hamming']:.1f}; {r['seconds']:.1f} s")
     if "stress" in results:
         s = results["stress"]
@@ -411,20 +423,22 @@ def plot_hopsupsup(results: dict, path: str) -> str:
     ncols = 1 + (2 if stress else 0)
     fig, axes = plt.subplots(1, ncols, figsize=(6.5 * ncols, 4.6), squeeze=False)
     ax = axes[0][0]
+    c = results["config"]
     styles = {"storkey": "-", "storkey_plain": "--", "modern": ":"}
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for name, r in results["recoveries"].items():
         for row in r["tasks"]:
             steps = range(1, len(row["hamming"]) + 1)
+            first = row["batch_seed"] == c["recover_seeds"][0]
             ax.plot(steps, row["hamming"], styles.get(name, "-."), color=colors[row["task"] % len(colors)],
-                    label=f"{name} ({r['gradient']} gradient)" if row["task"] == 0 else None)
+                    lw=1.5 if first else 0.6, alpha=1.0 if first else 0.6,
+                    label=f"{name} ({r['gradient']} gradient)" if row["task"] == 0 and first else None)
     for t in range(len(results["masks"]["exact_acc"])):
         ax.plot([], [], color=colors[t % len(colors)], label=f"task {t}")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("recovery step")
     ax.set_ylabel("Hamming distance to the task's mask")
-    c = results["config"]
     ax.set_title(f"SplitMNIST-5k, d = {results['masks']['d']} ({'+'.join(map(str, c['hidden']))})")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
