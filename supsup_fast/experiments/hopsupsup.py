@@ -431,15 +431,17 @@ def plot_hopsupsup(results: dict, path: str) -> str:
             steps = range(1, len(row["hamming"]) + 1)
             first = row["batch_seed"] == c["recover_seeds"][0]
             ax.plot(steps, row["hamming"], styles.get(name, "-."), color=colors[row["task"] % len(colors)],
-                    lw=1.5 if first else 0.6, alpha=1.0 if first else 0.6,
-                    label=f"{name} ({r['gradient']} gradient)" if row["task"] == 0 and first else None)
+                    lw=1.5 if first else 0.6, alpha=1.0 if first else 0.6)
+        ax.plot([], [], styles.get(name, "-."), color="black", label=f"{name} ({r['gradient']} gradient)")
     for t in range(len(results["masks"]["exact_acc"])):
-        ax.plot([], [], color=colors[t % len(colors)], label=f"task {t}")
+        ax.plot([], [], color=colors[t % len(colors)], lw=4, label=f"task {t}")
     ax.set_yscale("symlog", linthresh=1)
     ax.set_ylim(bottom=0)
     ax.set_xlabel("recovery step")
     ax.set_ylabel("Hamming distance to the task's mask")
-    ax.set_title(f"SplitMNIST-5k, d = {results['masks']['d']} ({'+'.join(map(str, c['hidden']))})")
+    seeds = c["recover_seeds"]
+    ax.set_title(f"SplitMNIST-5k, d = {results['masks']['d']} ({'+'.join(map(str, c['hidden']))})"
+                 + (f"; thin: batch orders {seeds[1:]}" if len(seeds) > 1 else ""), fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
     if stress:
