@@ -120,7 +120,8 @@ def _cmd_hopfield(args) -> int:
         hidden=args.hidden, outputs=args.outputs, remap_labels=args.remap_labels, activation=args.activation,
         gate=args.gate, train_steps=args.train_steps, train_optimizer=args.train_optimizer, train_lr=args.train_lr,
         train_weight_decay=args.train_weight_decay, train_init=args.train_init, memories=args.memories,
-        rule=args.rule, modern_beta=args.modern_beta, paper_baseline=not args.no_paper_baseline,
+        rule=args.rule, storkey_layout=args.storkey_layout.replace("-", "_"), modern_beta=args.modern_beta,
+        paper_baseline=not args.no_paper_baseline,
         recover_steps=args.recover_steps, recover_batch_size=args.recover_batch_size, recover_lr=args.recover_lr,
         recover_weight_decay=args.recover_weight_decay, gamma=args.gamma, init=args.init, gradient=args.gradient,
         recover_seeds=args.recover_seeds, stress=args.stress or [], stress_d=args.stress_d,
@@ -176,6 +177,8 @@ def _add_hopfield(sub) -> None:
     g = ph.add_argument_group("memories and recovery")
     g.add_argument("--memories", nargs="+", choices=MEMORIES, default=d.memories, help="memories to recover through")
     g.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default=d.rule, help="classical learning rule")
+    g.add_argument("--storkey-layout", choices=("per-layer", "joint"), default=d.storkey_layout.replace("_", "-"),
+                   help="one Storkey network per hidden layer (the paper) or one over all hidden units")
     g.add_argument("--modern-beta", type=float, default=None, help="inverse temperature of the modern memory (default 8 ln(T + 1) / d for T stored masks)")
     g.add_argument("--no-paper-baseline", action="store_true",
                    help="skip the recovery with the paper's plain gradient through the Storkey memory")

@@ -47,6 +47,7 @@ __all__ = ["HopSupSupConfig", "MEMORIES", "run_hopsupsup", "hopsupsup_table", "p
            "entropy_gradient_diagnosis"]
 
 MEMORIES = ("storkey", "modern")
+STORKEY_LAYOUTS = ("per_layer", "joint")  # one network per hidden layer (the paper), or one over all units
 RESULTS_JSON = "hopfield_results.json"
 RESULTS_PNG = "hopfield_results.png"
 
@@ -72,6 +73,7 @@ class HopSupSupConfig:
     # memories
     memories: list = field(default_factory=lambda: list(MEMORIES))
     rule: str = "storkey"
+    storkey_layout: str = "per_layer"
     modern_beta: Optional[float] = None
     paper_baseline: bool = True
     # recovery
@@ -128,6 +130,7 @@ class HopSupSupConfig:
         need(self.train_optimizer in ("sgd", "adam"), "--train-optimizer must be 'sgd' or 'adam'")
         need(self.train_init in ("zeros", "uniform"), "--train-init must be 'zeros' or 'uniform'")
         need(self.rule in ("storkey", "simplified", "hebbian"), "--rule must be storkey, simplified or hebbian")
+        need(self.storkey_layout in STORKEY_LAYOUTS, f"--storkey-layout must be one of {STORKEY_LAYOUTS}")
         need(isinstance(self.memories, (list, tuple)) and len(self.memories) >= 1
              and all(m in MEMORIES for m in self.memories) and len(set(self.memories)) == len(self.memories),
              f"--memories must be distinct names from {MEMORIES}, got {self.memories!r}")
@@ -185,9 +188,13 @@ def _masks(cfg: HopSupSupConfig, model, bench, progress: bool) -> tuple[list, di
 # --------------------------------------------------------------------------------------
 # Recovery on SplitMNIST
 # --------------------------------------------------------------------------------------
+def _storkey_sizes(cfg: HopSupSupConfig) -> list:
+    return list(cfg.hidden) if cfg.storkey_layout == "per_layer" else [sum(cfg.hidden)]
+
+
 def _memory(kind: str, cfg: HopSupSupConfig, masks):
     if kind == "storkey":
-        mem = hopfield.LayeredMaskMemory.storkey(cfg.hidden, cfg.rule)
+        mem = hopfield.LayeredMaskMemory.storkey(_storkey_sizes(cfg), cfg.rule)
     else:
         mem = ModernHopfieldMaskMemory(sum(cfg.hidden), beta=cfg.modern_beta)
     mem.store_all(masks)
@@ -220,7 +227,7 @@ def _recover_all(name: str, mem, gradient: str, model, bench, masks, exact_acc, 
     seconds = time.perf_counter() - t0
     conv = [r["steps_to_converge"] for r in rows if r["steps_to_converge"] is not None]
     return {"memory": "storkey" if name.startswith("storkey") else "modern", "gradient": gradient,
-            "layout": (f"one {cfg.rule} network per hidden layer, d = {list(cfg.hidden)}" if name.startswith("storkey")
+            "layout": (f"{cfg.rule} networks of d = {_storkey_sizes(cfg)}" if name.startswith("storkey")
                        else f"{len(masks)} packed patterns of d = {sum(cfg.hidden)}, beta = {mem.beta:.4g}"),
             "bytes": mem.nbytes(), "tasks": rows, "exact_recoveries": sum(r["final_hamming"] == 0 for r in rows),
             "mean_final_hamming": sum(r["final_hamming"] for r in rows) / len(rows),
@@ -231,16 +238,17 @@ def _recover_all(name: str, mem, gradient: str, model, bench, masks, exact_acc, 
 
 
 def entropy_gradient_diagnosis(model, bench, masks, cfg: HopSupSupConfig) -> dict:
-    """Where the first recovery step's entropy gradient points, per task and hidden layer.
+    """Where the first recovery step's entropy gradient points, per task and Storkey network.
 
     ``in_span``: the fraction of its norm inside the span of the stored patterns (exact
     projection ``P``); ``storkey_in_span``: the same fraction of ``Psi g``, the gradient after the
     Storkey memory; ``storkey_vs_projector``: ``||Psi - P||_F / ||P||_F``.
     """
     X = torch.stack([hopfield.to_pattern(m) for m in masks])
-    mem = hopfield.LayeredMaskMemory.storkey(cfg.hidden, cfg.rule)
+    sizes = _storkey_sizes(cfg)
+    mem = hopfield.LayeredMaskMemory.storkey(sizes, cfg.rule)
     mem.store_all(masks)
-    bases = [torch.linalg.qr(c.T).Q for c in torch.split(X, list(cfg.hidden), dim=1)]
+    bases = [torch.linalg.qr(c.T).Q for c in torch.split(X, sizes, dim=1)]
     gaps = []
     for q, m in zip(bases, mem.memories):
         p = q @ q.T
@@ -252,12 +260,12 @@ def entropy_gradient_diagnosis(model, bench, masks, cfg: HopSupSupConfig) -> dic
         g = torch.autograd.grad(h, s)[0]
         psi_g = mem.filter_gradient(g)
         in_span, psi_in_span = [], []
-        for q, gc, pc in zip(bases, torch.split(g, list(cfg.hidden)), torch.split(psi_g, list(cfg.hidden))):
+        for q, gc, pc in zip(bases, torch.split(g, sizes), torch.split(psi_g, sizes)):
             in_span.append(float(torch.linalg.norm(q.T @ gc) / torch.linalg.norm(gc).clamp_min(1e-30)))
             psi_in_span.append(float(torch.linalg.norm(q.T @ pc) / torch.linalg.norm(pc).clamp_min(1e-30)))
         rows.append({"task": t, "in_span": in_span, "storkey_in_span": psi_in_span})
     return {"per_task": rows, "storkey_vs_projector": gaps,
-            "random_direction_in_span": [math.sqrt(len(masks) / h) for h in cfg.hidden]}
+            "random_direction_in_span": [math.sqrt(len(masks) / h) for h in sizes], "memory_sizes": sizes}
 
 
 # --------------------------------------------------------------------------------------
