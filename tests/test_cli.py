@@ -88,10 +88,19 @@ def test_info_reports_backends(capsys):
     assert set(info["ops"]) >= {"masked_linear@cpu", "mask_dots@cpu", "superpose@cpu"}
 
 
-def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys):
+@pytest.fixture
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys, _restore_threads):
+    # one thread: many tiny ops, where a second thread only adds contention on a busy CI machine
     out = tmp_path / "hop"
     cache = tmp_path / "masks.safetensors"
-    args = ["hopfield", "--hidden", "32", "32", "--train-steps", "20", "--recover-steps", "6", "--no-progress",
+    args = ["hopfield", "--threads", "1", "--hidden", "32", "32", "--train-steps", "20", "--recover-steps", "6",
+            "--no-progress",
             "--stress", "4", "12", "--stress-d", "64", "--stress-targets", "3", "--mask-cache", str(cache),
             "--out", str(out)]
     assert main(args) == 0
@@ -109,11 +118,15 @@ def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys):
     assert sum(res["masks"]["exact_acc"]) / 5 > 0.3  # ten digit outputs, 20 steps: far above chance (0.1)
     assert [r["stored"] for r in res["stress"]["rows"]] == [4, 4, 12, 12]
     assert (out / "hopfield_results.png").stat().st_size > 0
-    # the cached masks are read back; a cache trained otherwise is refused with a message
-    assert main(args) == 0
+    # the cached masks are read back (the same masks); a cache trained otherwise is refused with a message
+    cached = ["hopfield", "--threads", "1", "--hidden", "32", "32", "--train-steps", "20", "--recover-steps", "2",
+              "--no-progress",
+              "--memories", "storkey", "--no-paper-baseline", "--mask-cache", str(cache)]
+    assert main([*cached, "--out", str(tmp_path / "again")]) == 0
     capsys.readouterr()
-    assert json.loads((out / "hopfield_results.json").read_text())["masks"]["source"] == "cache"
-    assert main([*args[:-2], "--train-steps", "21", "--out", str(out)]) == 2
+    again = json.loads((tmp_path / "again" / "hopfield_results.json").read_text())
+    assert again["masks"]["source"] == "cache" and again["masks"]["pairwise_hamming"] == res["masks"]["pairwise_hamming"]
+    assert main([*cached, "--train-steps", "21", "--out", str(tmp_path / "other")]) == 2
     assert "mask cache" in capsys.readouterr().err
 
 
