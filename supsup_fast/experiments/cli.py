@@ -1,4 +1,5 @@
-"""The ``supsup-fast`` command: ``info`` (what is active) and ``run`` (a continual-learning experiment)."""
+"""The ``supsup-fast`` command: ``info`` (what is active), ``run`` (a continual-learning experiment) and
+``hopfield`` (HopSupSup)."""
 
 from __future__ import annotations
 
@@ -136,36 +137,97 @@ def _add_run(sub) -> None:
 
 def _cmd_hopfield(args) -> int:
     from ..errors import SupsupError
-    from .experiment import hopsupsup_table, run_hopsupsup
+    from .hopsupsup import RESULTS_JSON, HopSupSupConfig, hopsupsup_table, run_hopsupsup
 
+    cfg = HopSupSupConfig(
+        hidden=args.hidden, outputs=args.outputs, remap_labels=args.remap_labels, activation=args.activation,
+        gate=args.gate, train_steps=args.train_steps, train_optimizer=args.train_optimizer, train_lr=args.train_lr,
+        train_weight_decay=args.train_weight_decay, train_init=args.train_init, memories=args.memories,
+        rule=args.rule, storkey_layout=args.storkey_layout.replace("-", "_"), modern_beta=args.modern_beta,
+        paper_baseline=not args.no_paper_baseline,
+        recover_steps=args.recover_steps, recover_batch_size=args.recover_batch_size, recover_lr=args.recover_lr,
+        recover_weight_decay=args.recover_weight_decay, gamma=args.gamma, init=args.init, gradient=args.gradient,
+        recover_seeds=args.recover_seeds, stress=args.stress or [], stress_d=args.stress_d,
+        stress_targets=args.stress_targets, stress_noise=args.stress_noise, seed=args.seed,
+        mask_cache=args.mask_cache, out_dir=args.out, progress=not args.no_progress,
+    )
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
-        results = run_hopsupsup(hidden=args.hidden, train_steps=args.train_steps, recover_steps=args.recover_steps,
-                                gamma=args.gamma, rule=args.rule, seed=args.seed, out_dir=args.out,
-                                progress=not args.no_progress)
+        results = run_hopsupsup(cfg)
     except SupsupError as e:
         print(f"supsup-fast hopfield: error: {e}", file=sys.stderr)
         return 2
     print(hopsupsup_table(results))
-    print(f"\nresults: {args.out}/hopfield_results.json")
+    print(f"\nresults: {args.out}/{RESULTS_JSON}  plot: {results['plot_path']}")
     return 0
 
 
 def _add_hopfield(sub) -> None:
-    ph = sub.add_parser("hopfield", help="HopSupSup: unit masks stored in a fixed-size Hopfield network (SplitMNIST-5k)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ph.add_argument("--hidden", type=_positive_int, nargs="+", default=[256, 256], help="hidden layer sizes")
-    ph.add_argument("--train-steps", type=_positive_int, default=300, help="training batches per task mask")
-    ph.add_argument("--recover-steps", type=_positive_int, default=30, help="gradient steps of recovery")
-    ph.add_argument("--gamma", type=float, default=1.5e-2, help="weight of the Hopfield energy in recovery")
-    ph.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default="storkey")
-    ph.add_argument("--threads", type=_positive_int, default=None)
-    ph.add_argument("--seed", type=int, default=0)
-    ph.add_argument("--out", default="supsup_runs/hopfield")
-    ph.add_argument("--no-progress", action="store_true")
+    from .experiments.hopsupsup import MEMORIES, HopSupSupConfig
+    from .hopfield import ACTIVATIONS, GATES, GRADIENTS
+
+    d = HopSupSupConfig()
+    ph = sub.add_parser(
+        "hopfield", help="HopSupSup: unit masks kept in a fixed-size Hopfield network, recovered without task id "
+                         "(SplitMNIST-5k); a modern Hopfield memory beside it",
+        description="The paper's HopSupSup by default: BNNet 784-2048-2048-10 (masks as the batch norm's scale, "
+                    "Swish), one Storkey network per hidden layer, recovery from unlabelled test batches by 30 steps "
+                    "of entropy annealed into Hopfield energy, the entropy gradient passed through the memory. "
+                    "Also on the same masks: the paper's plain gradient and a modern Hopfield memory of the packed "
+                    "masks. Reports Hamming distance per step, steps to converge, accuracy of exact and recovered "
+                    "masks and bytes; --stress adds a synthetic test with many random masks.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = ph.add_argument_group("network and task masks")
+    g.add_argument("--hidden", type=_positive_int, nargs="+", default=d.hidden, help="hidden layer sizes (masked units)")
+    g.add_argument("--outputs", type=_positive_int, default=d.outputs, help="output neurons")
+    g.add_argument("--remap-labels", action="store_true",
+                   help="labels 0/1 per task (2 outputs suffice) instead of the ten digits")
+    g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
+    g.add_argument("--gate", choices=GATES, default=d.gate,
+                   help="where the unit mask multiplies (before the activation = the batch norm's scale)")
+    g.add_argument("--train-steps", type=_positive_int, default=d.train_steps, help="training batches (of 128) per mask")
+    g.add_argument("--train-optimizer", choices=("sgd", "adam"), default=d.train_optimizer)
+    g.add_argument("--train-lr", type=float, default=d.train_lr)
+    g.add_argument("--train-weight-decay", type=float, default=d.train_weight_decay)
+    g.add_argument("--train-init", choices=("zeros", "uniform"), default=d.train_init, help="initial scores")
+    g.add_argument("--mask-cache", default=None,
+                   help="safetensors file of trained masks: read if it exists (and matches the training flags), "
+                        "else written after training")
+    g = ph.add_argument_group("memories and recovery")
+    g.add_argument("--memories", nargs="+", choices=MEMORIES, default=d.memories, help="memories to recover through")
+    g.add_argument("--rule", choices=("storkey", "simplified", "hebbian"), default=d.rule, help="classical learning rule")
+    g.add_argument("--storkey-layout", choices=("per-layer", "joint"), default=d.storkey_layout.replace("_", "-"),
+                   help="one Storkey network per hidden layer (the paper) or one over all hidden units")
+    g.add_argument("--modern-beta", type=float, default=None, help="inverse temperature of the modern memory (default 8 ln(T + 1) / d for T stored masks)")
+    g.add_argument("--no-paper-baseline", action="store_true",
+                   help="skip the recovery with the paper's plain gradient through the Storkey memory")
+    g.add_argument("--gradient", choices=GRADIENTS, default=d.gradient,
+                   help="memory: the entropy gradient passed through the memory; plain: as it is (the paper)")
+    g.add_argument("--recover-steps", type=_positive_int, default=d.recover_steps, help="gradient steps of recovery")
+    g.add_argument("--recover-batch-size", type=_positive_int, default=d.recover_batch_size,
+                   help="unlabelled test images per recovery step")
+    g.add_argument("--recover-lr", type=float, default=d.recover_lr)
+    g.add_argument("--recover-weight-decay", type=float, default=d.recover_weight_decay)
+    g.add_argument("--gamma", type=float, default=d.gamma, help="weight of the memory energy at the last step")
+    g.add_argument("--init", choices=("mean", "zeros"), default=d.init, help="initial scores: mean stored pattern or 0")
+    g.add_argument("--recover-seeds", type=int, nargs="+", default=d.recover_seeds,
+                   help="orders of the test batches: every task is recovered once per seed")
+    g = ph.add_argument_group("synthetic stress test")
+    g.add_argument("--stress", type=_positive_int, nargs="*", default=None,
+                   help="numbers of random masks to store in both memories (e.g. 50 100 200 500 1000 2000)")
+    g.add_argument("--stress-d", type=_positive_int, default=d.stress_d, help="mask length in the stress test")
+    g.add_argument("--stress-targets", type=_positive_int, default=d.stress_targets, help="masks recovered per size")
+    g.add_argument("--stress-noise", type=float, default=d.stress_noise,
+                   help="fraction of the target's bits the stand-in objective gets wrong")
+    g = ph.add_argument_group("run")
+    g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the base weights, scores and data order")
+    g.add_argument("--out", default=d.out_dir, help="output folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
     ph.set_defaults(func=_cmd_hopfield)
 
 

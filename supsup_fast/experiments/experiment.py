@@ -34,6 +34,7 @@ from .. import convert, inference, training
 from ..config import SupsupConfig
 from ..errors import SupsupError
 from . import data, models
+from .hopsupsup import hopsupsup_table, run_hopsupsup  # noqa: F401  (HopSupSup's runner, importable from here as before)
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
 BENCHMARKS = ("permuted", "rotated", "split")
@@ -431,56 +432,3 @@ def summary_table(results: dict) -> str:
 
 __all__ = ["ExperimentConfig", "run", "summary_table", "default_checkpoints", "eval_indices", "measure_task_inference", "plot",
            "SCENARIOS", "BENCHMARKS", "SOURCES"]
-
-
-def run_hopsupsup(*, hidden=(256, 256), train_steps: int = 300, recover_steps: int = 30, gamma: float = 1.5e-2,
-                  rule: str = "storkey", seed: int = 0, out_dir: str = "supsup_runs/hopfield",
-                  progress: bool = True) -> dict:
-    """HopSupSup on SplitMNIST-5k: unit masks of every task stored in one fixed-size Hopfield network.
-
-    Each task's mask over the ``d = sum(hidden)`` hidden units is trained with the task given, then
-    stored (Storkey rule by default) in a ``d x d`` Hopfield network; the exact masks are kept
-    beside it. Each task's mask is then recovered from unlabelled test batches alone by gradient
-    descent on output entropy then Hopfield energy, and compared with the exact one: Hamming
-    distance and accuracy of both masks on the task's test split.
-    """
-    from .. import hopfield, objectives
-
-    sizes = (784, *[int(h) for h in hidden], 2)
-    bench = data.SplitMNIST(data.mnist_5k(), flatten=True)
-    model = hopfield.HiddenMaskedMLP(sizes, seed=seed)
-    t0 = time.perf_counter()
-    masks = [hopfield.train_unit_mask(model, bench.infinite_batches(t, 128, seed=seed), steps=train_steps, lr=0.05,
-                                      seed=seed + t)
-             for t in tqdm(range(bench.num_tasks), desc="training unit masks", disable=not progress)]
-    store = hopfield.HopfieldMaskStore(model.d, rule=rule)
-    store.store_all(masks)
-    recovered = []
-    for t in tqdm(range(bench.num_tasks), desc="recovering masks", disable=not progress):
-        batches = bench.infinite_batches(t, 64, seed=seed + 1, split="test")
-        recovered.append(hopfield.recover(store, lambda m, b=batches: objectives.entropy(model(next(b)[0], m)),
-                                          steps=recover_steps, gamma=gamma))
-    report = hopfield.recovery_report(
-        masks, recovered, lambda t, m: hopfield.mask_accuracy(model, m, bench.test_loader(t, 500)))
-    results = {"hidden": list(hidden), "d": model.d, "rule": rule, "gamma": gamma, "train_steps": train_steps,
-               "recover_steps": recover_steps, "seed": seed, "report": report,
-               "hopfield_bytes": store.psi.numel() * store.psi.element_size(),
-               "exact_bank_bytes": bench.num_tasks * ((model.d + 7) // 8),
-               "seconds": time.perf_counter() - t0, "environment": _environment()}
-    os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "hopfield_results.json"), results)
-    return results
-
-
-def hopsupsup_table(results: dict) -> str:
-    r = results["report"]
-    lines = [f"HopSupSup on SplitMNIST-5k: d = {results['d']} hidden units, {results['rule']} rule, "
-             f"gamma {results['gamma']}, {results['recover_steps']} recovery steps",
-             f"{'task':>4} | {'hamming':>7} | {'exact-mask acc':>14} | {'recovered acc':>13}", "-" * 48]
-    for row in r["tasks"]:
-        lines.append(f"{row['task']:>4} | {row['hamming']:>7} | {100 * row['exact_acc']:>13.2f}% | "
-                     f"{100 * row['recovered_acc']:>12.2f}%")
-    lines.append(f"exact recoveries: {r['exact_recoveries']} of {len(r['tasks'])}; mean Hamming {r['mean_hamming']:.1f}; "
-                 f"Hopfield weights {results['hopfield_bytes'] / 2**20:.2f} MiB (fixed), "
-                 f"time {results['seconds']:.1f} s")
-    return "\n".join(lines)
