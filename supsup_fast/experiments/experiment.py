@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .. import convert, inference, training
 from ..config import SupsupConfig
 from ..errors import SupsupError
-from . import data, models
+from . import data, metrics, models
 from .hopsupsup import hopsupsup_table, run_hopsupsup  # noqa: F401  (HopSupSup's runner, importable from here as before)
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
@@ -241,6 +241,7 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
     seconds = 0.0
     inferences = inferences_right = 0
     min_classes = None
+    per_task = torch.zeros(3, tasks, dtype=torch.int64)  # right (scenario), right (GG, same images), images
     for t in tqdm(range(tasks), desc=f"task inference ({tasks} tasks)", leave=False, disable=not progress):
         for positions in eval_batches(bench.split_size(t, "test"), cfg.eval_images, cfg.test_batch_size, t,
                                       cfg.eval_seed):
@@ -258,9 +259,11 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
                 inferences_right += int(ids[0] == right[t])
             hit = (inference.gnu_correct(ids, classes, right[t], y) if cfg.scenario in ("GNu", "NNs")
                    else inference.gns_correct(classes, y))
-            correct += int(hit.sum())
             given = torch.full((x.shape[0],), right[t], dtype=torch.int64, device=x.device)
-            gg_correct += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+            gg_hit = int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+            per_task[:, t] += torch.tensor([int(hit.sum()), gg_hit, x.shape[0]])
+            correct += int(hit.sum())
+            gg_correct += gg_hit
             count += x.shape[0]
             confusion[t] += torch.bincount(ids.cpu(), minlength=masks)
     task_acc = float(sum(int(confusion[t, right[t]]) for t in range(tasks))) / max(count, 1)
@@ -268,16 +271,53 @@ def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, prog
             "gg_accuracy_same_images": gg_correct / max(count, 1),
             "images": count, "inferences": inferences, "inference_accuracy": inferences_right / max(inferences, 1),
             "min_classes_per_batch": min_classes, "seconds": seconds,
-            "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist()}
+            "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist(),
+            "per_task_accuracy": (per_task[0].double() / per_task[2].clamp(min=1)).tolist(),
+            "per_task_gg_accuracy_same_images": (per_task[1].double() / per_task[2].clamp(min=1)).tolist()}
 
 
 def _gg_accuracy(model, bench, t: int, batch_size: int) -> float:
     return training.evaluate(model, bench.test_loader(t, batch_size), task=t)["accuracy"]
 
 
+@torch.no_grad()
+def gg_eval_accuracy(model, bench, cfg: ExperimentConfig, t: int) -> float:
+    """Task ``t``'s accuracy with its own mask on its evaluated test images (the images GN is measured on)."""
+    right = count = 0
+    for positions in eval_batches(bench.split_size(t, "test"), cfg.eval_images, cfg.test_batch_size, t, cfg.eval_seed):
+        x, y = bench.batch(t, "test", positions)
+        given = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        right += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+        count += x.shape[0]
+    return right / max(count, 1)
+
+
+#: Points of a task's recorded loss curve (means over equal windows of its training batches).
+LOSS_CURVE_POINTS = 50
+
+
+def loss_curve(losses: list) -> dict:
+    """A task's training loss as means over windows of ``ceil(len / LOSS_CURVE_POINTS)`` batches."""
+    window = max(1, -(-len(losses) // LOSS_CURVE_POINTS))
+    means = [sum(losses[i:i + window]) / len(losses[i:i + window]) for i in range(0, len(losses), window)]
+    return {"batches_per_point": window, "mean_loss": means}
+
+
+def _accuracy_matrix(results: dict) -> dict:
+    """``results['accuracy_matrix']`` with the metrics of each of its kinds (see :mod:`.metrics`)."""
+    m = results["accuracy_matrix"]
+    for kind in ("gg", "gn"):
+        rows = {int(n): r for n, r in m[kind].items()}
+        m[f"{kind}_metrics"] = metrics.summarise(rows, m["gg_diagonal"] if kind == "gg" else None)
+    return m
+
+
 def _train_labelled(model, bench, cfg, results, progress):
     """GG / GNs / GNu: one mask per task, task identity given at training time."""
     checkpoints = set(cfg.checkpoints or default_checkpoints(cfg.tasks))
+    rows = set(metrics.matrix_rows(cfg.tasks, checkpoints))
+    matrix = results["accuracy_matrix"] = {"rows_after_tasks": sorted(rows), "images": "evaluated test images",
+                                           "gg": {}, "gn": {}, "gg_diagonal": []}
     for t in tqdm(range(cfg.tasks), desc="tasks", disable=not progress):
         stats = training.fit_task(model, bench.infinite_batches(t, cfg.batch_size, seed=cfg.seed),
                                   iterations=cfg.iterations, optimizer=cfg.optimizer, lr=cfg.lr,
@@ -285,9 +325,19 @@ def _train_labelled(model, bench, cfg, results, progress):
         results["train_seconds"] += stats["seconds"]
         results["per_task"].append({"task": t, "gg_accuracy": _gg_accuracy(model, bench, t, cfg.test_batch_size),
                                     "final_train_loss": float(sum(stats["losses"][-50:]) / len(stats["losses"][-50:])),
-                                    "train_seconds": stats["seconds"]})
+                                    "train_seconds": stats["seconds"], "loss_curve": loss_curve(stats["losses"])})
+        gn = None
         if cfg.scenario != "GG" and (t + 1) in checkpoints:
-            results["vs_tasks"].append(measure_task_inference(model, bench, cfg, t + 1, progress))
+            gn = measure_task_inference(model, bench, cfg, t + 1, progress)
+            results["vs_tasks"].append(gn)
+            matrix["gn"][str(t + 1)] = gn["per_task_accuracy"]
+        if t + 1 in rows:
+            matrix["gg"][str(t + 1)] = (gn["per_task_gg_accuracy_same_images"] if gn is not None
+                                   else [gg_eval_accuracy(model, bench, cfg, j) for j in range(t + 1)])
+            matrix["gg_diagonal"].append(matrix["gg"][str(t + 1)][t])
+        else:
+            matrix["gg_diagonal"].append(gg_eval_accuracy(model, bench, cfg, t))
+        if gn is not None:
             # long runs: every checkpoint is on disk as soon as it is measured
             _write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
 
@@ -331,6 +381,9 @@ def run(cfg: ExperimentConfig) -> dict:
     # the other methods on the same masks, at the final number of tasks
     results["compared_methods"] = [measure_task_inference(model, bench, cfg, n_tasks, progress, method=m)
                                    for m in cfg.compare_methods]
+    if "accuracy_matrix" in results:
+        _accuracy_matrix(results)
+    results["peak_memory"] = _peak_memory(cfg.device)
     results["total_seconds"] = time.perf_counter() - t_start
     results["complete"] = True
     if cfg.save_bank:
@@ -341,14 +394,46 @@ def run(cfg: ExperimentConfig) -> dict:
         results["bank_path"] = bank_path
     _write_json(os.path.join(cfg.out_dir, "results.json"), results)
     results["plot_path"] = plot(results, os.path.join(cfg.out_dir, "accuracy_vs_tasks.png"))
+    if "accuracy_matrix" in results:
+        c = results["config"]
+        results["matrix_plot_path"] = metrics.plot_accuracy_matrix(
+            results["accuracy_matrix"], os.path.join(cfg.out_dir, "accuracy_matrix.png"),
+            title=f"{c['benchmark']} {c['data']}, {c['arch']}, {c['tasks']} tasks")
     return results
+
+
+def _peak_memory(device: str) -> dict:
+    """Peak resident memory of this process (and of the CUDA allocator on a GPU run)."""
+    import resource
+
+    got = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        got["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return got
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _environment() -> dict:
     from ..info import collect
 
+    from .. import __version__
+
     info = collect()
-    return {k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}
+    return {"supsup_fast": __version__, "cpu_model": _cpu_model(),
+            **{k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}}
 
 
 def _write_json(path: str, obj) -> None:
@@ -361,25 +446,54 @@ def _write_json(path: str, obj) -> None:
 
 
 def plot(results: dict, path: str) -> Optional[str]:
-    """Accuracy and task-inference accuracy vs number of tasks (GG per task as a reference line)."""
+    """Accuracy and task-inference accuracy vs number of tasks, with GG accuracy on the same images.
+
+    GG runs (no inference) show each task's GG accuracy. Ticks are whole numbers of tasks; the
+    accuracy axis spans at least 10 points, so noise of a fraction of a point does not look like
+    forgetting."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     pts = [p for p in results["vs_tasks"] if "accuracy" in p]
+    shown = []
     if pts:
         xs = [p["tasks"] for p in pts]
-        ax.plot(xs, [100 * p["accuracy"] for p in pts], "o-", label=f"{results['config']['scenario']} accuracy")
-        ax.plot(xs, [100 * p["task_inference_accuracy"] for p in pts], "s--", label="task-inference accuracy")
-    if results["per_task"]:
+        acc = [100 * p["accuracy"] for p in pts]
+        ax.plot(xs, acc, "o-", label=f"{results['config']['scenario']} accuracy")
+        shown += acc
+        if all("gg_accuracy_same_images" in p for p in pts):
+            gg = [100 * p["gg_accuracy_same_images"] for p in pts]
+            ax.plot(xs, gg, ":", marker=".", color="gray", label="GG accuracy, same images")
+            shown += gg
+        ti = [100 * p["task_inference_accuracy"] for p in pts]
+        ax.plot(xs, ti, "s--", label="task-inference accuracy")
+        shown += ti
+        ax.set_xlabel("number of tasks learned")
+    elif results["per_task"]:
         gg = [100 * p["gg_accuracy"] for p in results["per_task"]]
-        ax.plot(range(1, len(gg) + 1), gg, ":", color="gray", label="GG accuracy of task n")
-    ax.set_xlabel("number of tasks learned")
+        xs = list(range(1, len(gg) + 1))
+        ax.plot(xs, gg, "o-", color="gray", label="GG accuracy of task n (after learning it)")
+        shown += gg
+        ax.set_xlabel("task n")
+    else:
+        xs = []
     ax.set_ylabel("accuracy (%)")
-    if pts and max(p["tasks"] for p in pts) >= 20:
+    if shown:
+        low = max(0.0, min(min(shown) - 2.0, 90.0))
+        ax.set_ylim(math.floor(low / 5) * 5, 100.5)
+    if xs and max(xs) >= 20:
         ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     c = results["config"]
     ax.set_title(f"{c['benchmark']} {c['data']}, {c['arch']}, {c['method']} / {c['objective']}")
     ax.grid(True, alpha=0.3)
@@ -422,6 +536,13 @@ def summary_table(results: dict) -> str:
                      f"({'one per task, in order' if n['one_mask_per_task'] else 'masks of the tasks: ' + str(n['mask_of_task'])}; "
                      f"{n['checks']} novelty checks: {n['decisions']['new']} new, {n['decisions']['switch']} switch, "
                      f"{n['decisions']['continue']} continue)")
+    for kind in ("gg", "gn"):
+        cl = (results.get("accuracy_matrix") or {}).get(f"{kind}_metrics")
+        if cl:
+            lines.append(f"{kind.upper()} continual-learning metrics over {cl['rows_measured']} measured rows of R: "
+                         f"average accuracy {100 * cl['average_accuracy']:.2f}%, backward transfer "
+                         f"{100 * cl['backward_transfer']:+.2f} points, mean forgetting {100 * cl['mean_forgetting']:.2f} "
+                         f"points (max {100 * cl['max_forgetting']:.2f})")
     m = results["memory"]
     lines.append("")
     lines.append(f"mask bits: {m['mask_bytes_per_task'] / 1024:.1f} KiB per task, {m['mask_bytes_total'] / 2**20:.2f} MiB "
