@@ -166,8 +166,8 @@ def _cmd_hopfield(args) -> int:
 
 
 def _add_hopfield(sub) -> None:
-    from .experiments.hopsupsup import MEMORIES, HopSupSupConfig
-    from .hopfield import ACTIVATIONS, GATES, GRADIENTS
+    from .hopsupsup import MEMORIES, HopSupSupConfig
+    from ..hopfield import ACTIVATIONS, GATES, GRADIENTS
 
     d = HopSupSupConfig()
     ph = sub.add_parser(
