@@ -79,6 +79,9 @@ def plot_accuracy_matrix(matrix: dict, path: str, title: str = "") -> Optional[s
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         grid = np.full((tasks, tasks), np.nan)
+        if kind == "gg":  # the diagonal is measured after every task, also between sparse rows
+            diag = [100 * v for v in matrix.get("gg_diagonal", [])[:tasks]]
+            grid[range(len(diag)), range(len(diag))] = diag
         for n, row in matrix[kind].items():
             grid[int(n) - 1, : len(row)] = [100 * v for v in row]
         im = ax.imshow(grid, origin="upper", cmap="viridis", vmin=np.nanmin(grid), vmax=100, interpolation="nearest",
