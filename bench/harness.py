@@ -102,9 +102,10 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def tolerance(dtype: torch.dtype, device: str) -> float:
-    """The project's tolerance for a ``dtype`` result (:mod:`supsup_fast.testing`); fp32 dots on GPUs run in tf32."""
-    return testing.tolerance(dtype, tf32=device == "cuda")
+def tolerance(dtype: torch.dtype, device: str, terms: Optional[int] = None) -> float:
+    """The project's tolerance for a ``dtype`` result summing ``terms`` products (:mod:`supsup_fast.testing`);
+    fp32 dots on GPUs run in tf32."""
+    return testing.tolerance(dtype, tf32=device == "cuda", terms=terms)
 
 
 def check_outputs(outs, expected, device: str, what: str, tol: Optional[float] = None) -> list[float]:
