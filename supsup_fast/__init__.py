@@ -20,7 +20,6 @@ from .convert import (
     unconvert,
 )
 from .errors import BackendError, BankFileError, ConversionWarning, SupsupError
-from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm, TaskDense
 from .model_tasks import (
     begin_task,
     delete_task,
@@ -38,6 +37,7 @@ from .model_tasks import (
     task_parameters,
     tasks,
 )
+from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm, TaskDense
 
 __version__ = "0.1.0"
 

@@ -15,6 +15,25 @@ Methods (``infer_task(method=...)``):
   repeat until one remains: ``ceil(log2 k)`` passes.
 * ``"gradient_descent"`` -- ``alpha = softmax(theta)`` over the candidates; ``theta`` descends the
   objective (normalised steps of ``lr`` logits) until ``max alpha >= threshold`` or ``max_steps``.
+* ``"shortlist"`` -- candidates are judged by their *own* networks: candidate ``i`` is scored by
+  the output entropy under its mask alone (``alpha = e_i``), every (row, candidate) pair one
+  row of a single batched forward pass (rows x candidates through ``ops.masked_linear_grouped``),
+  and the lowest mean score wins (ties: the lower task id). The gradient at a uniform ``alpha``
+  ranks well when masks differ (PermutedMNIST) but poorly among masks that look alike
+  (RotatedMNIST's neighbouring angles), where the own networks still separate. To bound the
+  cost, the candidates are first narrowed to at most ``shortlist`` (``shortlist_by``):
+
+  - ``"rows"``: by the same own-network scores on only the first ``shortlist_rows`` rows; the
+    survivors are then scored on all rows. In per-example mode a row is all there is, so every
+    candidate is scored on it (no narrowing: cost grows with the number of tasks);
+  - ``"one_shot"``: the ``shortlist`` lowest gradients of one pass at ``alpha`` uniform;
+  - ``"binary"``: binary search, stopped once at most ``shortlist`` candidates remain;
+  - ``"auto"`` (default): ``"rows"`` in batch mode, ``"one_shot"`` per example.
+
+  The score is always the output entropy, whatever ``objective`` the gradient narrows by: the G
+  objective has no value to compare across networks (its real-class logits are detached for the
+  gradient only). Confidence: ``max softmax(-n * score)`` over the final survivors, ``n`` the
+  rows a score averages (1 per example).
 
 Batch handling (``batch_mode=...``):
 
@@ -27,7 +46,7 @@ Batch handling (``batch_mode=...``):
   (computed in row chunks so memory stays bounded). Binary search and gradient descent group the
   rows that share an ``alpha`` into one pass.
 
-Confidence: ``max_i softmax(-g)_i`` over the candidates, ``g`` the final pass's per-row alpha
+Confidence (gradient methods): ``max_i softmax(-g)_i`` over the candidates, ``g`` the final pass's per-row alpha
 gradient (the belief ``nu`` of the NNs novelty test); in ``[1/n, 1]`` for ``n`` candidates of
 that pass. Gradient descent reports its final ``max alpha`` instead.
 
@@ -66,11 +85,13 @@ from torch import nn
 
 from . import convert, ops
 from .errors import SupsupError
-from .nn import MaskedLayerBase
+from .nn import MaskedLayerBase, MaskedLinear
 from .nn._model import eval_mode, model_device, model_in_use, preserved_mode, task_modules  # noqa: F401
+from .nn.base import TaskModule
 from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 
-METHODS = ("one_shot", "binary", "gradient_descent")
+METHODS = ("one_shot", "binary", "gradient_descent", "shortlist")
+SHORTLIST_BY = ("auto", "rows", "one_shot", "binary")
 BATCH_MODES = ("batch", "per_example")
 
 #: Per-example weight gradients are formed for at most this many elements at a time.
@@ -344,6 +365,8 @@ class TaskInference:
         alphas: per pass, the ``alpha`` used, ``[U, T]`` (``U`` = 1 in batch mode, else rows).
         grads: per pass, ``d obj / d alpha``, ``[U, T]`` (gradient descent: NaN for units that
             had already reached the threshold and took no step; NaN for the units a pass skipped).
+        candidates: ``"shortlist"`` only: the survivors each unit scored, int64 ``[U, C]``, ascending.
+        scores: ``"shortlist"`` only: their scores under their own masks, ``[U, C]``.
     """
 
     task_ids: torch.Tensor
@@ -351,6 +374,8 @@ class TaskInference:
     passes: int = 0
     alphas: list = field(default_factory=list)
     grads: list = field(default_factory=list)
+    candidates: Optional[torch.Tensor] = None
+    scores: Optional[torch.Tensor] = None
 
 
 def belief(grads: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -375,6 +400,9 @@ def infer_task(
     lr: float = 1.0,
     threshold: float = 0.99,
     max_steps: int = 100,
+    shortlist: int = 4,
+    shortlist_by: str = "auto",
+    shortlist_rows: int = 16,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     logits_fn: Optional[Callable] = None,
 ) -> TaskInference:
@@ -383,16 +411,17 @@ def infer_task(
     See the module docstring for ``method``, ``objective``, ``batch_mode`` and ``logits_fn`` (for models
     returning a ``ModelOutput`` or other non-tensor output). ``rows`` (batch mode only) is how many leading rows
     the inference looks at (``None`` = all). ``lr``, ``threshold`` and ``max_steps`` configure
-    ``"gradient_descent"``. The model runs in ``eval()`` mode; its modes are restored afterwards. Units whose
-    input or gradients are not finite get :data:`NO_TASK`.
+    ``"gradient_descent"``; ``shortlist`` (the most survivors scored on all rows), ``shortlist_by`` and
+    ``shortlist_rows`` configure ``"shortlist"``. The model runs in ``eval()`` mode; its modes are restored
+    afterwards. Units whose input or gradients are not finite get :data:`NO_TASK`.
     """
     with model_in_use(model), eval_mode(model):
         return _infer_task(model, x, method, objective, num_real, batch_mode, rows, candidates, lr, threshold,
-                           max_steps, chunk_elements, logits_fn)
+                           max_steps, shortlist, shortlist_by, shortlist_rows, chunk_elements, logits_fn)
 
 
 def _infer_task(model, x, method, objective, num_real, batch_mode, rows, candidates, lr, threshold, max_steps,
-                chunk_elements, logits_fn) -> TaskInference:
+                shortlist, shortlist_by, shortlist_rows, chunk_elements, logits_fn) -> TaskInference:
     if method not in METHODS:
         raise SupsupError(f"unknown method {method!r}; expected one of {METHODS}")
     if batch_mode not in BATCH_MODES:
@@ -418,6 +447,16 @@ def _infer_task(model, x, method, objective, num_real, batch_mode, rows, candida
         return g if per_example else g.unsqueeze(0)
 
     units = x.shape[0] if per_example else 1
+    if method == "shortlist":
+        if isinstance(shortlist, bool) or not isinstance(shortlist, int) or shortlist < 1:
+            raise SupsupError(f"shortlist must be a positive int, got {shortlist!r}")
+        if shortlist_by not in SHORTLIST_BY:
+            raise SupsupError(f"unknown shortlist_by {shortlist_by!r}; expected one of {SHORTLIST_BY}")
+        if isinstance(shortlist_rows, bool) or not isinstance(shortlist_rows, int) or shortlist_rows < 1:
+            raise SupsupError(f"shortlist_rows must be a positive int, got {shortlist_rows!r}")
+        by = ("one_shot" if per_example else "rows") if shortlist_by == "auto" else shortlist_by
+        return _shortlist(model, x, cand, units, grads_of, per_example, entropy_rows, shortlist, by, shortlist_rows,
+                          chunk_elements, failed)
     if method == "gradient_descent":
         return _gradient_descent(x, cand, units, grads_of, per_example, lr, threshold, max_steps, failed)
     return _halving(x, cand, units, grads_of, per_example, (method == "one_shot"), failed)
@@ -463,7 +502,11 @@ def _grads_grouped(x, alphas, grads_of, units_are_rows: bool):
     return out, len(groups)
 
 
-def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, failed: torch.Tensor) -> TaskInference:
+def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, failed: torch.Tensor,
+             stop_at: int = 1) -> TaskInference:
+    """Binary search (or one pass, ``one_shot``); with ``stop_at > 1`` it stops once at most ``stop_at``
+    candidates survive and leaves them in ``result.candidates`` (every unit the same number; a failed unit's
+    are its first ones) and the failed units in ``result.failed``."""
     alive = cand.unsqueeze(0).expand(units, -1).clone()
     failed = failed.clone()
     ids = alive.float().argmax(-1)  # a single candidate needs no pass
@@ -473,8 +516,8 @@ def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, failed: to
     inf = torch.tensor(math.inf, device=cand.device)
     # every pass halves each live unit's survivors (rounding up): ceil(log2 n) passes end every search,
     # whatever the gradients hold; a unit with a non-finite gradient leaves the search
-    for _ in range(0 if n == 1 else 1 if one_shot else math.ceil(math.log2(n))):
-        todo = ~failed & (alive.sum(-1) > 1)
+    for _ in range(0 if n <= stop_at else 1 if one_shot else math.ceil(math.log2(n))):
+        todo = ~failed & (alive.sum(-1) > stop_at)
         if not bool(todo.any()):
             break
         alpha = _uniform(alive)
@@ -497,6 +540,15 @@ def _halving(x, cand, units, grads_of, per_row: bool, one_shot: bool, failed: to
         rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         alive = torch.where(live.unsqueeze(1), alive & (rank < keep.unsqueeze(1)), alive)
         ids = torch.where(live, alive.float().argmax(-1), ids)
+    if stop_at > 1:
+        count = n
+        while count > stop_at:
+            count = (count + 1) // 2  # what every live unit kept
+        first = torch.cumsum(cand.long(), 0) <= count  # a failed unit's stand-ins: its first candidates
+        alive = torch.where(failed.unsqueeze(1), (cand & first).unsqueeze(0), alive)
+        result.candidates = _survivors(alive)
+        result._failed = failed  # for the shortlist: which units got no finite gradient
+        return result
     if not one_shot and bool((~failed & (alive.sum(-1) != 1)).any()):  # pragma: no cover - a broken invariant
         raise SupsupError("binary search did not end with one task per unit")
     result.task_ids = torch.where(failed, NO_TASK, ids).to(torch.int64)
@@ -508,6 +560,108 @@ def _real(v, name: str) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v)):
         raise SupsupError(f"{name} must be a finite number, got {v!r}")
     return float(v)
+
+
+def _survivors(alive: torch.Tensor) -> torch.Tensor:
+    """int64 ``[U, C]``: each unit's ``True`` task ids, ascending (every unit has ``C`` of them)."""
+    counts = alive.sum(-1)
+    if not bool((counts == counts[0]).all()):  # halving keeps ceil(n/2) of the same n in every unit
+        raise SupsupError("internal: units kept different numbers of candidates")
+    return torch.nonzero(alive)[:, 1].reshape(alive.shape[0], int(counts[0]))
+
+
+def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, first_rows, chunk_elements, failed):
+    def scores_of(xs, survivors):
+        return candidate_scores(model, xs, survivors, value_fn, per_example=per_row, chunk_elements=chunk_elements)
+
+    everyone = _survivors(cand.unsqueeze(0).expand(units, -1))
+    if int(cand.sum()) <= size:  # short enough already
+        result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0), candidates=everyone)
+    elif by == "rows":
+        result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0), candidates=everyone)
+        if not per_row and first_rows < x.shape[0]:  # narrow on the first rows, decide on all of them
+            pre = scores_of(x[:first_rows], everyone)
+            keep = torch.sort(pre, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
+            result.candidates = everyone.gather(1, torch.sort(keep, dim=-1).values)
+    elif by == "one_shot":
+        result = _halving(x, cand, units, grads_of, per_row, True, failed)
+        failed = failed | (result.task_ids == NO_TASK)
+        g = torch.where(failed.unsqueeze(1), 0.0, result.grads[-1])  # a failed unit: its first candidates
+        g = torch.where(cand, g, torch.tensor(math.inf, device=cand.device))
+        lowest = torch.sort(g, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
+        result.candidates = torch.sort(lowest, dim=-1).values
+    else:
+        result = _halving(x, cand, units, grads_of, per_row, False, failed, stop_at=size)
+        failed = result._failed
+    survivors = result.candidates
+    scores = scores_of(x, survivors)
+    failed = failed.to(scores.device) | ~torch.isfinite(scores).all(-1)  # no score to compare: no task claimed
+    best = scores.argmin(-1)  # first minimum: survivors ascend, so ties go to the lower task id
+    ids = survivors.gather(1, best.unsqueeze(1)).squeeze(1).to(torch.int64)
+    result.task_ids = torch.where(failed, NO_TASK, ids)
+    n = 1 if per_row else x.shape[0]
+    conf = torch.softmax(-n * scores.double(), dim=-1).max(-1).values.float().clamp(0.0, 1.0)
+    result.confidence = torch.where(failed, 0.0, conf)
+    result.scores = scores
+    return result
+
+
+def candidate_scores(model: nn.Module, x: torch.Tensor, candidates: torch.Tensor,
+                     value_fn: Callable[[torch.Tensor], torch.Tensor], *, per_example: bool,
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """``[U, C]``: each candidate task's score under its own mask alone.
+
+    ``per_example=False``: ``candidates`` is ``[1, C]`` and a score is the mean of ``value_fn``
+    over the rows of ``x``. ``per_example=True``: ``candidates`` is ``[B, C]``, row ``r`` of ``x``
+    is scored under each of its own ``C`` candidates. Every (row, candidate) pair is one row of a
+    single forward pass (:func:`forward_rows_through_tasks`), in chunks of bounded size.
+    """
+    b, c = x.shape[0], candidates.shape[1]
+    if per_example:
+        xs, ids = x.repeat_interleave(c, dim=0), candidates.reshape(-1)
+    else:
+        xs, ids = x.repeat((c,) + (1,) * (x.dim() - 1)), candidates[0].repeat_interleave(b)
+    widest = max([layer.weight.shape[0] for layer in convert.masked_layers(model)
+                  if isinstance(layer, MaskedLayerBase)] + [x[0].numel()])
+    step = max(1, int(chunk_elements) // max(1, widest))
+    with torch.no_grad():
+        values = torch.cat([value_fn(forward_rows_through_tasks(model, xs[s:s + step], ids[s:s + step])).float()
+                            for s in range(0, xs.shape[0], step)])
+    return values.reshape(b, c) if per_example else values.reshape(c, b).mean(-1, keepdim=True).t()
+
+
+def forward_rows_through_tasks(model: nn.Module, x: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """The model's output for every row ``i`` of ``x`` under task ``task_ids[i]``'s stored mask alone.
+
+    An ``nn.Sequential`` whose only task modules are :class:`~supsup_fast.nn.MaskedLinear` runs once,
+    every masked layer as one ``ops.masked_linear_grouped`` call (rows x tasks); any other model runs
+    once per distinct task on that task's rows. The model's mode is restored afterwards.
+    """
+    if task_ids.shape != (x.shape[0],):
+        raise SupsupError(f"task_ids must have one entry per row of x, shape [{x.shape[0]}], got {tuple(task_ids.shape)}")
+    ids = task_ids.to(device=model_device(model), dtype=torch.int64)
+    if isinstance(model, nn.Sequential) and all(isinstance(m, MaskedLinear) for m in model.modules()
+                                                if isinstance(m, TaskModule)):
+        h = x
+        for m in model:
+            if isinstance(m, MaskedLinear):
+                if h.dim() != 2 or h.shape[0] != ids.shape[0]:
+                    raise SupsupError(f"grouped forward: {type(m).__name__} got input of shape {tuple(h.shape)}, "
+                                      f"expected [{ids.shape[0]}, {m.in_features}]")
+                h = ops.masked_linear_grouped(h, m.weight, m.bank, ids, m.bias)
+            else:
+                h = m(h)
+        return h
+    out = None
+    with preserved_mode(model):
+        for t in torch.unique(ids).tolist():
+            rows = torch.nonzero(ids == t).flatten()
+            convert.set_task(model, int(t))
+            y = model(x[rows])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + tuple(y.shape[1:]))
+            out[rows] = y
+    return out
 
 
 def _gradient_descent(x, cand, units, grads_of, per_row, lr, threshold, max_steps, failed) -> TaskInference:

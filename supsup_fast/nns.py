@@ -27,6 +27,20 @@ with ``begin_task(j)``, whose scores are drawn so the binariser reproduces ``j``
 exactly; training then continues from that mask (its former score magnitudes are not kept -- no
 float state per task exists). The optimizer is rebuilt on every switch.
 
+The belief test alone does not scale with the number of masks: with ``S`` slots of gradients that
+carry no information (data no mask fits), ``S * max(nu)`` grows with ``S``, while for data one
+mask fits it shrinks (that mask's advantage is shared among more slots). On PermutedMNIST-5k
+with LeNet-300-100 the two met at 24 masks: ``S * max(nu)`` was 1.03-1.11 at the first batch of
+each of tasks 1-23 (novel) and at least 1.40 within them, but 1.14 at the first batch of task 24,
+so task 24 and every later one were trained into mask 12 (100-task run in ``bench/results/``).
+Hence a second test (``own_entropy``, on by default): when the belief test picks a trained mask,
+that mask's *own* network (``alpha = e_j``) is run on the check batch, and if its mean output
+entropy exceeds ``own_entropy * log(outputs)`` the data is novel after all. A mask on its own
+task's data is confident; on data it was not trained for it is not (on PermutedMNIST-5k, 0.18-0.30
+nats for the right mask against at least 3.39 for the best wrong one, of ``log 100 = 4.61``; a fresh
+mask is at 0.89 after 100 RMSprop steps at lr 1e-4). ``own_entropy=None`` is the paper's test alone.
+A mask trained for fewer than ``check_every`` batches is not judged this way (it is still learning).
+
 The novelty test uses ``S`` (the number of slots) as its ``k``. For ``k >= min_slots`` this is
 the paper's ``k * max(nu) < 1 + epsilon``; for fewer masks the paper's literal ``k`` (allocated
 masks) with ``nu`` over ``min_slots`` slots makes the first check always allocate (``1 * max(nu)
@@ -52,8 +66,8 @@ from . import convert, ops
 from .binarise import binarise
 from .errors import SupsupError
 from .nn import TaskBatchNorm
-from .nn._model import masked_modules, model_device, task_modules
-from .objectives import objective_rows
+from .nn._model import masked_modules, model_device, preserved_mode, task_modules
+from .objectives import entropy_rows, objective_rows
 from .training import OptimizerFactory, make_optimizer
 
 
@@ -91,6 +105,8 @@ class NNsTrainer:
         objective / num_real: the inference objective (``"entropy"``, or ``"g"`` with ``num_real``).
         rows: leading rows of the batch used by a check (``None`` = all).
         k_mode: ``"slots"`` (default) or ``"allocated"``, the ``k`` of the novelty test (module docstring).
+        own_entropy: the second novelty test's threshold, a fraction of ``log(outputs)`` (module
+            docstring); ``None`` keeps the paper's belief test alone.
         temperature: ``nu = softmax(-grad / temperature)``. The paper's ``1`` suits its MNIST nets;
             the gradients' scale depends on the network, so small nets may need a sharper belief.
         seed: seed of the untrained slots' masks.
@@ -116,6 +132,7 @@ class NNsTrainer:
         k_mode: str = "slots",
         temperature: float = 1.0,
         seed: int = 0,
+        own_entropy: Optional[float] = 0.5,
     ) -> None:
         for name, v in (("check_every", check_every), ("min_slots", min_slots), ("budget", budget)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -126,6 +143,8 @@ class NNsTrainer:
             raise SupsupError(f"NNsTrainer: epsilon must be >= 0, got {epsilon}")
         if not temperature > 0:
             raise SupsupError(f"NNsTrainer: temperature must be positive, got {temperature}")
+        if own_entropy is not None and not 0.0 < own_entropy <= 1.0:
+            raise SupsupError(f"NNsTrainer: own_entropy is a fraction of log(outputs) in (0, 1] or None, got {own_entropy}")
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise SupsupError(f"NNsTrainer: rows must be a positive int or None, got {rows!r}")
         self.model = model
@@ -144,6 +163,8 @@ class NNsTrainer:
         self.k_mode = k_mode
         self.temperature = float(temperature)
         self.seed = int(seed)
+        self.own_entropy = None if own_entropy is None else float(own_entropy)
+        self._opened_at = 0  # batches_seen when the mask in training was (re)opened
         self.batches_seen = 0
         self.history: list[dict] = []
         self._padding: dict[int, list[torch.Tensor]] = {}  # slot -> per-layer packed untrained masks
@@ -176,12 +197,14 @@ class NNsTrainer:
         if self.current is not None:
             convert.freeze_task(self.model)
         self.current = convert.begin_task(self.model)
+        self._opened_at = self.batches_seen
         self._new_optimizer()
         return self.current
 
     def _switch(self, task: int) -> None:
         convert.freeze_task(self.model)
         self.current = convert.begin_task(self.model, task)
+        self._opened_at = self.batches_seen
         self._new_optimizer()
 
     # ---- the novelty check ---------------------------------------------------------------------
@@ -265,7 +288,14 @@ class NNsTrainer:
         best = int(nu.argmax())
         record = {"batch": self.batches_seen, "masks": k, "slots": s, "nu_max": float(nu.max()), "argmax": best,
                   "from": self.current, "grads": g.tolist()}
-        if novel or best >= k:
+        record["novel_by"] = "belief" if novel or best >= k else None
+        judged = best != self.current or self.batches_seen - self._opened_at >= self.check_every
+        if record["novel_by"] is None and self.own_entropy is not None and judged:
+            h, limit = self.own_network_entropy(x.to(self.device), best)
+            record["own_entropy"], record["own_entropy_limit"] = h, limit
+            if h > limit:
+                record["novel_by"] = "own_entropy"
+        if record["novel_by"] is not None:
             record["decision"] = "new"
             self._allocate()
         elif best != self.current:
@@ -276,6 +306,22 @@ class NNsTrainer:
         record["to"] = self.current
         self.history.append(record)
         return record
+
+    @torch.no_grad()
+    def own_network_entropy(self, x: torch.Tensor, slot: int) -> tuple[float, float]:
+        """Mean output entropy of mask ``slot``'s own network on ``x`` (eval mode; the mask in
+        training with its current bits), and the novelty limit ``own_entropy * log(outputs)``."""
+        xs = x if self.rows is None else x[: self.rows]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with preserved_mode(self.model):
+                convert.set_task(self.model, slot)
+                logits = self.model(xs)
+        finally:
+            self.model.train(was_training)
+        h = float(entropy_rows(logits).mean())
+        return h, self.own_entropy * math.log(logits.shape[-1])
 
     # ---- the stream ---------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -228,6 +228,145 @@ def test_gradient_descent_steps_follow_softmax_chain_rule():
 
 
 # --------------------------------------------------------------------------------------
+# Shortlist: the gradient narrows, each survivor's own forward pass decides
+# --------------------------------------------------------------------------------------
+def own_mask_scores(model, x, tasks):
+    """Each task's mean output entropy over the rows of ``x`` under its own mask, one plain forward per task."""
+    out = []
+    for t in tasks:
+        convert.set_task(model, t)
+        with torch.no_grad():
+            out.append(float(reference.entropy(model(x))))
+    return out
+
+
+@pytest.mark.parametrize("seed,objective", [(s, o) for s in range(4) for o in ("entropy", "g")])
+def test_shortlist_of_every_task_picks_the_lowest_own_mask_score(seed, objective):
+    gen = torch.Generator().manual_seed(300 + seed)
+    t = int(torch.randint(2, 10, (1,), generator=gen))
+    model = store_random_tasks(mlp([10, 15, 13, 9], seed), t, seed=seed)
+    x = torch.randn(6, 10, generator=gen) * 2
+    num_real = 4 if objective == "g" else None
+    want = own_mask_scores(model, x, range(t))  # entropy, whatever objective the gradient would use
+    res = inference.infer_task(model, x, method="shortlist", shortlist=t, objective=objective, num_real=num_real,
+                               rows=None)
+    assert res.passes == 0 and res.candidates.tolist() == [list(range(t))]  # no gradient pass needed
+    torch.testing.assert_close(res.scores[0].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5)
+    assert int(res.task_ids[0]) == min(range(t), key=lambda i: (want[i], i))
+    n_conf = torch.softmax(-6 * torch.tensor(want, dtype=torch.float64), 0).max()
+    torch.testing.assert_close(res.confidence[0].double(), n_conf, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
+    gen = torch.Generator().manual_seed(400 + seed)
+    t, size = 11, 3
+    model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
+    x = torch.randn(5, 12, generator=gen)
+    # binary: halve (keep ceil(n/2), ties to the lower id) until at most `size` remain: 11 -> 6 -> 3
+    alive = list(range(t))
+    while len(alive) > size:
+        g = explicit_grad(model, x, uniform(t, alive), "entropy")
+        alive = sorted(sorted(alive, key=lambda i: (float(g[i]), i))[: (len(alive) + 1) // 2])
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="binary", rows=None)
+    assert res.passes == 2 and res.candidates.tolist() == [alive]
+    scores = own_mask_scores(model, x, alive)
+    assert int(res.task_ids[0]) == alive[min(range(len(alive)), key=lambda i: (scores[i], i))]
+    # one-shot: the `size` lowest gradients of one pass at alpha uniform
+    g = explicit_grad(model, x, uniform(t), "entropy")
+    lowest = sorted(sorted(range(t), key=lambda i: (float(g[i]), i))[:size])
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="one_shot", rows=None)
+    assert res.passes == 1 and res.candidates.tolist() == [lowest]
+    scores = own_mask_scores(model, x, lowest)
+    assert int(res.task_ids[0]) == lowest[min(range(size), key=lambda i: (scores[i], i))]
+
+
+def test_shortlist_is_right_on_rotated_mnist_where_the_uniform_alpha_gradient_is_not():
+    """Three RotatedMNIST-5k tasks 10 degrees apart (masks that look alike), a small net trained 200
+    steps per task: over every class-mixed test batch of 128, the candidates' own networks pick the
+    right rotation every time; one-shot and binary search, ranking by the gradient at a uniform
+    superposition, do not."""
+    from supsup_fast import data, training
+    from supsup_fast.experiment import eval_batches
+
+    bench = data.RotatedMNIST(data.mnist_5k(), 3)
+    torch.manual_seed(0)
+    model = convert.convert_(nn.Sequential(nn.Flatten(), nn.Linear(784, 128, bias=False), nn.ReLU(),
+                                           nn.Linear(128, 128, bias=False), nn.ReLU(), nn.Linear(128, 30, bias=False)),
+                             SupsupConfig(binariser="threshold", seed=0))
+    for t in range(3):
+        training.fit_task(model, bench.infinite_batches(t, 128, seed=0), iterations=200, optimizer="rmsprop", lr=1e-3,
+                          progress=False)
+    model.eval()
+    hits, batches = {"one_shot": 0, "binary": 0, "shortlist": 0}, 0
+    for t in range(3):
+        for positions in eval_batches(bench.split_size(t, "test"), 1000, 128, t):
+            x, _ = bench.batch(t, "test", positions)
+            batches += 1
+            for method in hits:
+                hits[method] += int(inference.infer_task(model, x, method=method, rows=None).task_ids[0]) == t
+    assert batches == 24
+    assert hits["shortlist"] == batches, hits
+    assert hits["one_shot"] < batches and hits["binary"] < batches, hits
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shortlist_by_rows_narrows_on_the_first_rows_and_decides_on_all(seed):
+    gen = torch.Generator().manual_seed(500 + seed)
+    t, size, first = 9, 3, 4
+    model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
+    x = torch.randn(10, 12, generator=gen) * 2
+    pre = own_mask_scores(model, x[:first], range(t))
+    kept = sorted(sorted(range(t), key=lambda i: (pre[i], i))[:size])
+    for by in ("rows", "auto"):  # auto is rows in batch mode
+        res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by=by, shortlist_rows=first,
+                                   rows=None)
+        assert res.passes == 0 and res.candidates.tolist() == [kept]
+        final = own_mask_scores(model, x, kept)
+        torch.testing.assert_close(res.scores[0].double(), torch.tensor(final, dtype=torch.float64), rtol=1e-4,
+                                   atol=1e-5)
+        assert int(res.task_ids[0]) == kept[min(range(size), key=lambda i: (final[i], i))]
+    # per example there are no other rows to narrow on: every candidate is scored on the row itself
+    res = inference.infer_task(model, x[:3], method="shortlist", shortlist=size, shortlist_by="rows",
+                               batch_mode="per_example")
+    assert res.candidates.tolist() == [list(range(t))] * 3
+    for r in range(3):
+        own = own_mask_scores(model, x[r:r + 1], range(t))
+        assert int(res.task_ids[r]) == min(range(t), key=lambda i: (own[i], i))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv_bn"])
+def test_forward_rows_through_tasks_equals_each_rows_own_task(kind):
+    torch.manual_seed(5)
+    if kind == "conv_bn":
+        model = store_random_tasks(convnet(5, bn=True), 4, x_stats=torch.randn(16, 2, 5, 5))
+        x = torch.randn(9, 2, 5, 5)
+    else:
+        model = store_random_tasks(mlp([10, 16, 12, 8], 5), 4)
+        x = torch.randn(9, 10)
+    convert.set_task(model, 2)
+    ids = torch.tensor([3, 0, 0, 1, 3, 2, 1, 0, 3])
+    with torch.no_grad():
+        got = inference.forward_rows_through_tasks(model, x, ids)
+    for r in range(9):
+        convert.set_task(model, int(ids[r]))
+        with torch.no_grad():
+            torch.testing.assert_close(got[r], model(x[r:r + 1])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SupsupError, match="one entry per row"):
+        inference.forward_rows_through_tasks(model, x, ids[:3])
+
+
+def test_shortlist_arguments_are_checked():
+    model = store_random_tasks(mlp([4, 5, 3], 0), 3)
+    with pytest.raises(SupsupError, match="shortlist must"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist=0)
+    with pytest.raises(SupsupError, match="shortlist_by"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_by="nope")
+    with pytest.raises(SupsupError, match="shortlist_rows"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_rows=0)
+
+
+# --------------------------------------------------------------------------------------
 # Per-example inference
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["mlp", "mlp_inplace", "conv_bn"])
@@ -249,14 +388,16 @@ def test_per_example_gradients_equal_single_row_gradients(kind):
                                    rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist:one_shot", "shortlist:binary",
+                                    "shortlist:rows"])
 @pytest.mark.parametrize("objective", ["entropy", "g"])
 def test_per_example_inference_equals_batch_inference_on_each_row(method, objective):
     torch.manual_seed(2)
     model = store_random_tasks(mlp([9, 14, 11], 2), 7)
     x = torch.randn(6, 9) * 2
+    method, _, by = method.partition(":")
     kw = dict(method=method, objective=objective, num_real=5 if objective == "g" else None,
-              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7)
+              candidates=[0, 2, 3, 5, 6], max_steps=8, threshold=0.7, lr=0.7, shortlist=2, shortlist_by=by or "auto")
     res = inference.infer_task(model, x, batch_mode="per_example", **kw)
     assert res.task_ids.shape == (6,) and res.confidence.shape == (6,)
     for r in range(6):
@@ -273,7 +414,7 @@ def test_only_learned_tasks_are_candidates_and_confidence_is_a_probability():
     model = store_random_tasks(mlp([8, 12, 6], 4), 5)
     convert.begin_task(model)  # task 5 is open: it must never be chosen
     x = torch.randn(20, 8) * 3
-    for method in ("one_shot", "binary", "gradient_descent"):
+    for method in ("one_shot", "binary", "gradient_descent", "shortlist"):
         res = inference.infer_task(model, x, method=method, batch_mode="per_example", max_steps=3)
         assert ((res.task_ids >= 0) & (res.task_ids < 5)).all()
         assert ((res.confidence >= 0) & (res.confidence <= 1)).all()
@@ -362,7 +503,7 @@ class _MaxNumel(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent"])
+@pytest.mark.parametrize("method", ["one_shot", "binary", "gradient_descent", "shortlist"])
 @pytest.mark.parametrize("batch_mode", ["batch", "per_example"])
 def test_no_float_tensor_as_large_as_a_mask_stack(method, batch_mode):
     t = 48

@@ -85,7 +85,7 @@ def scripted(trainer, grads):
 
 def test_trainer_allocates_exactly_when_the_criterion_says():
     model = net(dims=(6, 8, 4))
-    tr = nns.NNsTrainer(model, "adam", lr=0.01, check_every=2, min_slots=3, budget=3)
+    tr = nns.NNsTrainer(model, "adam", lr=0.01, check_every=2, min_slots=3, budget=3, own_entropy=None)
     x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
     grads = [
         torch.tensor([-5.0, 0.0, 0.0]),        # mask 0 clearly best: continue
@@ -113,7 +113,7 @@ def test_trainer_allocates_exactly_when_the_criterion_says():
 
 def test_switching_back_keeps_the_stored_mask_until_trained():
     model = net(dims=(6, 8, 4))
-    tr = nns.NNsTrainer(model, "sgd", lr=1e-9, check_every=1, min_slots=2)
+    tr = nns.NNsTrainer(model, "sgd", lr=1e-9, check_every=1, min_slots=2, own_entropy=None)
     x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
     scripted(tr, [torch.tensor([0.0, 0.0]), torch.tensor([-9.0, 0.0])])
     tr.step(x, y)  # allocate 0
@@ -127,7 +127,7 @@ def test_switching_back_keeps_the_stored_mask_until_trained():
 
 def test_paper_literal_k_always_allocates_at_the_first_check():
     model = net(dims=(6, 8, 4))
-    tr = nns.NNsTrainer(model, check_every=1, k_mode="allocated")
+    tr = nns.NNsTrainer(model, check_every=1, k_mode="allocated", own_entropy=None)
     scripted(tr, [torch.tensor([-50.0, 0, 0, 0, 0])])
     x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
     tr.step(x, y)
@@ -135,10 +135,59 @@ def test_paper_literal_k_always_allocates_at_the_first_check():
     assert tr.history[-1]["decision"] == "new" and tr.num_masks == 2
 
 
+def test_own_entropy_test_allocates_when_the_believed_mask_is_unsure():
+    model = net(dims=(6, 8, 4))
+    tr = nns.NNsTrainer(model, "adam", lr=0.01, check_every=2, min_slots=3)
+    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
+    scripted(tr, [torch.tensor([-5.0, 0.0, 0.0])] * 3)
+    entropies = iter([0.1, 0.9])  # the believed mask's own network: sure, then unsure
+    tr.own_network_entropy = lambda xs, slot: (next(entropies), 0.5)
+    for _ in range(5):
+        tr.step(x, y)
+    # batch 2: belief picks mask 0, its own entropy 0.1 <= 0.5 -> continue; batch 4: 0.9 > 0.5 -> new
+    assert [(h["decision"], h["novel_by"]) for h in tr.history] == [("continue", None), ("new", "own_entropy")]
+    assert tr.num_masks == 2
+
+
+def test_own_entropy_is_not_asked_of_a_mask_still_learning():
+    model = net(dims=(6, 8, 4))
+    tr = nns.NNsTrainer(model, check_every=5, min_slots=2)
+    x, y = torch.randn(4, 6), torch.randint(0, 4, (4,))
+    scripted(tr, [torch.tensor([0.0, 0.0])] + [torch.tensor([0.0, -9.0])] * 3)
+    asked = []
+    tr.own_network_entropy = lambda xs, slot: asked.append(slot) or (0.1, 0.5)
+    tr.step(x, y)  # allocate 0
+    assert tr.check(x)["decision"] == "new"  # uniform: mask 1 opened now
+    # mask 1 (the one in training, trained for 0 < check_every batches) best: not judged by its entropy
+    assert tr.check(x)["decision"] == "continue" and asked == []
+    for _ in range(5):
+        tr.step(x, y)  # the check at batch 5: mask 1 trained 4 batches, not yet judged
+    assert tr.history[-1]["batch"] == 5 and asked == []
+    assert tr.check(x)["decision"] == "continue" and asked == [1]  # trained 5 batches: judged
+
+
+def test_own_network_entropy_is_the_masks_own_output_entropy():
+    model = net(dims=(6, 8, 4))
+    tr = nns.NNsTrainer(model, "sgd", lr=0.1, check_every=100)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    tr.step(x, y)
+    tr.finish()
+    convert.begin_task(model)  # a second mask open for training: measuring mask 0 must not disturb it
+    model.train()
+    h, limit = tr.own_network_entropy(x, 0)
+    assert model.training and convert.task_parameters(model)
+    assert limit == pytest.approx(0.5 * math.log(4))
+    convert.set_task(model, 0)
+    model.eval()
+    with torch.no_grad():
+        want = float(inference.entropy_rows(model(x)).mean())
+    assert h == pytest.approx(want, rel=1e-6)
+
+
 def test_bad_trainer_arguments():
     model = net(dims=(6, 8, 4))
     for kw in ({"check_every": 0}, {"min_slots": 0}, {"budget": 0}, {"k_mode": "x"}, {"temperature": 0.0},
-               {"epsilon": -1.0}, {"rows": 0}):
+               {"epsilon": -1.0}, {"rows": 0}, {"own_entropy": 0.0}, {"own_entropy": 1.5}):
         with pytest.raises(SupsupError):
             nns.NNsTrainer(model, **kw)
     with pytest.raises(SupsupError, match="masked layers"):

@@ -33,11 +33,19 @@ from tqdm.auto import tqdm
 from .. import convert, inference, training
 from ..config import SupsupConfig
 from ..errors import SupsupError
-from . import data, models
+from . import data, metrics, models
+from .hopsupsup import hopsupsup_table, run_hopsupsup  # noqa: F401  (HopSupSup's runner, importable from here as before)
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
 BENCHMARKS = ("permuted", "rotated", "split")
 SOURCES = ("mnist5k", "mnist", "cifar100")
+#: The task-inference objective when none is given: G (with superfluous neurons) for the GN
+#: scenarios; entropy for NNs, whose novelty test needs it (see ExperimentConfig.validate).
+DEFAULT_OBJECTIVE = {"GG": "g", "GNs": "g", "GNu": "g", "NNs": "entropy"}
+NNS_NEEDS_ENTROPY = (
+    "--scenario NNs needs --objective entropy: its novelty test allocates a mask when the belief "
+    "softmax(-d obj/d alpha) is close to uniform, but the G objective's alpha-gradient favours any trained mask "
+    "over the untrained slots even on data no mask was trained on, so no mask would be allocated after the first")
 
 
 @dataclass
@@ -57,19 +65,25 @@ class ExperimentConfig:
     binariser: str = "threshold"
     density: float = 0.5
     scenario: str = "GNu"
-    method: str = "one_shot"
+    method: str = "shortlist"
     compare_methods: list = field(default_factory=list)
-    objective: str = "g"
+    objective: Optional[str] = None  # None: the scenario's default (DEFAULT_OBJECTIVE)
     batch_mode: str = "per_example"
     rows: Optional[int] = 1
+    shortlist: int = 4  # method "shortlist": the most candidates scored by their own networks on all rows
+    shortlist_by: str = "auto"  # method "shortlist": how they are chosen (inference.SHORTLIST_BY)
+    shortlist_rows: int = 16  # method "shortlist", shortlist_by "rows": rows the first scoring uses
     eval_images: int = 100
     test_batch_size: int = 128
+    eval_seed: int = 0
     checkpoints: list = field(default_factory=list)
     device: str = "cpu"
     seed: int = 0
     out_dir: str = "supsup_runs/latest"
     progress: bool = True
     save_bank: bool = True
+    check_every: int = 100  # NNs: batches between novelty checks
+    preset: Optional[str] = None  # the --preset these values came from (recorded; see supsup_fast.experiments.presets)
 
     def validate(self) -> None:
         """Reject impossible combinations with a message that says which flags clash."""
@@ -82,15 +96,22 @@ class ExperimentConfig:
         need(self.data in SOURCES, f"--data must be one of {SOURCES}, got {self.data!r}")
         need(self.arch in models.ARCHITECTURES, f"--arch must be one of {sorted(models.ARCHITECTURES)}")
         need(self.scenario in SCENARIOS, f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.objective is None:
+            self.objective = DEFAULT_OBJECTIVE[self.scenario]
         for m in [self.method, *self.compare_methods]:
             need(m in inference.METHODS, f"--method must be one of {inference.METHODS}, got {m!r}")
         need(not self.compare_methods or self.scenario in ("GNs", "GNu"),
              "--compare-methods needs a task-inference scenario (GNs or GNu)")
         need(self.objective in inference.OBJECTIVES, f"--objective must be one of {inference.OBJECTIVES}")
+        for name in ("shortlist", "shortlist_rows"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        need(self.shortlist_by in inference.SHORTLIST_BY,
+             f"--shortlist-by must be one of {inference.SHORTLIST_BY}, got {self.shortlist_by!r}")
         need(self.batch_mode in inference.BATCH_MODES, f"--batch-mode must be one of {inference.BATCH_MODES}")
         need(self.rows is None or (isinstance(self.rows, int) and self.rows >= 1),
              f"--rows must be a positive integer or 'all', got {self.rows!r}")
-        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs"):
+        for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs", "check_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         need(0.0 < self.lr < 10.0, f"--lr must be in (0, 10), got {self.lr}")
@@ -116,10 +137,19 @@ class ExperimentConfig:
         if self.scenario in ("GNs", "GNu", "NNs"):
             need(self.binariser == "threshold" or self.density < 1.0,
                  "task inference needs masks that differ: --density 1 keeps every weight in every task")
+        if self.scenario == "NNs":
+            need(self.objective == "entropy", NNS_NEEDS_ENTROPY)
+            need(self.iterations >= self.check_every,
+                 f"--scenario NNs checks for novelty every --check-every={self.check_every} batches; with "
+                 f"--iterations {self.iterations} per task some tasks would pass without a check and train "
+                 f"another task's mask: give --iterations >= --check-every")
         if self.device.startswith("cuda"):
             need(torch.cuda.is_available(), f"--device {self.device} asked for, but torch sees no CUDA device")
         else:
             need(self.device == "cpu", f"--device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        from .presets import PRESETS
+
+        need(self.preset is None or self.preset in PRESETS, f"--preset must be one of {sorted(PRESETS)}, got {self.preset!r}")
         bad = [c for c in self.checkpoints if not (isinstance(c, int) and 1 <= c <= self.tasks)]
         need(not bad, f"--checkpoints must lie in [1, --tasks={self.tasks}], got {bad}")
 
@@ -155,7 +185,8 @@ def default_checkpoints(tasks: int) -> list[int]:
 
 def _infer_kwargs(cfg: ExperimentConfig, num_real: int, method: Optional[str] = None) -> dict:
     return dict(method=method or cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
-                batch_mode=cfg.batch_mode, rows=cfg.rows)
+                batch_mode=cfg.batch_mode, rows=cfg.rows, shortlist=cfg.shortlist, shortlist_by=cfg.shortlist_by,
+                shortlist_rows=cfg.shortlist_rows)
 
 
 def eval_indices(size: int, count: int) -> torch.Tensor:
@@ -165,46 +196,129 @@ def eval_indices(size: int, count: int) -> torch.Tensor:
     return torch.arange(n) * size // n
 
 
+#: Tag mixed into the seed of the evaluation order (keeps it apart from the training streams' seeds).
+EVAL_ORDER_TAG = 2
+
+
+def eval_batches(size: int, count: int, batch_size: int, task: int, seed: int = 0) -> list[torch.Tensor]:
+    """The test positions one task is evaluated on, as batches of at most ``batch_size``.
+
+    The images are :func:`eval_indices` (class-balanced even on a split sorted by class) in an
+    order shuffled by ``torch.randperm`` from a generator seeded with ``(seed, task,
+    EVAL_ORDER_TAG)``, so every batch is class-mixed like the paper's shuffled test loaders
+    (consecutive chunks of a sorted split would hold one or two digits each). Per-example
+    results cannot depend on this order; batch-mode results do, and the seed is recorded.
+    """
+    picked = eval_indices(size, count)
+    gen = torch.Generator().manual_seed(data._mix_seed(seed, task, EVAL_ORDER_TAG))
+    picked = picked[torch.randperm(picked.numel(), generator=gen)]
+    return list(picked.split(batch_size))
+
+
+def eval_protocol(cfg: ExperimentConfig) -> dict:
+    """How the evaluated test batches are formed, for a results file."""
+    return {"images_per_task": cfg.eval_images, "batch_size": cfg.test_batch_size, "eval_seed": cfg.eval_seed,
+            "picks": "min(eval_images, split) test images evenly spaced over the task's test split",
+            "order": "torch.randperm(picks) from torch.Generator seeded with numpy SeedSequence([eval_seed, task, "
+                     f"{EVAL_ORDER_TAG}]); consecutive batches of batch_size from that order (the last may be short)",
+            "batch_mode": cfg.batch_mode, "rows": "all" if cfg.rows is None else cfg.rows}
+
+
 def measure_task_inference(model, bench, cfg: ExperimentConfig, tasks: int, progress: bool,
-                           method: Optional[str] = None) -> dict:
-    """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks."""
+                           method: Optional[str] = None, mask_of_task: Optional[list] = None) -> dict:
+    """GN accuracy, task-inference accuracy and confusion over the first ``tasks`` tasks.
+
+    ``task_inference_accuracy`` counts images; ``inference_accuracy`` counts inferences (test
+    batches in batch mode, images per example); ``min_classes_per_batch`` is the fewest distinct
+    classes any evaluated batch held. ``mask_of_task[t]`` is the mask that is right for task
+    ``t``'s images (NNs; default: mask ``t``); the confusion is then tasks x masks."""
     num_real = bench.num_classes
     kwargs = _infer_kwargs(cfg, num_real, method)
-    confusion = torch.zeros(tasks, tasks, dtype=torch.int64)
+    right = list(range(tasks)) if mask_of_task is None else [int(m) for m in mask_of_task]
+    masks = max(tasks, convert.num_tasks(model))
+    confusion = torch.zeros(tasks, masks, dtype=torch.int64)
     correct = gg_correct = count = 0
     seconds = 0.0
-    inferences = 0
-    chunk = cfg.test_batch_size
+    inferences = inferences_right = 0
+    min_classes = None
+    per_task = torch.zeros(3, tasks, dtype=torch.int64)  # right (scenario), right (GG, same images), images
     for t in tqdm(range(tasks), desc=f"task inference ({tasks} tasks)", leave=False, disable=not progress):
-        picked = eval_indices(bench.split_size(t, "test"), cfg.eval_images)
-        n = picked.numel()
-        for start in range(0, n, chunk):
-            x, y = bench.batch(t, "test", picked[start:start + chunk])
+        for positions in eval_batches(bench.split_size(t, "test"), cfg.eval_images, cfg.test_batch_size, t,
+                                      cfg.eval_seed):
+            x, y = bench.batch(t, "test", positions)
+            classes_here = int(torch.unique(y).numel())
+            min_classes = classes_here if min_classes is None else min(min_classes, classes_here)
             t0 = time.perf_counter()
             ids, classes = inference.predict(model, x, **kwargs)
             seconds += time.perf_counter() - t0
-            inferences += x.shape[0] if cfg.batch_mode == "per_example" else 1
-            hit = (inference.gnu_correct(ids, classes, t, y) if cfg.scenario in ("GNu", "NNs")
+            if cfg.batch_mode == "per_example":
+                inferences += x.shape[0]
+                inferences_right += int((ids == right[t]).sum())
+            else:
+                inferences += 1
+                inferences_right += int(ids[0] == right[t])
+            hit = (inference.gnu_correct(ids, classes, right[t], y) if cfg.scenario in ("GNu", "NNs")
                    else inference.gns_correct(classes, y))
+            given = torch.full((x.shape[0],), right[t], dtype=torch.int64, device=x.device)
+            gg_hit = int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+            per_task[:, t] += torch.tensor([int(hit.sum()), gg_hit, x.shape[0]])
             correct += int(hit.sum())
-            given = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-            gg_correct += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+            gg_correct += gg_hit
             count += x.shape[0]
-            confusion[t] += torch.bincount(ids.cpu().clamp_max(tasks - 1), minlength=tasks)
-    task_acc = float(confusion.diag().sum()) / max(count, 1)
+            claimed = ids.cpu()[ids.cpu() >= 0]  # inference.NO_TASK (a non-finite input) claims no task
+            confusion[t] += torch.bincount(claimed, minlength=masks)
+    task_acc = float(sum(int(confusion[t, right[t]]) for t in range(tasks))) / max(count, 1)
     return {"tasks": tasks, "method": kwargs["method"], "accuracy": correct / max(count, 1), "task_inference_accuracy": task_acc,
             "gg_accuracy_same_images": gg_correct / max(count, 1),
-            "images": count, "inferences": inferences, "seconds": seconds,
-            "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist()}
+            "images": count, "inferences": inferences, "inference_accuracy": inferences_right / max(inferences, 1),
+            "min_classes_per_batch": min_classes, "seconds": seconds,
+            "ms_per_inference": 1e3 * seconds / max(inferences, 1), "confusion": confusion.tolist(),
+            "per_task_accuracy": (per_task[0].double() / per_task[2].clamp(min=1)).tolist(),
+            "per_task_gg_accuracy_same_images": (per_task[1].double() / per_task[2].clamp(min=1)).tolist()}
 
 
 def _gg_accuracy(model, bench, t: int, batch_size: int) -> float:
     return training.evaluate(model, bench.test_loader(t, batch_size), task=t)["accuracy"]
 
 
+@torch.no_grad()
+def gg_eval_accuracy(model, bench, cfg: ExperimentConfig, t: int) -> float:
+    """Task ``t``'s accuracy with its own mask on its evaluated test images (the images GN is measured on)."""
+    right = count = 0
+    for positions in eval_batches(bench.split_size(t, "test"), cfg.eval_images, cfg.test_batch_size, t, cfg.eval_seed):
+        x, y = bench.batch(t, "test", positions)
+        given = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        right += int(inference.gns_correct(inference.classify(model, x, given), y).sum())
+        count += x.shape[0]
+    return right / max(count, 1)
+
+
+#: Points of a task's recorded loss curve (means over equal windows of its training batches).
+LOSS_CURVE_POINTS = 50
+
+
+def loss_curve(losses: list) -> dict:
+    """A task's training loss as means over windows of ``ceil(len / LOSS_CURVE_POINTS)`` batches."""
+    window = max(1, -(-len(losses) // LOSS_CURVE_POINTS))
+    means = [sum(losses[i:i + window]) / len(losses[i:i + window]) for i in range(0, len(losses), window)]
+    return {"batches_per_point": window, "mean_loss": means}
+
+
+def _accuracy_matrix(results: dict) -> dict:
+    """``results['accuracy_matrix']`` with the metrics of each of its kinds (see :mod:`.metrics`)."""
+    m = results["accuracy_matrix"]
+    for kind in ("gg", "gn"):
+        rows = {int(n): r for n, r in m[kind].items()}
+        m[f"{kind}_metrics"] = metrics.summarise(rows, m["gg_diagonal"] if kind == "gg" else None)
+    return m
+
+
 def _train_labelled(model, bench, cfg, results, progress):
     """GG / GNs / GNu: one mask per task, task identity given at training time."""
     checkpoints = set(cfg.checkpoints or default_checkpoints(cfg.tasks))
+    rows = set(metrics.matrix_rows(cfg.tasks, checkpoints))
+    matrix = results["accuracy_matrix"] = {"rows_after_tasks": sorted(rows), "images": "evaluated test images",
+                                           "gg": {}, "gn": {}, "gg_diagonal": []}
     for t in tqdm(range(cfg.tasks), desc="tasks", disable=not progress):
         stats = training.fit_task(model, bench.infinite_batches(t, cfg.batch_size, seed=cfg.seed),
                                   iterations=cfg.iterations, optimizer=cfg.optimizer, lr=cfg.lr,
@@ -212,33 +326,30 @@ def _train_labelled(model, bench, cfg, results, progress):
         results["train_seconds"] += stats["seconds"]
         results["per_task"].append({"task": t, "gg_accuracy": _gg_accuracy(model, bench, t, cfg.test_batch_size),
                                     "final_train_loss": float(sum(stats["losses"][-50:]) / len(stats["losses"][-50:])),
-                                    "train_seconds": stats["seconds"]})
+                                    "train_seconds": stats["seconds"], "loss_curve": loss_curve(stats["losses"])})
+        gn = None
         if cfg.scenario != "GG" and (t + 1) in checkpoints:
-            results["vs_tasks"].append(measure_task_inference(model, bench, cfg, t + 1, progress))
+            gn = measure_task_inference(model, bench, cfg, t + 1, progress)
+            results["vs_tasks"].append(gn)
+            matrix["gn"][str(t + 1)] = gn["per_task_accuracy"]
+        if t + 1 in rows:
+            matrix["gg"][str(t + 1)] = (gn["per_task_gg_accuracy_same_images"] if gn is not None
+                                   else [gg_eval_accuracy(model, bench, cfg, j) for j in range(t + 1)])
+            matrix["gg_diagonal"].append(matrix["gg"][str(t + 1)][t])
+        else:
+            matrix["gg_diagonal"].append(gg_eval_accuracy(model, bench, cfg, t))
+        if gn is not None:
             # long runs: every checkpoint is on disk as soon as it is measured
             _write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
 
 
 def _train_nns(model, bench, cfg, results, progress):
     """NNs: the stream carries no task identity; masks are allocated by the novelty test."""
-    from ..nns import NNsTrainer
+    from .experiment_nns import train_nns
 
-    trainer = NNsTrainer(model, cfg.optimizer, lr=cfg.lr, objective=cfg.objective,
-                         num_real=bench.num_classes if cfg.objective == "g" else None, budget=max(2500, cfg.tasks),
-                         seed=cfg.seed)
-    t0 = time.perf_counter()
-    for t in tqdm(range(cfg.tasks), desc="tasks (identity hidden)", disable=not progress):
-        stream = bench.infinite_batches(t, cfg.batch_size, seed=cfg.seed)
-        for _ in tqdm(range(cfg.iterations), desc=f"stream {t}", leave=False, disable=not progress):
-            trainer.step(*next(stream))
-    trainer.finish()
-    results["train_seconds"] += time.perf_counter() - t0
-    results["nns"] = {"masks_allocated": trainer.num_frozen, "checks": len(trainer.history),
-                      "decisions": [h["decision"] for h in trainer.history]}
-    # GG has no meaning without a task -> mask map; report each mask's best task instead.
-    results["vs_tasks"].append(measure_task_inference(model, bench, cfg, min(cfg.tasks, trainer.num_frozen), progress)
-                               if trainer.num_frozen == cfg.tasks else
-                               {"tasks": cfg.tasks, "note": f"{trainer.num_frozen} masks for {cfg.tasks} tasks"})
+    train_nns(model, bench, cfg, results, progress, checkpoints=set(cfg.checkpoints or default_checkpoints(cfg.tasks)),
+              measure=lambda m, tasks, mask_of_task: measure_task_inference(m, bench, cfg, tasks, progress,
+                                                                             mask_of_task=mask_of_task))
 
 
 def run(cfg: ExperimentConfig) -> dict:
@@ -252,7 +363,8 @@ def run(cfg: ExperimentConfig) -> dict:
     sup = SupsupConfig(binariser=cfg.binariser, density=cfg.density, seed=cfg.seed)
     convert.convert_(model, sup)
     model.to(cfg.device)
-    results = {"config": asdict(cfg), "data": bench.describe(), "environment": _environment(),
+    results = {"config": asdict(cfg), "protocol": eval_protocol(cfg), "data": bench.describe(),
+               "environment": _environment(),
                "per_task": [], "vs_tasks": [], "train_seconds": 0.0}
     os.makedirs(cfg.out_dir, exist_ok=True)
     if cfg.scenario == "NNs":
@@ -270,6 +382,9 @@ def run(cfg: ExperimentConfig) -> dict:
     # the other methods on the same masks, at the final number of tasks
     results["compared_methods"] = [measure_task_inference(model, bench, cfg, n_tasks, progress, method=m)
                                    for m in cfg.compare_methods]
+    if "accuracy_matrix" in results:
+        _accuracy_matrix(results)
+    results["peak_memory"] = _peak_memory(cfg.device)
     results["total_seconds"] = time.perf_counter() - t_start
     results["complete"] = True
     if cfg.save_bank:
@@ -280,14 +395,45 @@ def run(cfg: ExperimentConfig) -> dict:
         results["bank_path"] = bank_path
     _write_json(os.path.join(cfg.out_dir, "results.json"), results)
     results["plot_path"] = plot(results, os.path.join(cfg.out_dir, "accuracy_vs_tasks.png"))
+    if "accuracy_matrix" in results:
+        c = results["config"]
+        results["matrix_plot_path"] = metrics.plot_accuracy_matrix(
+            results["accuracy_matrix"], os.path.join(cfg.out_dir, "accuracy_matrix.png"),
+            title=f"{c['benchmark']} {c['data']}, {c['arch']}, {c['tasks']} tasks")
     return results
 
 
+def _peak_memory(device: str) -> dict:
+    """Peak resident memory of this process (and of the CUDA allocator on a GPU run)."""
+    import resource
+
+    got = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux reports KiB
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        got["cuda_max_allocated_bytes"] = int(torch.cuda.max_memory_allocated())
+    return got
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _environment() -> dict:
+    from .. import __version__
     from ..info import collect
 
     info = collect()
-    return {k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}
+    return {"supsup_fast": __version__, "cpu_model": _cpu_model(),
+            **{k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}}
 
 
 def _write_json(path: str, obj) -> None:
@@ -300,25 +446,54 @@ def _write_json(path: str, obj) -> None:
 
 
 def plot(results: dict, path: str) -> Optional[str]:
-    """Accuracy and task-inference accuracy vs number of tasks (GG per task as a reference line)."""
+    """Accuracy and task-inference accuracy vs number of tasks, with GG accuracy on the same images.
+
+    GG runs (no inference) show each task's GG accuracy. Ticks are whole numbers of tasks; the
+    accuracy axis spans at least 10 points, so noise of a fraction of a point does not look like
+    forgetting."""
+    import math
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     pts = [p for p in results["vs_tasks"] if "accuracy" in p]
+    shown = []
     if pts:
         xs = [p["tasks"] for p in pts]
-        ax.plot(xs, [100 * p["accuracy"] for p in pts], "o-", label=f"{results['config']['scenario']} accuracy")
-        ax.plot(xs, [100 * p["task_inference_accuracy"] for p in pts], "s--", label="task-inference accuracy")
-    if results["per_task"]:
+        acc = [100 * p["accuracy"] for p in pts]
+        ax.plot(xs, acc, "o-", label=f"{results['config']['scenario']} accuracy")
+        shown += acc
+        if all("gg_accuracy_same_images" in p for p in pts):
+            gg = [100 * p["gg_accuracy_same_images"] for p in pts]
+            ax.plot(xs, gg, ":", marker=".", color="gray", label="GG accuracy, same images")
+            shown += gg
+        ti = [100 * p["task_inference_accuracy"] for p in pts]
+        ax.plot(xs, ti, "s--", label="task-inference accuracy")
+        shown += ti
+        ax.set_xlabel("number of tasks learned")
+    elif results["per_task"]:
         gg = [100 * p["gg_accuracy"] for p in results["per_task"]]
-        ax.plot(range(1, len(gg) + 1), gg, ":", color="gray", label="GG accuracy of task n")
-    ax.set_xlabel("number of tasks learned")
+        xs = list(range(1, len(gg) + 1))
+        ax.plot(xs, gg, "o-", color="gray", label="GG accuracy of task n (after learning it)")
+        shown += gg
+        ax.set_xlabel("task n")
+    else:
+        xs = []
     ax.set_ylabel("accuracy (%)")
-    if pts and max(p["tasks"] for p in pts) >= 20:
+    if shown:
+        low = max(0.0, min(min(shown) - 2.0, 90.0))
+        ax.set_ylim(math.floor(low / 5) * 5, 100.5)
+    if xs and max(xs) >= 20:
         ax.set_xscale("log")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     c = results["config"]
     ax.set_title(f"{c['benchmark']} {c['data']}, {c['arch']}, {c['method']} / {c['objective']}")
     ax.grid(True, alpha=0.3)
@@ -356,8 +531,18 @@ def summary_table(results: dict) -> str:
                      f"{100 * p['task_inference_accuracy']:.2f}% at {p['tasks']} tasks, "
                      f"{p['ms_per_inference']:.2f} ms/inference")
     if "nns" in results:
-        lines.append(f"NNs: {results['nns']['masks_allocated']} masks allocated for {c['tasks']} tasks "
-                     f"({results['nns']['checks']} novelty checks)")
+        n = results["nns"]
+        lines.append(f"NNs: {n['masks_allocated']} masks allocated for {c['tasks']} tasks "
+                     f"({'one per task, in order' if n['one_mask_per_task'] else 'masks of the tasks: ' + str(n['mask_of_task'])}; "
+                     f"{n['checks']} novelty checks: {n['decisions']['new']} new, {n['decisions']['switch']} switch, "
+                     f"{n['decisions']['continue']} continue)")
+    for kind in ("gg", "gn"):
+        cl = (results.get("accuracy_matrix") or {}).get(f"{kind}_metrics")
+        if cl:
+            lines.append(f"{kind.upper()} continual-learning metrics over {cl['rows_measured']} measured rows of R: "
+                         f"average accuracy {100 * cl['average_accuracy']:.2f}%, backward transfer "
+                         f"{100 * cl['backward_transfer']:+.2f} points, mean forgetting {100 * cl['mean_forgetting']:.2f} "
+                         f"points (max {100 * cl['max_forgetting']:.2f})")
     m = results["memory"]
     lines.append("")
     lines.append(f"mask bits: {m['mask_bytes_per_task'] / 1024:.1f} KiB per task, {m['mask_bytes_total'] / 2**20:.2f} MiB "
@@ -368,56 +553,3 @@ def summary_table(results: dict) -> str:
 
 __all__ = ["ExperimentConfig", "run", "summary_table", "default_checkpoints", "eval_indices", "measure_task_inference", "plot",
            "SCENARIOS", "BENCHMARKS", "SOURCES"]
-
-
-def run_hopsupsup(*, hidden=(256, 256), train_steps: int = 300, recover_steps: int = 30, gamma: float = 1.5e-2,
-                  rule: str = "storkey", seed: int = 0, out_dir: str = "supsup_runs/hopfield",
-                  progress: bool = True) -> dict:
-    """HopSupSup on SplitMNIST-5k: unit masks of every task stored in one fixed-size Hopfield network.
-
-    Each task's mask over the ``d = sum(hidden)`` hidden units is trained with the task given, then
-    stored (Storkey rule by default) in a ``d x d`` Hopfield network; the exact masks are kept
-    beside it. Each task's mask is then recovered from unlabelled test batches alone by gradient
-    descent on output entropy then Hopfield energy, and compared with the exact one: Hamming
-    distance and accuracy of both masks on the task's test split.
-    """
-    from .. import hopfield, objectives
-
-    sizes = (784, *[int(h) for h in hidden], 2)
-    bench = data.SplitMNIST(data.mnist_5k(), flatten=True)
-    model = hopfield.HiddenMaskedMLP(sizes, seed=seed)
-    t0 = time.perf_counter()
-    masks = [hopfield.train_unit_mask(model, bench.infinite_batches(t, 128, seed=seed), steps=train_steps, lr=0.05,
-                                      seed=seed + t)
-             for t in tqdm(range(bench.num_tasks), desc="training unit masks", disable=not progress)]
-    store = hopfield.HopfieldMaskStore(model.d, rule=rule)
-    store.store_all(masks)
-    recovered = []
-    for t in tqdm(range(bench.num_tasks), desc="recovering masks", disable=not progress):
-        batches = bench.infinite_batches(t, 64, seed=seed + 1, split="test")
-        recovered.append(hopfield.recover(store, lambda m, b=batches: objectives.entropy(model(next(b)[0], m)),
-                                          steps=recover_steps, gamma=gamma))
-    report = hopfield.recovery_report(
-        masks, recovered, lambda t, m: hopfield.mask_accuracy(model, m, bench.test_loader(t, 500)))
-    results = {"hidden": list(hidden), "d": model.d, "rule": rule, "gamma": gamma, "train_steps": train_steps,
-               "recover_steps": recover_steps, "seed": seed, "report": report,
-               "hopfield_bytes": store.psi.numel() * store.psi.element_size(),
-               "exact_bank_bytes": bench.num_tasks * ((model.d + 7) // 8),
-               "seconds": time.perf_counter() - t0, "environment": _environment()}
-    os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, "hopfield_results.json"), results)
-    return results
-
-
-def hopsupsup_table(results: dict) -> str:
-    r = results["report"]
-    lines = [f"HopSupSup on SplitMNIST-5k: d = {results['d']} hidden units, {results['rule']} rule, "
-             f"gamma {results['gamma']}, {results['recover_steps']} recovery steps",
-             f"{'task':>4} | {'hamming':>7} | {'exact-mask acc':>14} | {'recovered acc':>13}", "-" * 48]
-    for row in r["tasks"]:
-        lines.append(f"{row['task']:>4} | {row['hamming']:>7} | {100 * row['exact_acc']:>13.2f}% | "
-                     f"{100 * row['recovered_acc']:>12.2f}%")
-    lines.append(f"exact recoveries: {r['exact_recoveries']} of {len(r['tasks'])}; mean Hamming {r['mean_hamming']:.1f}; "
-                 f"Hopfield weights {results['hopfield_bytes'] / 2**20:.2f} MiB (fixed), "
-                 f"time {results['seconds']:.1f} s")
-    return "\n".join(lines)

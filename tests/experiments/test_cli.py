@@ -11,7 +11,7 @@ import torch
 from supsup_fast import checkpoint, convert, data, models
 from supsup_fast.cli import main
 from supsup_fast.config import SupsupConfig
-from supsup_fast.experiment import eval_indices
+from supsup_fast.experiment import eval_batches, eval_indices
 
 
 def test_short_run_writes_results_plot_and_bank(tmp_path, capsys):
@@ -51,6 +51,81 @@ def test_task_inference_images_cover_every_class():
         assert torch.equal(picked.bincount(minlength=10), torch.full((10,), picked.numel() // 10))
 
 
+def test_batch_mode_evaluates_class_mixed_batches():
+    """Every evaluated test batch of 128 holds >= 8 digits (the paper's shuffled test loaders), on
+    the real MNIST-5k test split (sorted by digit) and its rotated tasks; the order is seeded."""
+    bench = data.RotatedMNIST(data.mnist_5k(), 36)
+    size = bench.split_size(0, "test")
+    for t in range(36):
+        batches = eval_batches(size, 1000, 128, t, seed=0)
+        picked = torch.cat(batches)
+        assert sorted(picked.tolist()) == list(range(size))  # the whole split, each image once
+        assert [b.numel() for b in batches] == [128] * 7 + [104]
+        for positions in batches:
+            _, y = bench.batch(t, "test", positions)
+            assert torch.unique(y).numel() >= 8
+    # consecutive chunks of the sorted split, the old protocol, fail the same check
+    _, y = bench.batch(0, "test", torch.arange(128))
+    assert torch.unique(y).numel() <= 2
+    # fixed by the seed; another seed or task gives another order
+    assert all(torch.equal(a, b) for a, b in zip(eval_batches(size, 1000, 128, 3, 0), eval_batches(size, 1000, 128, 3, 0)))
+    assert not torch.equal(eval_batches(size, 1000, 128, 3, 0)[0], eval_batches(size, 1000, 128, 3, 1)[0])
+    assert not torch.equal(eval_batches(size, 1000, 128, 3, 0)[0], eval_batches(size, 1000, 128, 4, 0)[0])
+    # fewer images than the split: still class-balanced, then shuffled
+    few = torch.cat(eval_batches(size, 100, 128, 0, 0))
+    assert torch.equal(bench.batch(0, "test", few)[1].bincount(minlength=10), torch.full((10,), 10))
+
+
+def test_preset_sets_the_papers_rotated_configuration_and_flags_override_it(monkeypatch):
+    from supsup_fast import experiment
+
+    seen = []
+
+    def fake_run(cfg):
+        seen.append(cfg)
+        raise experiment.SupsupError("stop here")
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    assert main(["run", "--preset", "rotated-paper"]) == 2
+    c = seen[-1]
+    assert (c.benchmark, c.tasks, c.arch, c.outputs, c.binariser) == ("rotated", 36, "fc1024", 200, "threshold")
+    assert (c.optimizer, c.lr, c.iterations, c.batch_size) == ("rmsprop", 1e-4, 1000, 128)
+    assert (c.scenario, c.method, c.objective, c.batch_mode, c.rows) == ("GNu", "binary", "entropy", "batch", None)
+    assert (c.eval_images, c.test_batch_size, c.preset) == (1000, 128, "rotated-paper")
+    assert main(["run", "--preset", "rotated-paper", "--arch", "lenet", "--outputs", "100", "--rows", "1"]) == 2
+    c = seen[-1]
+    assert (c.arch, c.outputs, c.rows, c.method, c.tasks) == ("lenet", 100, 1, "binary", 36)
+    assert main(["run"]) == 2 and seen[-1].preset is None and seen[-1].benchmark == "permuted"
+
+
+def test_nns_with_default_objective_allocates_one_mask_per_task(tmp_path, capsys):
+    """No task identity anywhere: the novelty test (entropy, the NNs default) opens a mask at each task
+    boundary and nowhere else; each task's images are scored against the mask that trained on them."""
+    out = tmp_path / "nns"
+    rc = main(["run", "--scenario", "NNs", "--tasks", "3", "--iterations", "60", "--check-every", "30", "--lr", "1e-3",
+               "--eval-images", "20", "--no-progress", "--no-bank", "--out", str(out)])
+    assert rc == 0
+    assert "3 masks allocated for 3 tasks (one per task, in order" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["objective"] == "entropy"
+    nns = res["nns"]
+    assert nns["masks_allocated"] == 3 and nns["mask_of_task"] == [0, 1, 2] and nns["one_mask_per_task"]
+    # checks at batches 30, 60, ..., 150: "new" exactly at the boundaries 60 and 120
+    assert [(h["batch"], h["decision"]) for h in nns["history"]] == [
+        (30, "continue"), (60, "new"), (90, "continue"), (120, "new"), (150, "continue")]
+    # each "new" names the test that found the data novel; the belief test's own verdict is in the record
+    assert all((h["novel_by"] is not None) == (h["decision"] == "new") for h in nns["history"])
+    assert all((h["slots_times_nu_max"] < 1 + 2 ** -3) <= (h["novel_by"] == "belief") for h in nns["history"])
+    assert nns["own_entropy_threshold"] == 0.5
+    assert [p["masks_after"] for p in res["per_task"]] == [1, 2, 3]
+    final = res["final"]
+    assert final["tasks"] == 3 and final["masks"] == 3 and final["images"] == 60
+    # a wrong mask scores 0: NNs accuracy never exceeds GG accuracy on the same images
+    assert final["accuracy"] <= final["gg_accuracy_same_images"]
+    if final["task_inference_accuracy"] == 1.0:
+        assert final["accuracy"] == final["gg_accuracy_same_images"]
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -60,6 +135,8 @@ def test_task_inference_images_cover_every_class():
         (["run", "--device", "cuda"], "no CUDA device"),
         (["run", "--density", "1.5"], "(0, 1]"),
         (["run", "--checkpoints", "50", "--tasks", "3"], "--checkpoints"),
+        (["run", "--scenario", "NNs", "--objective", "g"], "needs --objective entropy"),
+        (["run", "--scenario", "NNs", "--iterations", "50"], "--iterations >= --check-every"),
     ],
 )
 def test_impossible_combinations_get_a_clear_message(argv, message, capsys):
@@ -87,17 +164,55 @@ def test_info_reports_backends(capsys):
     assert set(info["ops"]) >= {"masked_linear@cpu", "mask_dots@cpu", "superpose@cpu"}
 
 
-def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys):
+@pytest.fixture
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_hopfield_subcommand_reports_hamming_and_accuracy(tmp_path, capsys, _restore_threads):
+    # one thread: many tiny ops, where a second thread only adds contention on a busy CI machine
     out = tmp_path / "hop"
-    rc = main(["hopfield", "--hidden", "32", "32", "--train-steps", "40", "--recover-steps", "8", "--no-progress",
-               "--out", str(out)])
-    assert rc == 0
-    assert "exact recoveries" in capsys.readouterr().out
+    cache = tmp_path / "masks.safetensors"
+    args = ["hopfield", "--threads", "1", "--hidden", "32", "32", "--train-steps", "20", "--recover-steps", "6",
+            "--no-progress",
+            "--stress", "4", "12", "--stress-d", "64", "--stress-targets", "3", "--mask-cache", str(cache),
+            "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "exact recoveries" in printed and "stress test" in printed
     res = json.loads((out / "hopfield_results.json").read_text())
-    rows = res["report"]["tasks"]
-    assert [r["task"] for r in rows] == [0, 1, 2, 3, 4] and res["d"] == 64
-    assert all(0 <= r["hamming"] <= 64 and 0.0 <= r["recovered_acc"] <= 1.0 for r in rows)
-    assert res["report"]["mean_exact_acc"] > 0.6  # 40 steps on two-digit tasks: far above chance (0.5)
+    assert res["config"]["hidden"] == [32, 32] and res["masks"]["d"] == 64 and res["masks"]["source"] == "trained"
+    assert set(res["recoveries"]) == {"storkey", "storkey_plain", "modern"}
+    for name, rec in res["recoveries"].items():
+        rows = rec["tasks"]
+        assert [r["task"] for r in rows] == [0, 1, 2, 3, 4]
+        assert all(len(r["hamming"]) == 6 and r["hamming"][-1] == r["final_hamming"] for r in rows)
+        assert all(0 <= r["final_hamming"] <= 64 and 0.0 <= r["recovered_acc"] <= 1.0 for r in rows)
+    assert res["recoveries"]["storkey"]["bytes"] == 2 * 32 * 32 * 4 and res["recoveries"]["modern"]["bytes"] == 5 * 8
+    assert sum(res["masks"]["exact_acc"]) / 5 > 0.3  # ten digit outputs, 20 steps: far above chance (0.1)
+    assert [r["stored"] for r in res["stress"]["rows"]] == [4, 4, 12, 12]
+    assert (out / "hopfield_results.png").stat().st_size > 0
+    # the cached masks are read back (the same masks); a cache trained otherwise is refused with a message
+    cached = ["hopfield", "--threads", "1", "--hidden", "32", "32", "--train-steps", "20", "--recover-steps", "2",
+              "--no-progress",
+              "--memories", "storkey", "--no-paper-baseline", "--mask-cache", str(cache)]
+    assert main([*cached, "--out", str(tmp_path / "again")]) == 0
+    capsys.readouterr()
+    again = json.loads((tmp_path / "again" / "hopfield_results.json").read_text())
+    assert again["masks"]["source"] == "cache" and again["masks"]["pairwise_hamming"] == res["masks"]["pairwise_hamming"]
+    assert main([*cached, "--train-steps", "21", "--out", str(tmp_path / "other")]) == 2
+    assert "mask cache" in capsys.readouterr().err
+
+
+def test_hopfield_subcommand_refuses_bad_flags(capsys):
+    assert main(["hopfield", "--stress-noise", "0.7", "--no-progress"]) == 2
+    assert "--stress-noise" in capsys.readouterr().err
+    assert main(["hopfield", "--outputs", "5", "--no-progress"]) == 2
+    assert "fewer than the 10" in capsys.readouterr().err
+    assert main(["hopfield", "--modern-beta", "-1", "--no-progress"]) == 2
+    assert "--modern-beta" in capsys.readouterr().err
 
 
 def test_version_flag(capsys):
