@@ -575,6 +575,9 @@ def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, fir
         return candidate_scores(model, xs, survivors, value_fn, per_example=per_row, chunk_elements=chunk_elements)
 
     everyone = _survivors(cand.unsqueeze(0).expand(units, -1))
+    if bool(failed.all()):  # nothing finite to score
+        return TaskInference(task_ids=torch.full((units,), NO_TASK, dtype=torch.int64, device=cand.device),
+                             confidence=torch.zeros(units, device=cand.device))
     if int(cand.sum()) <= size:  # short enough already
         result = TaskInference(task_ids=torch.empty(0), confidence=torch.empty(0), candidates=everyone)
     elif by == "rows":
@@ -586,7 +589,8 @@ def _shortlist(model, x, cand, units, grads_of, per_row, value_fn, size, by, fir
     elif by == "one_shot":
         result = _halving(x, cand, units, grads_of, per_row, True, failed)
         failed = failed | (result.task_ids == NO_TASK)
-        g = torch.where(failed.unsqueeze(1), 0.0, result.grads[-1])  # a failed unit: its first candidates
+        g = result.grads[-1] if result.grads else torch.zeros(units, cand.shape[0], device=cand.device)
+        g = torch.where(failed.unsqueeze(1), 0.0, g)  # a failed unit: its first candidates
         g = torch.where(cand, g, torch.tensor(math.inf, device=cand.device))
         lowest = torch.sort(g, dim=-1, stable=True).indices[:, :size]  # ties: the lower task id
         result.candidates = torch.sort(lowest, dim=-1).values

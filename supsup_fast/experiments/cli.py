@@ -215,13 +215,13 @@ def _add_hopfield(sub) -> None:
     g.add_argument("--outputs", type=_positive_int, default=d.outputs, help="output neurons")
     g.add_argument("--remap-labels", action="store_true",
                    help="labels 0/1 per task (2 outputs suffice) instead of the ten digits")
-    g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation)
+    g.add_argument("--activation", choices=ACTIVATIONS, default=d.activation, help="hidden units' activation (the paper: swish)")
     g.add_argument("--gate", choices=GATES, default=d.gate,
                    help="where the unit mask multiplies (before the activation = the batch norm's scale)")
     g.add_argument("--train-steps", type=_positive_int, default=d.train_steps, help="training batches (of 128) per mask")
-    g.add_argument("--train-optimizer", choices=("sgd", "adam"), default=d.train_optimizer)
-    g.add_argument("--train-lr", type=float, default=d.train_lr)
-    g.add_argument("--train-weight-decay", type=float, default=d.train_weight_decay)
+    g.add_argument("--train-optimizer", choices=("sgd", "adam"), default=d.train_optimizer, help="optimizer of the task masks' training")
+    g.add_argument("--train-lr", type=float, default=d.train_lr, help="learning rate of the masks' training")
+    g.add_argument("--train-weight-decay", type=float, default=d.train_weight_decay, help="weight decay of the masks' training")
     g.add_argument("--train-init", choices=("zeros", "uniform"), default=d.train_init, help="initial scores")
     g.add_argument("--mask-cache", default=None,
                    help="safetensors file of trained masks: read if it exists (and matches the training flags), "
@@ -239,8 +239,8 @@ def _add_hopfield(sub) -> None:
     g.add_argument("--recover-steps", type=_positive_int, default=d.recover_steps, help="gradient steps of recovery")
     g.add_argument("--recover-batch-size", type=_positive_int, default=d.recover_batch_size,
                    help="unlabelled test images per recovery step")
-    g.add_argument("--recover-lr", type=float, default=d.recover_lr)
-    g.add_argument("--recover-weight-decay", type=float, default=d.recover_weight_decay)
+    g.add_argument("--recover-lr", type=float, default=d.recover_lr, help="learning rate of recovery (SGD on the mask scores)")
+    g.add_argument("--recover-weight-decay", type=float, default=d.recover_weight_decay, help="weight decay of recovery")
     g.add_argument("--gamma", type=float, default=d.gamma, help="weight of the memory energy at the last step")
     g.add_argument("--init", choices=("mean", "zeros"), default=d.init, help="initial scores: mean stored pattern or 0")
     g.add_argument("--recover-seeds", type=int, nargs="+", default=d.recover_seeds,
