@@ -254,7 +254,7 @@ def test_out_never_overwrites_an_earlier_run_silently(tmp_path, capsys):
     assert main(["run", "--tasks", "1", "--iterations", "1", "--out", str(run_out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main([*argv, "--overwrite", "--no-progress"]) == 0
-    assert json.loads((out / "hopfield_results.json").read_text())["d"] == 8
+    assert json.loads((out / "hopfield_results.json").read_text())["masks"]["d"] == 8
 
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
