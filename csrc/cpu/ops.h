@@ -16,8 +16,7 @@ void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, d
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
                          const std::optional<at::Tensor>& bias);
-at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
-                                    const at::Tensor& mask_words);
+at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& mask_words);
 at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight);
 // (dL/dy^T x) * W * sign(scores): the top-k binariser's score gradient in one epilogue
 at::Tensor masked_weight_grad_sign(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
