@@ -43,7 +43,7 @@ def _results(out):
 
 def _bank_state(bank) -> dict:
     model = models.lenet_300_100(100)
-    convert.convert_(model, SupsupConfig(seed=0))
+    convert.convert_(model, SupsupConfig(binariser="threshold", seed=0))
     checkpoint.load_bank(model, bank)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
