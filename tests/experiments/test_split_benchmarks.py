@@ -86,7 +86,8 @@ def test_split_cifar100_resnet18_gg_on_files_in_the_real_format(data_root, tmp_p
     (the default of 20 is checked above)."""
     out = tmp_path / "cifar"
     rc = main(["run", "--benchmark", "split", "--data", "cifar100", "--data-root", str(data_root),
-               "--arch", "resnet18", "--scenario", "GG", "--tasks", "3", "--iterations", "2", "--batch-size", "4", "--no-progress", "--out", str(out)])
+               "--arch", "resnet18", "--scenario", "GG", "--tasks", "3", "--iterations", "2", "--batch-size", "4",
+               "--no-progress", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] and len(res["per_task"]) == 3
