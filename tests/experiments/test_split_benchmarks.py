@@ -98,7 +98,7 @@ def test_split_cifar100_resnet18_gg_on_files_in_the_real_format(data_root, tmp_p
     assert all(0.0 <= p["gg_accuracy"] <= 1.0 for p in res["per_task"])
     # the bank reloads into a fresh reduced ResNet-18 and gives back every task's GG accuracy
     model = models.build("resnet18", 100, (3, 32, 32))
-    convert.convert_(model, SupsupConfig(seed=0))
+    convert.convert_(model, SupsupConfig(binariser="threshold", seed=0))
     info = checkpoint.load_bank(model, out / "bank")
     assert info.num_tasks == 3 and convert.num_tasks(model) == 3
     cfg = experiment.ExperimentConfig(**res["config"])
