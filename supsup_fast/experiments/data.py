@@ -587,21 +587,30 @@ class RotatedMNIST(Benchmark):
 class SplitClasses(Benchmark):
     """Task ``t`` = the examples of classes ``class_order[t*k:(t+1)*k]`` (``k`` per task).
 
-    With ``remap_labels`` (default) a task's labels are the classes' positions ``0..k-1`` in
-    its group; the source labels are always in ``TaskData.y_*_original`` and in the third
-    element of the internal batches.
+    With ``remap_labels`` (default: labels shared across tasks, the GNs layout) a task's labels are
+    the classes' positions ``0..k-1`` in its group; with ``remap_labels=False`` (unshared labels, the
+    GNu layout) they are the source labels, so every task's classes have output neurons of their own.
+    The source labels are always in ``TaskData.y_*_original`` and in the third element of the
+    internal batches. ``num_tasks`` keeps only the first groups (default: all of them).
     """
 
     name = "split"
 
     def __init__(self, source: Source, classes_per_task: int, class_order=None, *, remap_labels: bool = True,
-                 flatten: bool = False, normalize: bool = True, device=None):
+                 num_tasks=None, flatten: bool = False, normalize: bool = True, device=None):
         order = np.arange(source.num_classes) if class_order is None else np.asarray(class_order, dtype=np.int64)
         if sorted(order.tolist()) != list(range(source.num_classes)):
             raise SupsupError(f"class_order must be a permutation of 0..{source.num_classes - 1}")
         if classes_per_task < 1 or source.num_classes % classes_per_task:
             raise SupsupError(f"classes_per_task={classes_per_task} must divide {source.num_classes} classes")
-        num_tasks = source.num_classes // classes_per_task
+        available = source.num_classes // classes_per_task
+        if num_tasks is None:
+            num_tasks = available
+        elif isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) \
+                or not 1 <= num_tasks <= available:
+            raise SupsupError(f"num_tasks must be an int in [1, {available}] ({source.num_classes} classes, "
+                              f"{classes_per_task} per task), got {num_tasks!r}")
+        num_tasks = int(num_tasks)  # the first num_tasks groups of class_order
         super().__init__(source, num_tasks, classes_per_task if remap_labels else source.num_classes,
                          flatten=flatten, normalize=normalize, device=device)
         self.classes_per_task, self.remap_labels = int(classes_per_task), bool(remap_labels)

@@ -21,7 +21,6 @@ Outputs in ``out_dir``: ``results.json``, ``accuracy_vs_tasks.png`` and the mask
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,9 +30,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import convert, inference, training
-from ..config import SupsupConfig
+from ..config import SupsupConfig, check_seed
 from ..errors import SupsupError
-from . import data, metrics, models
+from . import benchmark_spec, data, metrics, models, run_dir
 from .hopsupsup import hopsupsup_table, run_hopsupsup  # noqa: F401  (HopSupSup's runner, importable from here as before)
 
 SCENARIOS = ("GG", "GNs", "GNu", "NNs")
@@ -56,8 +55,8 @@ class ExperimentConfig:
     data: str = "mnist5k"
     data_root: Optional[str] = None
     arch: str = "lenet"
-    outputs: int = 100
-    tasks: int = 20
+    outputs: Optional[int] = None  # None: benchmark_spec.default_outputs
+    tasks: Optional[int] = None  # None: benchmark_spec.default_tasks
     iterations: int = 1000
     batch_size: int = 128
     optimizer: str = "rmsprop"
@@ -98,10 +97,14 @@ class ExperimentConfig:
         need(self.scenario in SCENARIOS, f"--scenario must be one of {SCENARIOS}, got {self.scenario!r}")
         if self.objective is None:
             self.objective = DEFAULT_OBJECTIVE[self.scenario]
+        if self.tasks is None:
+            self.tasks = benchmark_spec.default_tasks(self.benchmark, self.data)
+        if self.outputs is None:
+            self.outputs = benchmark_spec.default_outputs(self.benchmark, self.data, self.scenario)
         for m in [self.method, *self.compare_methods]:
             need(m in inference.METHODS, f"--method must be one of {inference.METHODS}, got {m!r}")
         need(not self.compare_methods or self.scenario in ("GNs", "GNu"),
-             "--compare-methods needs a task-inference scenario (GNs or GNu)")
+             f"--compare-methods needs a task-inference --scenario (GNs or GNu), not --scenario {self.scenario}")
         need(self.objective in inference.OBJECTIVES, f"--objective must be one of {inference.OBJECTIVES}")
         for name in ("shortlist", "shortlist_rows"):
             v = getattr(self, name)
@@ -114,29 +117,27 @@ class ExperimentConfig:
         for name in ("tasks", "iterations", "batch_size", "eval_images", "test_batch_size", "outputs", "check_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        benchmark_spec.check_sizes(self)
+        check_seed(self.seed, "--seed")
         need(0.0 < self.lr < 10.0, f"--lr must be in (0, 10), got {self.lr}")
         need(0.0 < self.density <= 1.0, f"--density is the fraction of weights kept, in (0, 1]; got {self.density}")
         if self.data == "cifar100":
             need(self.benchmark == "split", "--data cifar100 only supports --benchmark split (SplitCIFAR100)")
         if self.data in ("mnist", "cifar100"):
             need(self.data_root is not None, f"--data {self.data} needs --data-root (the files are never downloaded)")
-        if self.benchmark == "split":
-            limit = 20 if self.data == "cifar100" else 5
-            need(self.tasks <= limit, f"--benchmark split has {limit} tasks on {self.data}; got --tasks {self.tasks}")
-        if self.benchmark == "rotated":
-            need(self.tasks <= 36, f"--benchmark rotated has at most 36 distinct tasks (10 degrees apart); "
-                                   f"got --tasks {self.tasks}")
         if self.arch == "resnet18":
             need(self.data == "cifar100" or self.benchmark != "permuted",
-                 "--arch resnet18 needs images; PermutedMNIST destroys the spatial structure it relies on")
-        classes = 5 if (self.benchmark == "split" and self.data == "cifar100") else (2 if self.benchmark == "split" else 10)
-        need(self.outputs >= classes, f"--outputs {self.outputs} is fewer than the {classes} classes per task")
+                 "--arch resnet18 needs images; --benchmark permuted destroys the spatial structure it relies on")
+        classes = benchmark_spec.real_classes(self.benchmark, self.data, self.scenario)
+        need(self.outputs >= classes, f"--outputs {self.outputs} is fewer than the {classes} labelled outputs of "
+                                      f"--benchmark {self.benchmark} under --scenario {self.scenario}")
         if self.objective == "g" and self.scenario != "GG":
             need(self.outputs > classes, f"--objective g needs superfluous outputs: --outputs must exceed the "
                                          f"{classes} real classes (the paper uses 100+)")
         if self.scenario in ("GNs", "GNu", "NNs"):
             need(self.binariser == "threshold" or self.density < 1.0,
-                 "task inference needs masks that differ: --density 1 keeps every weight in every task")
+                 f"--scenario {self.scenario} infers tasks, which needs masks that differ: --binariser topk with "
+                 "--density 1 keeps every weight in every task")
         if self.scenario == "NNs":
             need(self.objective == "entropy", NNS_NEEDS_ENTROPY)
             need(self.iterations >= self.check_every,
@@ -169,9 +170,9 @@ def build_benchmark(cfg: ExperimentConfig) -> data.Benchmark:
         return data.PermutedMNIST(src, cfg.tasks, flatten=flatten, device=cfg.device)
     if cfg.benchmark == "rotated":
         return data.RotatedMNIST(src, cfg.tasks, flatten=flatten, device=cfg.device)
-    if cfg.data == "cifar100":
-        return data.SplitCIFAR100(src, num_tasks=cfg.tasks, flatten=flatten, device=cfg.device)
-    return data.SplitMNIST(src, num_tasks=cfg.tasks, flatten=flatten, device=cfg.device)
+    split = data.SplitCIFAR100 if cfg.data == "cifar100" else data.SplitMNIST
+    return split(src, num_tasks=cfg.tasks, remap_labels=benchmark_spec.labels_shared(cfg.benchmark, cfg.scenario),
+                 flatten=flatten, device=cfg.device)
 
 
 def default_checkpoints(tasks: int) -> list[int]:
@@ -317,9 +318,9 @@ def _train_labelled(model, bench, cfg, results, progress):
     """GG / GNs / GNu: one mask per task, task identity given at training time."""
     checkpoints = set(cfg.checkpoints or default_checkpoints(cfg.tasks))
     rows = set(metrics.matrix_rows(cfg.tasks, checkpoints))
-    matrix = results["accuracy_matrix"] = {"rows_after_tasks": sorted(rows), "images": "evaluated test images",
-                                           "gg": {}, "gn": {}, "gg_diagonal": []}
-    for t in tqdm(range(cfg.tasks), desc="tasks", disable=not progress):
+    matrix = results.setdefault("accuracy_matrix", {"rows_after_tasks": sorted(rows), "images": "evaluated test images",
+                                                    "gg": {}, "gn": {}, "gg_diagonal": []})
+    for t in tqdm(range(len(results["per_task"]), cfg.tasks), desc="tasks", disable=not progress):
         stats = training.fit_task(model, bench.infinite_batches(t, cfg.batch_size, seed=cfg.seed),
                                   iterations=cfg.iterations, optimizer=cfg.optimizer, lr=cfg.lr,
                                   progress=progress, desc=f"task {t}")
@@ -338,9 +339,8 @@ def _train_labelled(model, bench, cfg, results, progress):
             matrix["gg_diagonal"].append(matrix["gg"][str(t + 1)][t])
         else:
             matrix["gg_diagonal"].append(gg_eval_accuracy(model, bench, cfg, t))
-        if gn is not None:
-            # long runs: every checkpoint is on disk as soon as it is measured
-            _write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
+        # every finished task is on disk (bank and results) before the next begins: a run resumes from here
+        run_dir.commit_task(model, cfg.out_dir, results, save_bank=cfg.save_bank)
 
 
 def _train_nns(model, bench, cfg, results, progress):
@@ -352,13 +352,20 @@ def _train_nns(model, bench, cfg, results, progress):
                                                                              mask_of_task=mask_of_task))
 
 
-def run(cfg: ExperimentConfig) -> dict:
-    """Run the experiment described by ``cfg``; returns (and writes) the results."""
+def run(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run the experiment described by ``cfg``; returns (and writes) the results.
+
+    ``cfg.out_dir`` must not hold another run (``overwrite=True`` removes its files first); ``resume=True``
+    continues the interrupted run there (``cfg`` from :func:`run_dir.resume`) at its next task.
+    """
     cfg.validate()
+    if not resume:
+        run_dir.claim(cfg.out_dir, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
     t_start = time.perf_counter()
     progress = cfg.progress
     bench = build_benchmark(cfg)
+    benchmark_spec.check_batch_sizes(cfg, bench)
     model = models.build(cfg.arch, cfg.outputs, bench.input_shape)
     sup = SupsupConfig(binariser=cfg.binariser, density=cfg.density, seed=cfg.seed)
     convert.convert_(model, sup)
@@ -366,7 +373,11 @@ def run(cfg: ExperimentConfig) -> dict:
     results = {"config": asdict(cfg), "protocol": eval_protocol(cfg), "data": bench.describe(),
                "environment": _environment(),
                "per_task": [], "vs_tasks": [], "train_seconds": 0.0}
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if resume:
+        saved = run_dir.restore(model, cfg.out_dir)
+        results.update({k: saved[k] for k in ("per_task", "vs_tasks", "train_seconds")})
+    else:
+        run_dir.write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
     if cfg.scenario == "NNs":
         _train_nns(model, bench, cfg, results, progress)
     else:
@@ -386,6 +397,7 @@ def run(cfg: ExperimentConfig) -> dict:
         _accuracy_matrix(results)
     results["peak_memory"] = _peak_memory(cfg.device)
     results["total_seconds"] = time.perf_counter() - t_start
+    results.pop("resume", None)
     results["complete"] = True
     if cfg.save_bank:
         from ..checkpoint import save_bank
@@ -436,13 +448,7 @@ def _environment() -> dict:
             **{k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}}
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+_write_json = run_dir.write_json
 
 
 def plot(results: dict, path: str) -> Optional[str]:
