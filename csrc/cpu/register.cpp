@@ -9,6 +9,11 @@ TORCH_LIBRARY_FRAGMENT(supsup_fast_C, m) {
   m.def("masked_weight_grad_sign(Tensor grad_out, Tensor x, Tensor weight, Tensor scores) -> Tensor");
   m.def("threshold_words(Tensor scores) -> Tensor");
   m.def("topk_words(Tensor scores, int k) -> Tensor");
+  m.def("ternary_linear(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias, "
+        "int format_version=2) -> Tensor");
+  m.def("ternary_linear_grad_input(Tensor grad_out, Tensor mask_words, int k, int seed, int layer, float scale, "
+        "int format_version=2) -> Tensor");
+  m.def("seeded_fill_(Tensor(a!) out, int seed, int layer, float scale, int format_version) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
@@ -16,6 +21,9 @@ TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("masked_weight_grad_sign", &supsup::masked_weight_grad_sign);
   m.impl("threshold_words", &supsup::threshold_words);
   m.impl("topk_words", &supsup::topk_words);
+  m.impl("ternary_linear", &supsup::ternary_linear);
+  m.impl("ternary_linear_grad_input", &supsup::ternary_linear_grad_input);
+  m.impl("seeded_fill_", &supsup::seeded_fill_);
   m.impl("pack_masks", &supsup::pack_masks);
   m.impl("unpack_masks", &supsup::unpack_masks);
   m.impl("apply_mask", &supsup::apply_mask);
