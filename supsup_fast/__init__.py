@@ -24,6 +24,7 @@ from .convert import (
 )
 
 from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: E402,F401
+from . import seed_format, ternary  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
@@ -33,5 +34,5 @@ __all__ = [
     "MaskedLayerBase", "MaskedLinear", "MaskedConv2d", "TaskBatchNorm",
     "convert_", "masked_layers", "begin_task", "freeze_task", "set_task", "set_superposition",
     "num_tasks", "task_parameters", "mask_nbytes",
-    "checkpoint", "data", "hopfield", "inference", "models", "nns", "training",
+    "checkpoint", "data", "hopfield", "inference", "models", "nns", "training", "seed_format", "ternary",
 ]

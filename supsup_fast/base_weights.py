@@ -1,8 +1,11 @@
 """Frozen base weights regenerated from a seed: the signed Kaiming constant.
 
 Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-based hash of
-``(seed, layer, index)`` (see :func:`supsup_fast.reference.signed_constant`), so a checkpoint
-stores the seed instead of the weights and every backend regenerates them bit for bit.
+``(seed, layer, index)``, so a checkpoint stores the seed instead of the weights and every backend
+regenerates them bit for bit. How the hash is laid out is the seed format
+(:mod:`supsup_fast.seed_format`): version 1, one hash per weight, is what every bank and checkpoint
+so far records (and :func:`supsup_fast.reference.signed_constant` computes); version 2, one hash per
+32-weight word, is the one the ternary kernels (:mod:`supsup_fast.ternary`) regenerate cheaply.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Sequence
 import torch
 
 from . import reference as ref
+from . import seed_format as _seed_format
 from ._native import EXT_LOADED
 from .errors import SupsupError
 
@@ -38,12 +42,19 @@ def signed_constant(
     gain: float = math.sqrt(2.0),
     dtype: torch.dtype = torch.float32,
     device=None,
+    format_version: int = _seed_format.DEFAULT_SEED_FORMAT,
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    Equal bit for bit to :func:`supsup_fast.reference.signed_constant`; on CPU the compiled
-    extension fills it without materialising the hash's intermediates.
+    ``format_version`` is the seed format (1, the default, or 2; see :mod:`supsup_fast.seed_format`).
+    Equal bit for bit to :func:`supsup_fast.seed_format.signed_constant` (and, for version 1, to
+    :func:`supsup_fast.reference.signed_constant`); on CPU the compiled extension fills it without
+    materialising the hash's intermediates.
     """
+    try:
+        version = _seed_format.check_version(format_version)
+    except ValueError as e:
+        raise SupsupError(f"signed_constant: {e}") from None
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise SupsupError(f"signed_constant needs a weight shape of at least 2 dims [out, in, ...], got {shape}")
@@ -57,6 +68,11 @@ def signed_constant(
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if EXT_LOADED and dev.type == "cpu":
         out = torch.empty(shape, dtype=dtype, device=dev)
-        torch.ops.supsup_fast_C.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
+        if version == 1:
+            torch.ops.supsup_fast_C.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
+        else:
+            torch.ops.supsup_fast_C.seeded_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in), version)
         return out
-    return ref.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev)
+    if version == 1:
+        return ref.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev)
+    return _seed_format.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev, version=version)

@@ -28,6 +28,13 @@
 //            whose weight (n, k) is +c (Q: -c), g'_n = fl(c * dy_n)
 // No product and sum is ever fused (no FMA), so the order above fixes every rounding.
 // Weights outside the mask are never touched: a non-finite x_k reaches only rows that keep k.
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
+// -Wuninitialized then reports after inlining (as in masked_gemm.cpp)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 #include "cpu/bits.h"
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
@@ -658,7 +665,9 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
     check_fp32(*bias, op, "bias");
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n, op, ": bias has shape ", bias->sizes(), ", expected [", n, "]");
   }
-  const int64_t nw = words_per_row(k), m_rows = k ? x.numel() / k : 0;
+  int64_t m_rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) m_rows *= x.size(d);
+  const int64_t nw = words_per_row(k);
   auto out_shape = x.sizes().vec();
   out_shape.back() = n;
   at::Tensor y = at::empty(out_shape, x.options());
@@ -704,7 +713,9 @@ at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tenso
   check_size_limits(n, k, op);
   TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == n, op, ": grad_out has shape ", grad_out.sizes(),
               "; its last dim must be N=", n);
-  const int64_t nw = words_per_row(k), m_rows = n ? grad_out.numel() / n : 0;
+  int64_t m_rows = 1;
+  for (int64_t d = 0; d + 1 < grad_out.dim(); ++d) m_rows *= grad_out.size(d);
+  const int64_t nw = words_per_row(k);
   auto out_shape = grad_out.sizes().vec();
   out_shape.back() = k;
   at::Tensor dx = at::empty(out_shape, grad_out.options());
