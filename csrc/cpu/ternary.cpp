@@ -540,6 +540,7 @@ void grad_word_avx2(const Backward& b, int64_t j) {
 // Columns 32j .. 32(j+JS)-1 for MB rows of dy: the P and Q bits are the add masks.
 template <int MB, int JS>
 SUPSUP_AVX512_FN void grad_words_avx512(const Backward& b, int64_t j) {
+  const __m512 one = _mm512_set1_ps(1.f);
   __m512 accP[MB][JS][2], accQ[MB][JS][2];
   for (int m = 0; m < MB; ++m)
     for (int s = 0; s < JS; ++s) accP[m][s][0] = accP[m][s][1] = accQ[m][s][0] = accQ[m][s][1] = _mm512_setzero_ps();
@@ -568,8 +569,9 @@ SUPSUP_AVX512_FN void grad_words_avx512(const Backward& b, int64_t j) {
         for (int m = 0; m < MB; ++m) {
           accP[m][s][0] = _mm512_mask_add_ps(accP[m][s][0], p0, accP[m][s][0], g[m]);
           accP[m][s][1] = _mm512_mask_add_ps(accP[m][s][1], p1, accP[m][s][1], g[m]);
-          accQ[m][s][0] = _mm512_mask_add_ps(accQ[m][s][0], q0, accQ[m][s][0], g[m]);
-          accQ[m][s][1] = _mm512_mask_add_ps(accQ[m][s][1], q1, accQ[m][s][1], g[m]);
+          // masked a + 1 * g == masked a + g: on the FMA pipes, beside the adds
+          accQ[m][s][0] = _mm512_mask3_fmadd_ps(g[m], one, accQ[m][s][0], q0);
+          accQ[m][s][1] = _mm512_mask3_fmadd_ps(g[m], one, accQ[m][s][1], q1);
         }
       }
     }
@@ -585,9 +587,10 @@ SUPSUP_AVX512_FN void grad_words_avx512(const Backward& b, int64_t j) {
 }
 #endif
 
+// AVX-512 strips: 4 words for one row of dy, 2 for 2, 1 for 3-4 (16 accumulators in each case).
 template <int MB>
 void grad_pass_mb(const Backward& b, Isa isa) {
-  constexpr int64_t JS = 2;  // words per AVX-512 strip
+  constexpr int64_t JS = MB == 1 ? 4 : MB == 2 ? 2 : 1;
   const int64_t strip = isa == kAvx512 ? JS : 1;
   const int64_t strips = (b.nw + strip - 1) / strip;
   const int64_t per_strip = strip * kWordBits * b.n * MB;
@@ -603,7 +606,7 @@ void grad_pass_mb(const Backward& b, Isa isa) {
         if (s * JS + JS <= b.nw)
           grad_words_avx512<MB, JS>(b, s * JS);
         else
-          grad_words_avx512<MB, 1>(b, s * JS);
+          for (int64_t j = s * JS; j < b.nw; ++j) grad_words_avx512<MB, 1>(b, j);
         continue;
       }
 #endif
@@ -723,8 +726,9 @@ at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tenso
   if (n == 0) return dx.zero_();
   const at::Tensor g = grad_out.reshape({m_rows, n}).contiguous(), mw = mask_words.contiguous();
   const Isa isa = active_isa();
-  // AVX-512: 2 rows x 2 words x 2 planes x 2 halves = 16 accumulators; AVX2: 1 row (8 of 16 ymm)
-  const int64_t pass_rows = isa == kAvx512 ? 2 : isa == kAvx2 ? 1 : 4;
+  // AVX-512: 16 accumulators of 2 (or 4) rows x 2 (1) words x 2 planes x 2 halves; AVX2: 1 row
+  // (8 of 16 ymm)
+  const int64_t pass_rows = isa == kAvx512 ? (m_rows <= 2 ? 2 : 4) : isa == kAvx2 ? 1 : 4;
   thread_local Scratch scratch;
   const size_t col_bytes = align64(nw * sizeof(uint32_t));
   const size_t row_bytes = align64((n + 16) * sizeof(uint32_t));
