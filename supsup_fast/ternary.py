@@ -117,10 +117,6 @@ def _traced() -> bool:
             or torch._C._are_functorch_transforms_active())
 
 
-def _kernel_serves(t: torch.Tensor) -> bool:
-    return EXT_LOADED and t.device.type == "cpu" and t.dtype == torch.float32
-
-
 # --------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------
@@ -133,15 +129,21 @@ def ternary_linear(x, mask_words, seed: int, layer: int, scale: float, bias=None
     float16/bfloat16/float64, other devices or a missing extension run
     :func:`ternary_linear_reference` in ``x``'s dtype.
     """
+    kernel = EXT_LOADED and isinstance(x, torch.Tensor) and x.dtype is torch.float32 and x.is_cpu
+    if kernel and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) \
+            and type(x) in _PLAIN and (bias is None or type(bias) in _PLAIN) and not _traced():
+        # nothing for autograd to record: the kernel bound without the dispatcher (~2 us less a
+        # call), and it checks its inputs itself; on a refusal the checks below name the problem
+        try:
+            return _C.ternary_linear_cpu(x, mask_words, seed, layer, scale, bias, format_version)
+        except (RuntimeError, TypeError):
+            _check(x, mask_words, seed, layer, scale, bias, format_version)
+            raise
     if type(scale) is int:
         scale = float(scale)
     _check(x, mask_words, seed, layer, scale, bias, format_version)
-    if not _kernel_serves(x):
+    if not kernel:
         return ternary_linear_reference(x, mask_words, seed, layer, scale, bias, format_version)
-    if not _traced() and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) \
-            and type(x) in _PLAIN and (bias is None or type(bias) in _PLAIN):
-        # nothing for autograd to record: the kernel bound without the dispatcher (~2 us less a call)
-        return _C.ternary_linear_cpu(x, mask_words, seed, layer, scale, bias, format_version)
     return torch.ops.supsup_fast_C.ternary_linear(x, mask_words, seed, layer, scale, bias, format_version)
 
 
@@ -159,7 +161,7 @@ def ternary_linear_grad_input(grad_out, mask_words, k: int, seed: int, layer: in
         _fail(f"grad_out has shape {tuple(grad_out.shape)}; its last dim must be N={mask_words.shape[0]}")
     if grad_out.device != mask_words.device:
         _fail(f"grad_out is on {grad_out.device}, mask_words on {mask_words.device}")
-    if _kernel_serves(grad_out):
+    if EXT_LOADED and grad_out.dtype is torch.float32 and grad_out.is_cpu:
         return torch.ops.supsup_fast_C.ternary_linear_grad_input(grad_out, mask_words, k, seed, layer, scale,
                                                                  format_version)
     return ternary_linear_grad_input_reference(grad_out, mask_words, k, seed, layer, scale, format_version)

@@ -41,6 +41,7 @@
 #include "seed_format.h"
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -649,6 +650,18 @@ Seed make_seed(int64_t version, int64_t seed, int64_t layer, int64_t k, int64_t 
 
 size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
+// t's elements in row-major order: its own storage when contiguous, else a copy kept in `keep`.
+template <typename T>
+const T* dense_data(const at::Tensor& t, at::Tensor& keep) {
+  if (t.is_contiguous()) return t.data_ptr<T>();
+  keep = t.contiguous();
+  return keep.data_ptr<T>();
+}
+
+void check_scale(double scale, const char* op) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be finite, got ", scale);
+}
+
 }  // namespace
 
 // ======================================================================================
@@ -658,6 +671,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
                           double scale, const std::optional<at::Tensor>& bias, int64_t format_version) {
   const char* op = "ternary_linear";
   check_version(format_version, op);
+  check_scale(scale, op);
   check_fp32(x, op, "x");
   TORCH_CHECK(x.dim() >= 1, op, ": x needs at least 1 dim [..., K]");
   TORCH_CHECK(mask_words.dim() == 2, op, ": mask_words must be [N, ceil(K/32)], got shape ", mask_words.sizes());
@@ -679,8 +693,10 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
     if (bias) y.copy_(bias->expand_as(y)); else y.zero_();
     return y;
   }
-  const at::Tensor xx = x.reshape({m_rows, k}).contiguous(), mw = mask_words.contiguous();
-  const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
+  at::Tensor x_copy, mask_copy, bias_copy;  // only where an input is not contiguous
+  const float* xp = dense_data<float>(x, x_copy);
+  const uint32_t* mp = reinterpret_cast<const uint32_t*>(dense_data<int32_t>(mask_words, mask_copy));
+  const float* bp = bias ? dense_data<float>(*bias, bias_copy) : nullptr;
   const Isa isa = active_isa();
   const int64_t pass_rows = std::min(m_rows, kMaxRowsPerPass);
   thread_local Scratch scratch;
@@ -693,12 +709,11 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
   float* tables = reinterpret_cast<float*>(base + col_bytes + xs_bytes);
   const Seed s = make_seed(format_version, seed, layer, k, nw, col);
   const float c = static_cast<float>(scale);
-  const float* xp = xx.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
     const int64_t mb = std::min(kMaxRowsPerPass, m_rows - m0);
     build_tables(xp + m0 * k, mb, k, nw, c, xs, tables);
-    const Forward f{tables, word_ptr(mw), b.defined() ? b.data_ptr<float>() : nullptr, yp + m0 * n, n, nw, mb, s};
+    const Forward f{tables, mp, bp, yp + m0 * n, n, nw, mb, s};
     forward_pass(f, isa);
   }
   return y;
@@ -708,6 +723,7 @@ at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tenso
                                      int64_t seed, int64_t layer, double scale, int64_t format_version) {
   const char* op = "ternary_linear_grad_input";
   check_version(format_version, op);
+  check_scale(scale, op);
   check_fp32(grad_out, op, "grad_out");
   TORCH_CHECK(k >= 0, op, ": k must be >= 0, got ", k);
   TORCH_CHECK(mask_words.dim() == 2, op, ": mask_words must be [N, ceil(K/32)], got shape ", mask_words.sizes());
