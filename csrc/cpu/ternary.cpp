@@ -129,8 +129,46 @@ inline uint32_t sign_word(const Seed& s, int64_t n, int64_t j) {
 // ======================================================================================
 // Forward: tables
 // ======================================================================================
+// T[b] for one group of 4 values a: T[b | 2^i] = T[b] + a_i for b < 2^i, i.e. the set bits of b
+// added from the lowest up, starting from +0, as documented.
+inline void group_table_scalar(const float* a, float* t) {
+  t[0] = 0.f;
+  for (int i = 0; i < kGroup; ++i)
+    for (int b = 0; b < (1 << i); ++b) t[b | (1 << i)] = t[b] + a[i];
+}
+
+#if SUPSUP_AVX2
+// The same sums, 8 entries a vector: lanes without bit i add +0, which leaves every partial sum
+// as it is (a sum starting from +0 is never -0).
+inline void group_table_avx2(const float* a, float* t) {
+  const __m256 bit0 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, 0, -1, 0, -1, 0, -1));
+  const __m256 bit1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 bit2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, 0, -1, -1, -1, -1));
+  __m256 lo = _mm256_and_ps(_mm256_set1_ps(a[0]), bit0);
+  lo = _mm256_add_ps(lo, _mm256_and_ps(_mm256_set1_ps(a[1]), bit1));
+  lo = _mm256_add_ps(lo, _mm256_and_ps(_mm256_set1_ps(a[2]), bit2));
+  _mm256_store_ps(t, lo);
+  _mm256_store_ps(t + 8, _mm256_add_ps(lo, _mm256_set1_ps(a[3])));
+}
+#endif
+
+#if SUPSUP_TERNARY_AVX512
+SUPSUP_AVX512_FN inline void group_table_avx512(const float* a, float* t) {
+  __m512 v = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(a[0]));  // 0 + a0 == a0 on the lanes with bit 0
+  v = _mm512_mask_add_ps(v, 0xCCCC, v, _mm512_set1_ps(a[1]));
+  v = _mm512_mask_add_ps(v, 0xF0F0, v, _mm512_set1_ps(a[2]));
+  v = _mm512_mask_add_ps(v, 0xFF00, v, _mm512_set1_ps(a[3]));
+  _mm512_store_ps(t, v);
+}
+
+SUPSUP_AVX512_FN void group_tables_avx512(const float* xs, int64_t mb, int64_t kp, int64_t groups, float* tables) {
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t m = 0; m < mb; ++m) group_table_avx512(xs + m * kp + g * kGroup, tables + (g * mb + m) * kTable);
+}
+#endif
+
 // xs [mb][32 nw] = fl(c x), zero past k; tables [8 nw][mb][16] in the documented order.
-void build_tables(const float* x, int64_t mb, int64_t k, int64_t nw, float c, float* xs, float* tables) {
+void build_tables(const float* x, int64_t mb, int64_t k, int64_t nw, float c, float* xs, float* tables, Isa isa) {
   const int64_t kp = nw * kWordBits;
   for (int64_t m = 0; m < mb; ++m) {
     for (int64_t i = 0; i < k; ++i) xs[m * kp + i] = c * x[m * k + i];
@@ -138,16 +176,21 @@ void build_tables(const float* x, int64_t mb, int64_t k, int64_t nw, float c, fl
   }
   compiler_fence();
   const int64_t groups = nw * kGroupsPerWord;
-  for (int64_t g = 0; g < groups; ++g) {
+#if SUPSUP_TERNARY_AVX512
+  if (isa == kAvx512) return group_tables_avx512(xs, mb, kp, groups, tables);
+#endif
+  for (int64_t g = 0; g < groups; ++g)
     for (int64_t m = 0; m < mb; ++m) {
       const float* a = xs + m * kp + g * kGroup;
       float* t = tables + (g * mb + m) * kTable;
-      t[0] = 0.f;
-      // T[b | 2^i] = T[b] + a_i for b < 2^i: bits added from the lowest up, as documented
-      for (int i = 0; i < kGroup; ++i)
-        for (int b = 0; b < (1 << i); ++b) t[b | (1 << i)] = t[b] + a[i];
+#if SUPSUP_AVX2
+      if (isa == kAvx2) {
+        group_table_avx2(a, t);
+        continue;
+      }
+#endif
+      group_table_scalar(a, t);
     }
-  }
 }
 
 struct Forward {
@@ -712,7 +755,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
   float* yp = y.data_ptr<float>();
   for (int64_t m0 = 0; m0 < m_rows; m0 += kMaxRowsPerPass) {
     const int64_t mb = std::min(kMaxRowsPerPass, m_rows - m0);
-    build_tables(xp + m0 * k, mb, k, nw, c, xs, tables);
+    build_tables(xp + m0 * k, mb, k, nw, c, xs, tables, isa);
     const Forward f{tables, mp, bp, yp + m0 * n, n, nw, mb, s};
     forward_pass(f, isa);
   }
