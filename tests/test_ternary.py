@@ -264,3 +264,14 @@ def test_compiled_op_refuses_other_dtypes_clearly():
         torch.ops.supsup_fast_C.ternary_linear_grad_input(torch.randn(2, 9).double(), words, 40, 1, 2, 0.5, 2)
     with pytest.raises(RuntimeError, match="expected auto, avx512, avx2 or scalar"):
         _C.set_ternary_isa("sse")
+
+
+@needs_ext
+def test_non_contiguous_inputs():
+    x, words, bias, _ = _inputs(6, 23, 75, 15)
+    want = torch.ops.supsup_fast_C.ternary_linear(x, words, 1, 2, 0.5, bias, 2)
+    xt = x.t().contiguous().t()  # same values, column-major
+    wt = words.t().contiguous().t()
+    bt = torch.stack([bias, bias], 1)[:, 0]
+    assert not (xt.is_contiguous() or wt.is_contiguous() or bt.is_contiguous())
+    assert torch.equal(ternary.ternary_linear(xt, wt, 1, 2, 0.5, bt), want)
