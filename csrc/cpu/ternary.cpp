@@ -12,7 +12,13 @@
 // row n's positive weights P = M & S and negative weights Q = M & ~S then cost one table lookup
 // per 4 weights each. SIMD lanes are rows: a 16x16 (AVX-512) or 8x8 (AVX2) transpose turns the
 // rows' mask words into lane vectors, each nibble of a lane indexes the table broadcast over
-// lanes (vpermps), and one lookup serves 16 (8) rows x 4 weights.
+// lanes (vpermps), and one lookup serves 16 (8) rows x 4 weights. The lookups, the index shifts
+// and the sums share the vector pipes (the mask words are 1/32 of the dense layer's bytes and
+// stay in cache); on AVX-512 the sums go through the FMA units (a + 1 b) to leave the add units
+// to the rest. Measured on one Zen 4 core, 1024x1024, one row of x: 25 us, against 81 us for
+// adding x' under the P / Q bits as AVX-512 lane masks (16 weights per masked add).
+// VNNI is not used: its int8/int16 dot products would need quantised tables (as T-MAC's are),
+// and the float32 result here is exact to a documented order.
 //
 // dL/dx: lanes are columns; each row's P and Q bits select, by AVX-512 mask registers (AVX2:
 // blends), whether c dy[m, n] is added into the column accumulators. (A table over groups of 4
@@ -26,7 +32,8 @@
 //   y[n]   = fl(P[n] - Q[n]) (+ b[n], one more rounding)
 //   dx[k]  = fl(P[k] - Q[k]), P[k] = (((0 + g'_{n1}) + g'_{n2}) + ...) over the rows n1 < n2 < ...
 //            whose weight (n, k) is +c (Q: -c), g'_n = fl(c * dy_n)
-// No product and sum is ever fused (no FMA), so the order above fixes every rounding.
+// No product is fused into a sum (FMA instructions appear only as a + 1 b, which is a + b
+// exactly), so the order above fixes every rounding.
 // Weights outside the mask are never touched: a non-finite x_k reaches only rows that keep k.
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
