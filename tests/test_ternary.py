@@ -130,8 +130,8 @@ def test_kernel_follows_the_documented_order_bit_for_bit(isa, version, m, n, k):
 @needs_ext
 def test_thread_count_does_not_change_a_bit():
     # large enough that both the forward's row blocks and dL/dx's column strips are split
-    x, words, bias, gy = _inputs(3, 1000, 1000, 7)
-    x1, _, _, gy1 = _inputs(1, 1000, 1000, 8)
+    x, words, bias, gy = _inputs(3, 2500, 1000, 7)
+    x1, _, _, gy1 = _inputs(1, 2500, 1000, 8)
     before = torch.get_num_threads()
     outs = {}
     try:
