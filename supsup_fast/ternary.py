@@ -9,8 +9,10 @@ kernel (``csrc/cpu/ternary.cpp``): the signs of 32 weights are one hash in seed 
 in format 1, which still works, more slowly); per group of 4 activations the 16 partial sums are
 tabulated once per call and each row's 4 positive (negative) weights are one table lookup. Its
 float32 order is fixed and documented there, so its result does not depend on the thread count or
-the instruction set (AVX-512, AVX2 or scalar). Elsewhere, and for other dtypes, the reference twin
-:func:`ternary_linear_reference` (materialise ``W * M``, then ``F.linear``) serves.
+the instruction set (AVX-512 where the CPU has it and ``SUPSUP_FAST_NO_AVX512`` is unset, as for
+the masked GEMM; else AVX2; else scalar: :func:`kernel_isa` says which). Elsewhere, and for other
+dtypes, the reference twin :func:`ternary_linear_reference` (materialise ``W * M``, then
+``F.linear``) serves.
 
 Gradients: ``dL/dx = dL/dy (W * M)`` through ``supsup_fast_C::ternary_linear_grad_input`` (the same
 regenerated signs, column by column), ``dL/db = sum dL/dy``; the mask and the seed get none.
