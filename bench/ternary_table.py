@@ -86,6 +86,11 @@ def fixed_cost(k: int, m: int, budget_s: float) -> float:
     return measure({"t": fn}, budget_s / 4)["t"]["p10_s"]
 
 
+def lookup_rate(n: int, k: int, m: int, t: float, fixed: float):
+    """Table lookups per ns past the fixed cost; None where the fixed cost is most of the time."""
+    return tc.table_lookups(n, k, m) / (t - fixed) / 1e9 if t - fixed > 0.25 * t else None
+
+
 def run(shapes, rows, budget_s, threads) -> dict:
     torch.set_num_threads(1)  # one thread's copy bandwidth, then the run's
     copy_1t = {"dram": tc.copy_bandwidth(256 << 20), "llc": tc.copy_bandwidth(8 << 20)}
@@ -105,8 +110,7 @@ def run(shapes, rows, budget_s, threads) -> dict:
                     "N": n, "K": k, "M": m, "layer": tc.layer_name(n, k), "providers": times, "max_rel_error": errs,
                     "bytes": {p: tc.fewest_bytes(p, n, k, m) for p in tc.PROVIDERS},
                     "ternary_fixed_cost_s": fixed,
-                    "ternary_lookups_per_ns": tc.table_lookups(n, k, m) / max(times[TERNARY]["p10_s"] - fixed,
-                                                                              1e-12) / 1e9,
+                    "ternary_lookups_per_ns": lookup_rate(n, k, m, times[TERNARY]["p10_s"], fixed),
                     "speedup_vs_dense": times[DENSE]["median_s"] / t_tern,
                     "speedup_vs_dense_p10": times[DENSE]["p10_s"] / times[TERNARY]["p10_s"],
                 })
@@ -120,6 +124,10 @@ def run(shapes, rows, budget_s, threads) -> dict:
         "copy_GBps_dram": copy_dram, "copy_GBps_llc": copy_llc, "copy_GBps_one_thread": copy_1t,
         "budget_s": budget_s, "results": results,
     }
+
+
+def _rate(v) -> str:
+    return "– (fixed cost dominates)" if v is None else f"{v:.2f}"
 
 
 def _us(t: float) -> str:
@@ -169,7 +177,7 @@ def markdown(doc: dict) -> str:
         fixed = r["ternary_fixed_cost_s"]
         lines.append(f"| {r['N']}x{r['K']} | {gd:.1f} ({100 * gd / doc['copy_GBps_dram']:.0f}% DRAM, "
                      f"{100 * gd / doc['copy_GBps_llc']:.0f}% 8 MB) | {gt:.2f} | {fixed * 1e6:.2f} "
-                     f"({100 * min(fixed / tt, 1):.0f}%) | {r['ternary_lookups_per_ns']:.2f} |")
+                     f"({100 * min(fixed / tt, 1):.0f}%) | {_rate(r['ternary_lookups_per_ns'])} |")
     return "\n".join(lines)
 
 
@@ -181,7 +189,16 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", help="comma-separated M values (default 1,2,4,8)")
     ap.add_argument("--tiny", action="store_true", help="two small shapes, short budget (a smoke test)")
     ap.add_argument("--out", help="JSON path (default bench/results/ternary/<machine>/<UTC stamp>.json)")
+    ap.add_argument("--render", metavar="JSON", help="print the tables of an earlier run's JSON and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            doc = json.load(f)
+        for r in doc["results"]:  # recomputed: older files stored a rate where the fixed cost dominated
+            p10 = r["providers"][TERNARY]["p10_s"]
+            r["ternary_lookups_per_ns"] = lookup_rate(r["N"], r["K"], r["M"], p10, r["ternary_fixed_cost_s"])
+        print(markdown(doc))
+        return 0
     shapes = tc.TINY_SHAPES if args.tiny else tc.FULL_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
