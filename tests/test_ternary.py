@@ -275,3 +275,36 @@ def test_non_contiguous_inputs():
     bt = torch.stack([bias, bias], 1)[:, 0]
     assert not (xt.is_contiguous() or wt.is_contiguous() or bt.is_contiguous())
     assert torch.equal(ternary.ternary_linear(xt, wt, 1, 2, 0.5, bt), want)
+
+
+def _ieee(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b^T in float64 as elementwise products and sums (no BLAS shortcut around zeros)."""
+    return (a.double()[:, None, :] * b.double()[None, :, :]).sum(-1)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_non_finite_inputs_follow_dense_semantics(version):
+    # a NaN or Inf in x meets every weight of its column, kept or pruned (Inf * 0 = NaN), as in
+    # F.linear(x, W * M); likewise for dL/dy in the input gradient
+    x, words, bias, gy = _inputs(5, 37, 70, 16)
+    x[1, 3] = float("nan")
+    x[2, 10] = float("inf")
+    x[3, 10], x[3, 44] = float("inf"), float("-inf")
+    x[4, 69] = float("-inf")
+    gy[0, 5] = float("inf")
+    gy[2, 36] = float("nan")
+    scale = 0.3
+    w = seed_format.signed_constant_from_scale(7, 8, 37, 70, scale, torch.float64, version=version)
+    weff = reference.apply_mask(w, words)
+    want_y = _ieee(x, weff) + bias.double()
+    want_gx = _ieee(gy, weff.t())
+    y = ternary.ternary_linear(x, words, 7, 8, scale, bias, format_version=version)
+    gx = ternary.ternary_linear_grad_input(gy, words, 70, 7, 8, scale, format_version=version)
+    for got, want in ((y, want_y), (gx, want_gx)):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.isinf(), want.isinf())
+        inf = want.isinf()
+        assert torch.equal(got[inf].sign(), want[inf].sign().float())
+        fin = want.isfinite()
+        assert _rel(got[fin], want[fin]) <= TOL[torch.float32]
+    assert want_y.isnan().any() and want_y.isinf().any() and want_gx.isinf().any()

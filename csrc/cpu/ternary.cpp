@@ -34,7 +34,9 @@
 //            whose weight (n, k) is +c (Q: -c), g'_n = fl(c * dy_n)
 // No product is fused into a sum (FMA instructions appear only as a + 1 b, which is a + b
 // exactly), so the order above fixes every rounding.
-// Weights outside the mask are never touched: a non-finite x_k reaches only rows that keep k.
+// Non-finite inputs follow F.linear(x, W * M) with W finite: x is used densely (an Inf times a
+// pruned weight is NaN), so a row of x holding a NaN or Inf is recomputed output by output from
+// its non-finite entries alone (forward_nonfinite_rows; likewise for dL/dy).
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
 // -Wuninitialized then reports after inlining (as in masked_gemm.cpp)
@@ -49,6 +51,8 @@
 
 #include <atomic>
 #include <functional>
+#include <limits>
+#include <utility>
 #include <thread>
 #include <cmath>
 #include <cstdlib>
@@ -714,6 +718,88 @@ void grad_pass_mb(const Backward& b, Isa isa) {
 }
 
 // ======================================================================================
+// Non-finite inputs: x (and dL/dy) are used densely, as F.linear(x, W * M) uses them
+// ======================================================================================
+inline bool is_nonfinite(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  return (u & 0x7F800000u) == 0x7F800000u;
+}
+
+// Whether any of v[0..count) is NaN or +-Inf (an integer test, so the loop vectorises).
+inline bool any_nonfinite(const float* v, int64_t count) {
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t u;
+    std::memcpy(&u, v + i, sizeof u);
+    bad |= static_cast<uint32_t>((u & 0x7F800000u) == 0x7F800000u);
+  }
+  return bad != 0;
+}
+
+// The IEEE value of sum_i v_i w_i when some v_i are NaN or +-Inf and every w_i is finite (+c,
+// -c, or an exact 0 where the mask prunes): NaN if a v_i is NaN, or an infinite v_i meets a zero
+// weight (Inf * 0), or infinities of both signs meet; else an infinity of their sign. The finite
+// terms cannot change it. `weight_sign(i)` is +1, -1 or 0 for the weight of the i-th non-finite v.
+template <class WeightSign>
+float nonfinite_dot(const std::vector<std::pair<int64_t, float>>& bad, float c, const WeightSign& weight_sign) {
+  int seen = 0;  // +1 / -1: the sign of the infinities so far
+  for (const auto& [i, v] : bad) {
+    if (v != v) return std::numeric_limits<float>::quiet_NaN();
+    const int w = c == 0.f ? 0 : weight_sign(i) * (c > 0.f ? 1 : -1);
+    if (w == 0) return std::numeric_limits<float>::quiet_NaN();
+    const int term = (v > 0.f ? 1 : -1) * w;
+    if (seen != 0 && term != seen) return std::numeric_limits<float>::quiet_NaN();
+    seen = term;
+  }
+  return seen > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::infinity();
+}
+
+// y rows of x rows that hold a NaN or Inf: recomputed by nonfinite_dot (plus the bias) for every
+// output, as the tables cannot say which of their sums met an Inf times a pruned weight.
+void forward_nonfinite_rows(const float* x, int64_t m_rows, int64_t k, const uint32_t* mask, int64_t n,
+                            int64_t nw, const Seed& s, float c, const float* bias, float* y) {
+  std::vector<std::pair<int64_t, float>> bad;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const float* xr = x + m * k;
+    if (!any_nonfinite(xr, k)) continue;
+    bad.clear();
+    for (int64_t i = 0; i < k; ++i)
+      if (is_nonfinite(xr[i])) bad.emplace_back(i, xr[i]);
+    for (int64_t row = 0; row < n; ++row) {
+      const float v = nonfinite_dot(bad, c, [&](int64_t i) {
+        const int64_t j = i / kWordBits;
+        const uint32_t bit = 1u << (i % kWordBits);
+        if (!(mask[row * nw + j] & bit)) return 0;
+        return (sign_word(s, row, j) & bit) ? 1 : -1;
+      });
+      y[m * n + row] = bias ? v + bias[row] : v;
+    }
+  }
+}
+
+// dx rows of dL/dy rows that hold a NaN or Inf, likewise.
+void grad_nonfinite_rows(const float* g, int64_t m_rows, int64_t n, const uint32_t* mask, int64_t k, int64_t nw,
+                         const Seed& s, float c, float* dx) {
+  std::vector<std::pair<int64_t, float>> bad;
+  for (int64_t m = 0; m < m_rows; ++m) {
+    const float* gr = g + m * n;
+    if (!any_nonfinite(gr, n)) continue;
+    bad.clear();
+    for (int64_t i = 0; i < n; ++i)
+      if (is_nonfinite(gr[i])) bad.emplace_back(i, gr[i]);
+    for (int64_t col = 0; col < k; ++col) {
+      const int64_t j = col / kWordBits;
+      const uint32_t bit = 1u << (col % kWordBits);
+      dx[m * k + col] = nonfinite_dot(bad, c, [&](int64_t row) {
+        if (!(mask[row * nw + j] & bit)) return 0;
+        return (sign_word(s, row, j) & bit) ? 1 : -1;
+      });
+    }
+  }
+}
+
+// ======================================================================================
 // Checks and set-up shared by the ops
 // ======================================================================================
 void check_version(int64_t v, const char* op) {
@@ -811,6 +897,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
     const Forward f{tables, mp, bp, yp + m0 * n, n, nw, mb, s};
     forward_pass(f, isa);
   }
+  forward_nonfinite_rows(xp, m_rows, k, mp, n, nw, s, c, bp, yp);
   return y;
 }
 
@@ -866,6 +953,7 @@ at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tenso
       default: grad_pass_mb<4>(bw, isa); break;
     }
   }
+  grad_nonfinite_rows(gp, m_rows, n, word_ptr(mw), k, nw, s, c, dxp);
   return dx;
 }
 
