@@ -1,7 +1,9 @@
 """Build script: compiles the C++ (and, when possible, CUDA) extension ``supsup_fast._C``.
 
 * ``pip install --no-build-isolation .`` (or ``-e .``) builds against the installed torch with ninja.
-* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA and nvcc is found.
+* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA and nvcc is found; they
+  are compiled for ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``; torch's default otherwise), without
+  ``--use_fast_math`` (subnormals and IEEE division as in the reference).
 * ``SUPSUP_FAST_NO_EXT=1`` skips native code; a failed native build warns and installs the pure
   Python package (set ``SUPSUP_FAST_STRICT_BUILD=1`` to make it an error instead).
 * ``SUPSUP_FAST_CXX_ARCH`` overrides the CPU target flag (default: ``-march=x86-64-v3`` on
@@ -13,7 +15,7 @@ import os
 import platform
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("SUPSUP_FAST_NO_EXT", "") not in ("", "0")
@@ -67,7 +69,7 @@ def _extensions():
         ext = ce.CUDAExtension(
             "supsup_fast._C", sources + cu, define_macros=define_macros,
             include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", std, "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", std, "-lineinfo"]},
             extra_link_args=["-fopenmp"],
         )
     else:
@@ -95,8 +97,10 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["supsup_fast", "supsup_fast.nn", "supsup_fast.kernels"],
+    # the Triton kernels stay in the top-level kernels/ folder and are installed as supsup_fast.kernels
+    packages=[*find_packages(include=["supsup_fast", "supsup_fast.*"]), "supsup_fast.kernels"],
     package_dir={"supsup_fast": "supsup_fast", "supsup_fast.kernels": "kernels"},
+    package_data={"supsup_fast.backends": ["dispatch_tables/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -30,13 +30,10 @@ import pytest
 import torch
 
 import supsup_fast
-from supsup_fast import ops
+from supsup_fast import ops, testing
+from supsup_fast.testing import rel_error
 from supsup_fast.info import avx512_gemm_state
 
-# Relative error ||out - expected|| / ||expected|| allowed per dtype (fp32 well under 1e-3,
-# tf32 ~3e-4, half precision 1e-3..1e-2).
-REL_TOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
-REL_TOL_CUDA_FP32 = 2e-3  # Triton's fp32 dots run in tf32
 
 
 # ======================================================================================
@@ -106,16 +103,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def rel_error(out: torch.Tensor, expected: torch.Tensor) -> float:
-    o, e = out.detach().double().cpu(), expected.detach().double().cpu()
-    denom = e.norm().item()
-    return (o - e).norm().item() / (denom if denom > 0 else 1.0)
-
-
 def tolerance(dtype: torch.dtype, device: str) -> float:
-    if device == "cuda" and dtype == torch.float32:
-        return REL_TOL_CUDA_FP32
-    return REL_TOL[dtype]
+    """The project's tolerance for a ``dtype`` result (:mod:`supsup_fast.testing`); fp32 dots on GPUs run in tf32."""
+    return testing.tolerance(dtype, tf32=device == "cuda")
 
 
 def check_outputs(outs, expected, device: str, what: str, tol: Optional[float] = None) -> list[float]:

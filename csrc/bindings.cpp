@@ -1,26 +1,8 @@
-// Op schemas of the private `supsup_fast_C` namespace and the Python module `supsup_fast._C`.
-//
-// The schemas mirror supsup_fast/ops.py (_SCHEMAS); kernels are registered per dispatch key
-// by csrc/cpu (CPU) and csrc/cuda (CUDA, when built with -DSUPSUP_WITH_CUDA).
+// The Python module `supsup_fast._C`: the directly bound helpers. The op schemas are in csrc/ops.cpp.
 #include <torch/extension.h>
-#include <torch/library.h>
 
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
-
-TORCH_LIBRARY(supsup_fast_C, m) {
-  m.def("pack_masks(Tensor masks) -> Tensor");
-  m.def("unpack_masks(Tensor words, SymInt k, ScalarType dtype) -> Tensor");
-  m.def("apply_mask(Tensor weight, Tensor mask_words) -> Tensor");
-  m.def("masked_linear(Tensor x, Tensor weight, Tensor mask_words, Tensor? bias) -> Tensor");
-  m.def("masked_linear_grad_input(Tensor grad_out, Tensor weight, Tensor mask_words) -> Tensor");
-  m.def("masked_weight_grad(Tensor grad_out, Tensor x, Tensor weight) -> Tensor");
-  m.def("superpose(Tensor weight, Tensor bank, Tensor alpha) -> Tensor");
-  m.def("mask_dots(Tensor v, Tensor bank) -> Tensor");
-  m.def("masked_linear_grouped(Tensor x, Tensor weight, Tensor bank, Tensor task_ids, Tensor? bias) -> Tensor");
-  m.def("masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor");
-  m.def("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()");
-}
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "supsup_fast compiled kernels; the ops live in torch.ops.supsup_fast_C";

@@ -1,9 +1,13 @@
-"""Triton kernels and their launchers (installed as ``supsup_fast.kernels``).
+"""Triton kernels and their launchers only: no autograd, no module logic.
+
+The source folder is the repository's top-level ``kernels/``; ``setup.py`` installs it as the
+subpackage ``supsup_fast.kernels`` (``package_dir``), which is the name code imports. The
+``triton`` backend (:mod:`supsup_fast.backends.triton`) maps the ops onto these launchers.
 
 * :mod:`.masked_matmul` — fused masked GEMM / split-K forward, ``dX``, the score gradient, the
   grouped (per-row task) and the seeded (weight regenerated from a hash) matmuls;
-* :mod:`.mask_ops` — pack / unpack, ``W*M``, superposition, mask dot products, signed constants,
-  and ``masked_conv2d`` (``W*M`` pass + cuDNN);
+* :mod:`.mask_ops` — pack / unpack, ``W*M``, superposition, mask dot products and the
+  signed-constant fill;
 * :mod:`._common` — in-register mask-bit unpacking, the hash, autotuning configs;
 * :mod:`.seed_format` — seed format 2's sign words (one hash per 32 weights) as ``tl`` functions.
 

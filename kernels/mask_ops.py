@@ -1,11 +1,10 @@
-"""Bandwidth-bound mask kernels: pack / unpack, ``W*M``, superposition, mask dot products,
-signed-constant regeneration, and the convolution built on ``W*M``.
+"""Bandwidth-bound mask kernels: pack / unpack, ``W*M``, superposition, mask dot products and
+signed-constant regeneration.
 
-``masked_conv2d`` choice: one fused ``W*M`` pass (:func:`apply_mask`, reads ``W`` and ``NK/8``
-bytes of bits, writes ``W*M`` once) followed by cuDNN ``F.conv2d``. A fused implicit-GEMM
-convolution would save one write and one read of the weight, which for convolutions is small next
-to the activations (the weight is reused over every output pixel), while cuDNN brings tuned
-algorithms (Winograd, FFT, tensor-core implicit GEMM) for every stride/padding/dilation/group
+``masked_conv2d`` on the ``triton`` backend is one fused ``W*M`` pass (:func:`apply_mask`) followed
+by cuDNN (``supsup_fast.backends._composite``). A fused implicit-GEMM convolution would save one
+write and one read of the weight, small next to the activations (the weight is reused over every
+output pixel), while cuDNN brings tuned algorithms for every stride/padding/dilation/group
 combination. The ratio of the two passes has to be measured on a GPU (``bench/gpu/roofline.py``
 times ``apply_mask`` against the convolution it feeds); none was measured yet.
 """
@@ -13,11 +12,10 @@ times ``apply_mask`` against the convolution it feeds); none was measured yet.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import bits_nk, key_i32, signed_tile
+from ._common import key_i32, keep, signed_tile, words_nk
 
 # 2-D tiles over the [N, K] view; every kernel here is a stream, so one config serves.
 _BN, _BK = 16, 256
@@ -34,10 +32,11 @@ def apply_mask_kernel(w_ptr, words_ptr, out_ptr, N, K, WPR, BLOCK_N: tl.constexp
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     tile = n_mask[:, None] & (offs_k[None, :] < K)
-    bits = bits_nk(words_ptr, offs_n, n_mask, tl.program_id(1) * (BLOCK_K // 32), WPR, BLOCK_N, BLOCK_K)
-    ptrs = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    n64 = offs_n.to(tl.int64)
+    wrd = words_nk(words_ptr, n64 * WPR, n_mask, tl.program_id(1) * (BLOCK_K // 32), WPR, BLOCK_N, BLOCK_K)
+    ptrs = n64[:, None] * K + offs_k[None, :]
     w = tl.load(w_ptr + ptrs, mask=tile, other=0.0)
-    tl.store(out_ptr + ptrs, tl.where(bits, w, tl.zeros_like(w)), mask=tile)
+    tl.store(out_ptr + ptrs, keep(w, wrd, (tl.arange(0, BLOCK_K) & 31)[None, :]), mask=tile)
 
 
 @triton.jit
@@ -47,10 +46,12 @@ def unpack_kernel(words_ptr, out_ptr, N, K, WPR, BLOCK_N: tl.constexpr, BLOCK_K:
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     n_mask = offs_n < N
     tile = n_mask[:, None] & (offs_k[None, :] < K)
-    bits = bits_nk(words_ptr, offs_n, n_mask, tl.program_id(1) * (BLOCK_K // 32), WPR, BLOCK_N, BLOCK_K)
+    n64 = offs_n.to(tl.int64)
+    wrd = words_nk(words_ptr, n64 * WPR, n_mask, tl.program_id(1) * (BLOCK_K // 32), WPR, BLOCK_N, BLOCK_K)
+    bits = (wrd >> (tl.arange(0, BLOCK_K) & 31)[None, :]) & 1
     # via fp32: exact for 0/1, and the interpreter's int1 -> bf16 conversion is wrong
     vals = bits.to(tl.float32).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], vals, mask=tile)
+    tl.store(out_ptr + n64[:, None] * K + offs_k[None, :], vals, mask=tile)
 
 
 @triton.jit
@@ -66,12 +67,12 @@ def pack_kernel(m_ptr, words_ptr, N, K, WPR, BLOCK_N: tl.constexpr, BLOCK_W: tl.
     shifts = tl.arange(0, 32)
     # distinct powers of two: the sum is the bitwise OR (bit 31 wraps to the sign, as it should)
     wrd = tl.sum(bits << shifts[None, None, :], axis=2)
-    tl.store(words_ptr + offs_n[:, None] * WPR + offs_w[None, :], wrd,
+    tl.store(words_ptr + offs_n[:, None].to(tl.int64) * WPR + offs_w[None, :], wrd,
              mask=n_mask[:, None] & (offs_w[None, :] < WPR))
 
 
 @triton.jit
-def superpose_kernel(w_ptr, bank_ptr, alpha_ptr, out_ptr, N, K, WPR, T,
+def superpose_kernel(w_ptr, bank_ptr, alpha_ptr, out_ptr, N, K, WPR, T, SLAB,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out = W * sum_t alpha_t M_t`` for one tile, fp32 accumulation, tasks with ``alpha_t = 0`` skipped."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -79,20 +80,22 @@ def superpose_kernel(w_ptr, bank_ptr, alpha_ptr, out_ptr, N, K, WPR, T,
     n_mask = offs_n < N
     tile = n_mask[:, None] & (offs_k[None, :] < K)
     kw0 = tl.program_id(1) * (BLOCK_K // 32)
-    slab = N * WPR
+    n64 = offs_n.to(tl.int64)
+    wd_off = n64 * WPR
+    onehot = 1 << (tl.arange(0, BLOCK_K) & 31)[None, :]
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for t in range(0, T):
         a = tl.load(alpha_ptr + t).to(tl.float32)
         if a != 0.0:
-            bits = bits_nk(bank_ptr + tl.cast(t, tl.int64) * slab, offs_n, n_mask, kw0, WPR, BLOCK_N, BLOCK_K)
-            acc += tl.where(bits, a, 0.0)
-    ptrs = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+            wrd = words_nk(bank_ptr + tl.cast(t, tl.int64) * SLAB, wd_off, n_mask, kw0, WPR, BLOCK_N, BLOCK_K)
+            acc += tl.where((wrd & onehot) != 0, a, 0.0)
+    ptrs = n64[:, None] * K + offs_k[None, :]
     w = tl.load(w_ptr + ptrs, mask=tile, other=0.0)
     tl.store(out_ptr + ptrs, (w.to(tl.float32) * acc).to(out_ptr.dtype.element_ty), mask=tile)
 
 
 @triton.jit
-def mask_dots_kernel(v_ptr, bank_ptr, out_ptr, N, K, WPR, T, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def mask_dots_kernel(v_ptr, bank_ptr, out_ptr, N, K, WPR, T, SLAB, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``out[r, t] += <v_r, M_t>`` over one tile of ``v_r`` (fp32 atomics into a zeroed ``[R, T]``).
 
     The tile of ``v`` is loaded once and reused for every task; each task costs only its bits.
@@ -103,12 +106,14 @@ def mask_dots_kernel(v_ptr, bank_ptr, out_ptr, N, K, WPR, T, BLOCK_N: tl.constex
     n_mask = offs_n < N
     tile = n_mask[:, None] & (offs_k[None, :] < K)
     kw0 = tl.program_id(1) * (BLOCK_K // 32)
-    slab = N * WPR
-    v = tl.load(v_ptr + tl.cast(r, tl.int64) * N * K + offs_n[:, None].to(tl.int64) * K + offs_k[None, :],
+    n64 = offs_n.to(tl.int64)
+    wd_off = n64 * WPR
+    onehot = 1 << (tl.arange(0, BLOCK_K) & 31)[None, :]
+    v = tl.load(v_ptr + tl.cast(r, tl.int64) * N * K + n64[:, None] * K + offs_k[None, :],
                 mask=tile, other=0.0).to(tl.float32)
     for t in range(0, T):
-        bits = bits_nk(bank_ptr + tl.cast(t, tl.int64) * slab, offs_n, n_mask, kw0, WPR, BLOCK_N, BLOCK_K)
-        s = tl.sum(tl.sum(tl.where(bits, v, 0.0), axis=1), axis=0)
+        wrd = words_nk(bank_ptr + tl.cast(t, tl.int64) * SLAB, wd_off, n_mask, kw0, WPR, BLOCK_N, BLOCK_K)
+        s = tl.sum(tl.sum(tl.where((wrd & onehot) != 0, v, 0.0), axis=1), axis=0)
         tl.atomic_add(out_ptr + r * T + t, s)
 
 
@@ -176,7 +181,7 @@ def superpose(weight, bank, alpha):
     out = torch.empty_like(w)
     if w.numel():
         superpose_kernel[_grid2(n, k)](w, bank.contiguous(), alpha.contiguous(), out, n, k, bank.shape[-1],
-                                       bank.shape[0], BLOCK_N=_BN, BLOCK_K=_BK)
+                                       bank.shape[0], n * bank.shape[-1], BLOCK_N=_BN, BLOCK_K=_BK)
     return out
 
 
@@ -189,27 +194,29 @@ def mask_dots(v, bank):
     out = torch.zeros(r, t, dtype=torch.float32, device=v.device)
     if vv.numel() and t:
         mask_dots_kernel[(*_grid2(n, k), r)](vv, bank.contiguous(), out, n, k, bank.shape[-1], t,
-                                            BLOCK_N=_BN, BLOCK_K=_BK)
+                                            n * bank.shape[-1], BLOCK_N=_BN, BLOCK_K=_BK)
     out = out.to(v.dtype)
     return out[0] if squeeze else out
 
 
-def signed_constant(seed, layer, n, k, scale, dtype=torch.float32, device="cuda"):
-    """``[N, K]`` signed-constant weights ``+-scale``, bit-identical to the reference's."""
-    from supsup_fast.reference import layer_key
+def signed_constant_fill_(out, seed, layer, scale):
+    """Fill the contiguous ``out`` with ``+-scale`` in place, bit-identical to the reference's
+    (the constant is rounded to float32 first, then to ``out``'s dtype)."""
+    from supsup_fast.base_weights import layer_key
 
-    out = torch.empty(n, k, dtype=dtype, device=device)
     if out.numel():
+        n = out.shape[0] if out.dim() else 1
+        k = out.numel() // n
         signed_constant_kernel[_grid2(n, k)](out, n, k, key_i32(layer_key(seed, layer)), float(scale),
                                              BLOCK_N=_BN, BLOCK_K=_BK)
     return out
 
 
-def masked_conv2d(x, weight, mask_words, bias, stride, padding, dilation, groups):
-    """One fused ``W*M`` pass, then the platform convolution (cuDNN on CUDA)."""
-    return F.conv2d(x, apply_mask(weight, mask_words), bias, stride, padding, dilation, groups)
+def signed_constant(seed, layer, n, k, scale, dtype=torch.float32, device="cuda"):
+    """``[N, K]`` signed-constant weights ``+-scale``, bit-identical to the reference's."""
+    return signed_constant_fill_(torch.empty(n, k, dtype=dtype, device=device), seed, layer, scale)
 
 
 __all__ = [
-    "apply_mask", "unpack_masks", "pack_masks", "superpose", "mask_dots", "signed_constant", "masked_conv2d",
+    "apply_mask", "unpack_masks", "pack_masks", "superpose", "mask_dots", "signed_constant", "signed_constant_fill_",
 ]

@@ -16,16 +16,7 @@ import triton.language as tl
 from supsup_fast import seed_format
 from supsup_fast.format import words_per_row
 
-
-@triton.jit
-def hash32(x):
-    """``H`` (lowbias32) on uint32 values."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
-    x = x ^ (x >> 16)
-    return x
+from ._common import hash32
 
 
 @triton.jit

@@ -5,12 +5,10 @@ kernels that apply one mask, or an alpha-weighted superposition of all of them, 
 materialising a float mask.
 """
 
-from . import format, ops, reference  # noqa: F401  (ops registers the torch.library ops)
-from ._native import EXT_LOADED
-from .errors import BackendError, BankFileError, SupsupError
+from . import backends, format, ops, reference, seed_format  # noqa: F401  (ops defines the torch.library ops)
+from .backends._ext import EXT_LOADED
+from .binarise import threshold_mask, topk_mask
 from .config import SupsupConfig
-from .binarize import threshold_mask, topk_mask
-from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 from .convert import (
     begin_task,
     convert_,
@@ -22,17 +20,36 @@ from .convert import (
     set_task,
     task_parameters,
 )
-
-from . import checkpoint, data, hopfield, inference, models, nns, training  # noqa: E402,F401
-from . import seed_format, ternary  # noqa: E402,F401
+from .errors import BackendError, BankFileError, SupsupError
+from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 
 __version__ = "0.1.0"
 
+# Loaded on first use, so `import supsup_fast` stays light (no data loaders, tqdm, matplotlib,
+# safetensors): `sf.inference.infer_task(...)` and `from supsup_fast import checkpoint` both work.
+_LAZY = ("checkpoint", "data", "distributed", "experiment", "experiments", "hopfield", "inference", "info",
+         "models", "nns", "objectives", "ternary", "testing", "training")
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 __all__ = [
-    "format", "ops", "reference", "EXT_LOADED", "SupsupError", "BackendError", "BankFileError",
+    "format", "ops", "reference", "seed_format", "EXT_LOADED", "SupsupError", "BackendError", "BankFileError",
     "SupsupConfig", "topk_mask", "threshold_mask",
     "MaskedLayerBase", "MaskedLinear", "MaskedConv2d", "TaskBatchNorm",
     "convert_", "masked_layers", "begin_task", "freeze_task", "set_task", "set_superposition",
     "num_tasks", "task_parameters", "mask_nbytes",
-    "checkpoint", "data", "hopfield", "inference", "models", "nns", "training", "seed_format", "ternary",
+    "checkpoint", "hopfield", "inference", "nns", "ternary", "training",
 ]
+
+# every backend this installation can run; an explicit call, never a side effect of an import
+backends.register_all()

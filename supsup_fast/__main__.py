@@ -1,5 +1,5 @@
 """``python -m supsup_fast ...`` is the ``supsup-fast`` command."""
 
-from .cli import main
+from .experiments.cli import main
 
 raise SystemExit(main())

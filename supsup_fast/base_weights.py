@@ -2,10 +2,16 @@
 
 Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-based hash of
 ``(seed, layer, index)``, so a checkpoint stores the seed instead of the weights and every backend
-regenerates them bit for bit. How the hash is laid out is the seed format
-(:mod:`supsup_fast.seed_format`): version 1, one hash per weight, is what every bank and checkpoint
-so far records (and :func:`supsup_fast.reference.signed_constant` computes); version 2, one hash per
-32-weight word, is the one the ternary kernels (:mod:`supsup_fast.ternary`) regenerate cheaply.
+regenerates them bit for bit. How the hash is laid out is the seed format, specified once in
+:mod:`supsup_fast.seed_format` (:func:`hash32`, :func:`layer_key` and :func:`signed_constant_signs`
+are re-exported here): version 1, one hash per weight, is what every bank and checkpoint records
+unless it says otherwise (and the default); version 2, one hash per 32-weight word, is the one the
+ternary kernels (:mod:`supsup_fast.ops.ternary`) regenerate cheaply.
+
+The hash reads the low 32 bits of the seed and of the layer id (the spec functions are defined
+on any int that way, as the kernels are); the functions that name a base -- :func:`signed_constant`,
+the ``seeded`` ops, :class:`~supsup_fast.config.SupsupConfig` and the masked layers -- take seeds and
+layer ids in ``[0, 2**32)`` only (:func:`~supsup_fast.config.check_seed`), so one base has one name.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ from typing import Sequence
 
 import torch
 
-from . import reference as ref
-from . import seed_format as _seed_format
-from ._native import EXT_LOADED
+from . import ops
+from .config import check_seed
 from .errors import SupsupError
+from .seed_format import DEFAULT_SEED_FORMAT, check_version, hash32, layer_key  # noqa: F401  (the hash spec)
+from .seed_format import v1_signs as signed_constant_signs  # noqa: F401
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -42,19 +49,19 @@ def signed_constant(
     gain: float = math.sqrt(2.0),
     dtype: torch.dtype = torch.float32,
     device=None,
-    format_version: int = _seed_format.DEFAULT_SEED_FORMAT,
+    format_version: int = DEFAULT_SEED_FORMAT,
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    ``format_version`` is the seed format (1, the default, or 2; see :mod:`supsup_fast.seed_format`).
-    Equal bit for bit to :func:`supsup_fast.seed_format.signed_constant` (and, for version 1, to
-    :func:`supsup_fast.reference.signed_constant`); on CPU the compiled extension fills it without
-    materialising the hash's intermediates.
+    ``format_version`` is the seed format (1, the default, or 2; :mod:`supsup_fast.seed_format`).
+    Filled by the ``signed_constant_fill_`` (version 1) or ``seeded_fill_`` op: every backend writes
+    the same bits as the reference's; the compiled ones without materialising the hash's intermediates.
     """
     try:
-        version = _seed_format.check_version(format_version)
+        version = check_version(format_version)
     except ValueError as e:
         raise SupsupError(f"signed_constant: {e}") from None
+    seed, layer = check_seed(seed, "signed_constant: seed"), check_seed(layer, "signed_constant: layer")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise SupsupError(f"signed_constant needs a weight shape of at least 2 dims [out, in, ...], got {shape}")
@@ -65,14 +72,7 @@ def signed_constant(
     fan_in = math.prod(shape[1:])
     if fan_in == 0:
         raise SupsupError(f"signed_constant: fan_in is 0 for shape {shape}")
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if EXT_LOADED and dev.type == "cpu":
-        out = torch.empty(shape, dtype=dtype, device=dev)
-        if version == 1:
-            torch.ops.supsup_fast_C.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
-        else:
-            torch.ops.supsup_fast_C.seeded_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in), version)
-        return out
+    out = torch.empty(shape, dtype=dtype, device=device)
     if version == 1:
-        return ref.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev)
-    return _seed_format.signed_constant(seed, layer, shape, gain=gain, dtype=dtype, device=dev, version=version)
+        return ops.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
+    return ops.seeded_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in), version)

@@ -6,7 +6,10 @@ from a :class:`SupsupConfig`; nothing else is configured elsewhere.
 
 from __future__ import annotations
 
+import functools
 import math
+import numbers
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,7 +42,7 @@ class SupsupConfig:
         base: ``"signed_constant"`` (every weight ``+-gain/sqrt(fan_in)``, regenerated from
             ``(seed, layer_id)``; only the seed is stored) or ``"pretrained"`` (masks select from
             the wrapped layer's own weight, kept frozen and saved with the model).
-        seed: seed of the signed-constant base weights.
+        seed: seed of the signed-constant base weights, an int in ``[0, 2**32)`` (:data:`SEED_RANGE`).
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
         score_init: ``"kaiming_uniform"`` (``U(+-1/sqrt(fan_in))``) or ``"transfer"`` (a new
             task's scores start at the running mean of the earlier tasks' final scores).
@@ -48,6 +51,9 @@ class SupsupConfig:
             statistics per task; shared statistics break every task but the last).
         max_tasks: the most tasks a layer may hold (``None`` = unbounded); beginning one more
             raises :class:`SupsupError`.
+
+    Every field is checked on construction (type, range, finite): a bad value raises
+    :class:`SupsupError` naming the field. Booleans are not numbers here (``max_tasks=True`` is refused).
     """
 
     density: float = 0.5
@@ -62,32 +68,91 @@ class SupsupConfig:
     per_task_norm: bool = True
     max_tasks: Optional[int] = None
 
-    def __post_init__(self) -> None:
-        def one_of(name: str, value, allowed) -> None:
-            if value not in allowed:
-                raise SupsupError(f"SupsupConfig.{name} must be one of {allowed}, got {value!r}")
+    def __setattr__(self, name: str, value) -> None:
+        # a field assigned after construction is checked like one given to the constructor
+        checked = self.__dict__.get("_checked", False)
+        old = self.__dict__.get(name)
+        object.__setattr__(self, name, value)
+        if checked and name in self.__dataclass_fields__:
+            try:
+                self._validate()
+            except SupsupError:
+                object.__setattr__(self, name, old)
+                raise
 
-        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
-            raise SupsupError(f"SupsupConfig.density must be a number in (0, 1], got {self.density!r}")
-        if not (0.0 < float(self.density) <= 1.0) or math.isnan(self.density):
-            raise SupsupError(f"SupsupConfig.density is the fraction of weights kept and must be in (0, 1], "
-                              f"got {self.density}")
-        self.density = float(self.density)
-        one_of("binariser", self.binariser, BINARISERS)
-        one_of("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
-        one_of("base", self.base, BASES)
-        one_of("score_init", self.score_init, SCORE_INITS)
-        if self.erdos_renyi_scale is not None and not (float(self.erdos_renyi_scale) > 0.0):
-            raise SupsupError(f"SupsupConfig.erdos_renyi_scale must be positive or None, got {self.erdos_renyi_scale}")
+    def __post_init__(self) -> None:
+        self._validate()
+        object.__setattr__(self, "_checked", True)
+
+    def _validate(self) -> None:
+        """Check every field (type, range, finite) and store numbers as plain float / int."""
+        set_ = functools.partial(object.__setattr__, self)
+        set_("density", _real("density", self.density, "the fraction of weights kept, in (0, 1]",
+                             lambda v: 0.0 < v <= 1.0))
+        _one_of("binariser", self.binariser, BINARISERS)
+        _one_of("density_schedule", self.density_schedule, DENSITY_SCHEDULES)
+        _one_of("base", self.base, BASES)
+        _one_of("score_init", self.score_init, SCORE_INITS)
+        if self.erdos_renyi_scale is not None:
+            set_("erdos_renyi_scale", _real("erdos_renyi_scale", self.erdos_renyi_scale, "a positive number or None",
+                                            lambda v: v > 0.0))
         if (self.density_schedule == "erdos_renyi" and self.erdos_renyi_scale is None
                 and self.density > ERDOS_RENYI_CAP):
             raise SupsupError(
                 f"SupsupConfig: an Erdős–Rényi budget caps every layer at density {ERDOS_RENYI_CAP}, so an overall "
                 f"density of {self.density} cannot be met; lower density or give erdos_renyi_scale"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
-            raise SupsupError(f"SupsupConfig.seed must be an int, got {self.seed!r}")
-        if not (float(self.gain) > 0.0):
-            raise SupsupError(f"SupsupConfig.gain must be positive, got {self.gain}")
-        if self.max_tasks is not None and (not isinstance(self.max_tasks, int) or self.max_tasks < 1):
-            raise SupsupError(f"SupsupConfig.max_tasks must be a positive int or None, got {self.max_tasks!r}")
+        set_("seed", check_seed(self.seed, "SupsupConfig.seed"))
+        set_("gain", _real("gain", self.gain, "a positive number", lambda v: v > 0.0))
+        _flag("keep_bias", self.keep_bias)
+        _flag("per_task_norm", self.per_task_norm)
+        if self.max_tasks is not None:
+            if not _is_int(self.max_tasks) or int(self.max_tasks) < 1:
+                raise SupsupError(f"SupsupConfig.max_tasks must be a positive int or None, got {self.max_tasks!r}")
+            set_("max_tasks", int(self.max_tasks))
+
+
+#: Seeds of the signed-constant base: the base hash reads 32 bits, so a seed is in ``[0, 2**32)``.
+#: Seeds outside would regenerate the weights of ``seed % 2**32`` under another name, and banks of two
+#: models with the same weights would refuse each other; they are refused wherever a seed is taken.
+SEED_RANGE = (0, 1 << 32)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, _np_bool_types()))
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """``seed`` as an ``int`` in :data:`SEED_RANGE`; a :class:`SupsupError` naming ``what`` otherwise."""
+    if not _is_int(seed):
+        raise SupsupError(f"{what} must be an int in [0, 2**32), got {seed!r}")
+    seed = int(seed)
+    if not SEED_RANGE[0] <= seed < SEED_RANGE[1]:
+        raise SupsupError(f"{what} must be in [0, 2**32) (the base hash uses 32 bits; {seed} % 2**32 = "
+                          f"{seed % (1 << 32)} gives these weights), got {seed}")
+    return seed
+
+
+def _one_of(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise SupsupError(f"SupsupConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _real(name: str, value, what: str, ok) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, _np_bool_types())):
+        raise SupsupError(f"SupsupConfig.{name} must be {what}, got {value!r}")
+    v = float(value)
+    if not math.isfinite(v) or not ok(v):
+        raise SupsupError(f"SupsupConfig.{name} must be {what} (finite), got {value!r}")
+    return v
+
+
+def _flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise SupsupError(f"SupsupConfig.{name} must be True or False, got {value!r}")
+
+
+def _np_bool_types() -> tuple:
+    """numpy's bool type, when numpy is loaded (it is not a ``bool`` subclass, but no number either)."""
+    np = sys.modules.get("numpy")
+    return (np.bool_,) if np is not None else ()

@@ -27,12 +27,14 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .base_weights import layer_id_for  # the id convert_ gives a layer: CRC-32 of its qualified name
+from .base_weights import (
+    layer_id_for,  # the id convert_ gives a layer: CRC-32 of its qualified name
+)
 from .config import ERDOS_RENYI_CAP, SupsupConfig
 from .errors import SupsupError
 from .nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
+from .nn._model import masked_modules, task_modules
 from .nn.base import TaskModule
-
 
 FilterFn = Callable[[nn.Module, str], bool]
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -149,12 +151,13 @@ def erdos_renyi_densities(layers, density: float, scale: Optional[float] = None)
 # Driving every SupSup layer of a model
 # ---------------------------------------------------------------------------------------------
 def masked_layers(model: nn.Module) -> list[TaskModule]:
-    """Every :class:`MaskedLayerBase` and :class:`TaskBatchNorm` of ``model``, in module order."""
-    return [m for m in model.modules() if isinstance(m, TaskModule)]
+    """Every task module of ``model`` -- :class:`MaskedLayerBase` layers *and* :class:`TaskBatchNorm`
+    norms -- in module order: :func:`supsup_fast.nn.task_modules` under its former name."""
+    return task_modules(model)
 
 
 def _layers(model: nn.Module) -> list[TaskModule]:
-    layers = masked_layers(model)
+    layers = task_modules(model)
     if not layers:
         raise SupsupError(f"{type(model).__name__} has no SupSup layers; convert it with convert_(model, config)")
     return layers
@@ -230,9 +233,9 @@ def set_superposition(model: nn.Module, alpha: Optional[torch.Tensor] = None,
 
 def task_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The scores of the task in training: the parameters to hand to an optimizer."""
-    return [m.scores for m in masked_layers(model) if isinstance(m, MaskedLayerBase) and m.scores is not None]
+    return [m.scores for m in masked_modules(model) if m.scores is not None]
 
 
 def mask_nbytes(model: nn.Module) -> int:
     """Bytes of stored mask bits over all masked layers (``sum T * N * ceil(K/32) * 4``)."""
-    return sum(m.mask_nbytes() for m in masked_layers(model) if isinstance(m, MaskedLayerBase))
+    return sum(m.mask_nbytes() for m in masked_modules(model))

@@ -33,8 +33,16 @@ import torch.distributed as dist
 from torch import nn
 
 from . import convert
-from .checkpoint import (_fingerprint, _install, _is_masked, _model_device, _model_tasks, _no_open_task,
-                         _task_modules, _task_tensors)
+from .checkpoint.model_state import (
+    bank_modules,
+    install_tasks,
+    model_device,
+    model_fingerprint,
+    num_frozen_tasks,
+    require_no_open_task,
+    task_stacks,
+    task_tensors,
+)
 from .errors import SupsupError
 
 __all__ = ["task_seed", "bank_digest", "wrap_ddp", "freeze_task", "gather_tasks", "train_tasks_parallel",
@@ -53,15 +61,15 @@ def _require_dist() -> None:
 
 
 def _modules(model: nn.Module):
-    mods = _task_modules(model)
-    return mods, _model_tasks(mods)
+    mods = bank_modules(model)
+    return mods, num_frozen_tasks(mods)
 
 
 def _task_bytes(mods, t: int) -> torch.Tensor:
     """Frozen task ``t``'s state of every task module, as one flat ``uint8`` tensor (fixed layout)."""
     parts = []
     for name, m in mods:
-        for v in _task_tensors(name, m, t, t).values():
+        for v in task_tensors(name, m, t, t).values():
             parts.append(v.detach().contiguous().reshape(-1).view(torch.uint8))
     return torch.cat(parts)
 
@@ -70,10 +78,8 @@ def _split_task_bytes(mods, flat: torch.Tensor) -> dict:
     """Inverse of :func:`_task_bytes` over a ``[T, nbytes]`` stack: ``{module: {field: [T, ...]}}``."""
     out, pos, t = {}, 0, flat.shape[0]
     for name, m in mods:
-        fields = {"mask": m.bank} if _is_masked(m) else {"running_mean": m.running_mean,
-                                                         "running_var": m.running_var}
         out[name] = {}
-        for f, like in fields.items():
+        for f, like in task_stacks(m).items():
             shape = tuple(like.shape[1:])
             n = like.element_size() * int(torch.Size(shape).numel())
             chunk = flat[:, pos:pos + n].contiguous()
@@ -91,9 +97,9 @@ def bank_digest(model: nn.Module, tasks: Optional[Sequence[int]] = None) -> str:
     return h.hexdigest()
 
 
-def _comm_device(mods, group) -> torch.device:
+def _comm_device(model: nn.Module, group) -> torch.device:
     """NCCL needs CUDA tensors; gloo and the rest take the model's device."""
-    dev = _model_device(mods)
+    dev = model_device(model)
     if dist.get_backend(group) == "nccl" and dev.type != "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return dev
@@ -160,13 +166,13 @@ def freeze_task(model: nn.Module, group=None, check: bool = True) -> int:
         for name in ("task_mean", "task_var"):
             v = getattr(m, name, None)
             if v is not None:
-                dev = _comm_device(mods, group)
+                dev = _comm_device(model, group)
                 buf = v.to(device=dev, dtype=torch.float64)
                 dist.all_reduce(buf, group=group)
                 v.copy_((buf / world).to(v))
     t = convert.freeze_task(model)
     if check:
-        _agree(bank_digest(model, [t]), f"the frozen bits of task {t}", group, _comm_device(mods, group))
+        _agree(bank_digest(model, [t]), f"the frozen bits of task {t}", group, _comm_device(model, group))
     return t
 
 
@@ -193,16 +199,16 @@ def gather_tasks(model: nn.Module, local_task_ids: Sequence[int], group=None) ->
     """
     _require_dist()
     mods, count = _modules(model)
-    _no_open_task(mods, "gather_tasks")
+    require_no_open_task(mods, "gather_tasks")
     ids = [int(i) for i in local_task_ids]
     k = len(ids)
     if k > count:
         raise SupsupError(f"gather_tasks: {k} local task ids but the model holds only {count} frozen tasks")
     prefix = count - k
-    dev = _comm_device(mods, group)
+    dev = _comm_device(model, group)
     world = dist.get_world_size(group)
 
-    fp, _ = _fingerprint(mods)
+    fp, _ = model_fingerprint(mods)
     _agree(json.dumps(fp, sort_keys=True), "the model (fingerprint)", group, dev)
     _agree(str(prefix) + ":" + bank_digest(model, range(prefix)), "the shared tasks before the gathered ones",
            group, dev)
@@ -234,7 +240,7 @@ def gather_tasks(model: nn.Module, local_task_ids: Sequence[int], group=None) ->
     fields = _split_task_bytes(mods, merged)
     for name, m in mods:
         dev_m = m.bank.device if "mask" in fields[name] else m.running_mean.device
-        _install(m, {f: v.to(dev_m) for f, v in fields[name].items()})
+        install_tasks(m, {f: v.to(dev_m) for f, v in fields[name].items()})
     return prefix + n
 
 
@@ -266,7 +272,7 @@ def train_tasks_parallel(
     if not callable(train_fn):
         raise SupsupError("train_fn must be callable as train_fn(model, task)")
     mods, prefix = _modules(model)
-    _no_open_task(mods, "train_tasks_parallel")
+    require_no_open_task(mods, "train_tasks_parallel")
     transfer = [n for n, m in mods if getattr(m, "score_init", None) == "transfer"]
     if transfer:
         raise SupsupError("train_tasks_parallel: score_init='transfer' starts each task from the mean of all "
@@ -303,7 +309,7 @@ def _demo_model():
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import save_bank
     from .config import SupsupConfig
-    from .data import PermutedMNIST, mnist_5k
+    from .experiments.data import PermutedMNIST, mnist_5k
     from .training import evaluate, fit_task
 
     p = argparse.ArgumentParser(prog="python -m supsup_fast.distributed",

@@ -11,3 +11,8 @@ class BackendError(RuntimeError):
 
 class BankFileError(SupsupError):
     """A mask-bank file is truncated, corrupted, of another version or of another model."""
+
+
+class BankDurabilityWarning(RuntimeWarning):
+    """A bank change is complete and visible to readers, but flushing its directory to disk failed
+    (``fsync`` returned an error): the change may not survive a power failure or an OS crash."""

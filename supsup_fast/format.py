@@ -16,6 +16,9 @@ That is exactly one bit per weight per task, plus at most 31 bits of padding per
 A bit is set where the mask is non-zero (``bool`` masks, or float masks of 0/1).
 
 ``FORMAT_VERSION`` is written into every saved bank; a change to anything above must bump it.
+This module holds the layout only and imports nothing of the package; packing itself is the
+``pack_masks`` / ``unpack_masks`` ops (:mod:`supsup_fast.ops.bits`, also as ``format.pack`` /
+``format.unpack`` for masks of a weight's own shape).
 """
 
 from __future__ import annotations
@@ -55,37 +58,11 @@ def packed_nbytes(weight_shape: Sequence[int], num_tasks: int = 1) -> int:
     return math.prod(packed_shape(weight_shape, num_tasks)) * 4
 
 
-def pack(masks: torch.Tensor, weight_shape: Sequence[int] | None = None) -> torch.Tensor:
-    """Pack masks of shape ``[..., *weight_shape]`` into words ``[..., N, W]``.
+def __getattr__(name: str):
+    # pack / unpack (masks of a weight's own shape <-> words) run through the ops; they live in
+    # supsup_fast.ops.bits and are reachable here too, without this module importing the package
+    if name in ("pack", "unpack"):
+        import importlib
 
-    ``weight_shape`` defaults to the last two dimensions of ``masks`` (a linear layer).
-    Goes through the ``supsup_fast::pack_masks`` op, so the fastest backend serves.
-    """
-    from . import ops
-
-    if weight_shape is None:
-        weight_shape = masks.shape[-2:]
-    weight_shape = tuple(int(s) for s in weight_shape)
-    nd = len(weight_shape)
-    if masks.dim() < nd or tuple(masks.shape[masks.dim() - nd:]) != weight_shape:
-        raise ValueError(
-            f"pack: masks of shape {tuple(masks.shape)} do not end in the weight shape {weight_shape}"
-        )
-    n, k = gemm_shape(weight_shape)
-    lead = tuple(masks.shape[: masks.dim() - nd])
-    return ops.pack_masks(masks.reshape(lead + (n, k)))
-
-
-def unpack(words: torch.Tensor, weight_shape: Sequence[int], dtype: torch.dtype = torch.bool) -> torch.Tensor:
-    """Inverse of :func:`pack`: words ``[..., N, W]`` to masks ``[..., *weight_shape]``."""
-    from . import ops
-
-    weight_shape = tuple(int(s) for s in weight_shape)
-    n, k = gemm_shape(weight_shape)
-    if words.dim() < 2 or tuple(words.shape[-2:]) != (n, words_per_row(k)):
-        raise ValueError(
-            f"unpack: words of shape {tuple(words.shape)} do not match weight shape {weight_shape} "
-            f"(expected [..., {n}, {words_per_row(k)}])"
-        )
-    lead = tuple(words.shape[:-2])
-    return ops.unpack_masks(words, k, dtype).reshape(lead + weight_shape)
+        return getattr(importlib.import_module("supsup_fast.ops"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import reference
+from .base_weights import signed_constant
 from .errors import SupsupError
 
 __all__ = [
@@ -245,7 +245,7 @@ class HiddenMaskedMLP(nn.Module):
     ``d = h1 + ... + hL``. ``norm="batch"`` is a batch normalisation without affine
     parameters or running statistics (the paper's BNNet: batch statistics in train and eval,
     so nothing is shared across tasks), ``"none"`` skips it. Weights are regenerated from
-    ``seed`` with :func:`supsup_fast.reference.signed_constant` and never trained.
+    ``seed`` with :func:`supsup_fast.base_weights.signed_constant` and never trained.
     """
 
     def __init__(self, sizes: Sequence[int], seed: int = 0, norm: str = "batch"):
@@ -257,7 +257,7 @@ class HiddenMaskedMLP(nn.Module):
             raise SupsupError(f"norm must be 'batch' or 'none', got {norm!r}")
         self.sizes, self.norm, self.seed = tuple(sizes), norm, int(seed)
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            self.register_buffer(f"weight{i}", reference.signed_constant(seed, i, (fan_out, fan_in)))
+            self.register_buffer(f"weight{i}", signed_constant(seed, i, (fan_out, fan_in)))
         self.hidden = tuple(sizes[1:-1])
         self.d = sum(self.hidden)
 

@@ -37,7 +37,6 @@ training-mode normalisation couple the rows of a batch).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -49,10 +48,10 @@ from torch import nn
 from . import convert, ops
 from .errors import SupsupError
 from .nn import MaskedLayerBase
-from .nn.base import TaskModule
+from .nn._model import model_device, preserved_mode, task_modules  # noqa: F401  (preserved_mode re-exported)
+from .objectives import OBJECTIVES, entropy_rows, g_rows, objective_rows  # noqa: F401  (re-exported)
 
 METHODS = ("one_shot", "binary", "gradient_descent")
-OBJECTIVES = ("entropy", "g")
 BATCH_MODES = ("batch", "per_example")
 
 #: Per-example weight gradients are formed for at most this many elements at a time.
@@ -60,60 +59,8 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
 
 # ======================================================================================
-# Objectives (per row; the reference's versions are their means)
-# ======================================================================================
-def entropy_rows(logits: torch.Tensor) -> torch.Tensor:
-    """Output entropy of every row: ``-sum_j p_j log p_j``, ``p = softmax(logits)`` -> ``[R]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def g_rows(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    """The G objective of every row: ``logsumexp(z_hat)`` with the real classes' logits detached.
-
-    Its gradient is 0 on the ``num_real`` real classes and ``softmax(z)_j`` on superfluous neuron ``j``.
-    """
-    z = logits.float()
-    z_hat = torch.cat([z[..., :num_real].detach(), z[..., num_real:]], dim=-1)
-    return torch.logsumexp(z_hat, dim=-1)
-
-
-def objective_rows(objective: str, num_real: Optional[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-row objective function named ``objective`` (``"entropy"`` or ``"g"``)."""
-    if objective == "entropy":
-        return entropy_rows
-    if objective == "g":
-        if num_real is None or isinstance(num_real, bool) or not isinstance(num_real, int) or num_real < 1:
-            raise SupsupError(f"the G objective needs num_real, the number of real classes (>= 1), got {num_real!r}")
-        return lambda logits: _checked_g(logits, num_real)
-    raise SupsupError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
-
-
-def _checked_g(logits: torch.Tensor, num_real: int) -> torch.Tensor:
-    if num_real >= logits.shape[-1]:
-        raise SupsupError(
-            f"the G objective needs superfluous output neurons: num_real={num_real} but the model has only "
-            f"{logits.shape[-1]} outputs"
-        )
-    return g_rows(logits, num_real)
-
-
-# ======================================================================================
 # Model state: inference switches layers to superposition and puts them back afterwards
 # ======================================================================================
-@contextlib.contextmanager
-def preserved_mode(model: nn.Module):
-    """Restore every task module's mode, task id and alpha on exit."""
-    mods = [m for m in model.modules() if isinstance(m, TaskModule)]
-    saved = [(m.mode, m.task_id, m.__dict__.get("alpha")) for m in mods]
-    try:
-        yield
-    finally:
-        for m, (mode, task_id, alpha) in zip(mods, saved):
-            m.mode, m.task_id = mode, task_id
-            m.__dict__["alpha"] = alpha
-
-
 def _learned_tasks(model: nn.Module) -> int:
     k = convert.num_tasks(model)
     if k < 1:
@@ -141,13 +88,6 @@ def _uniform(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """``alpha`` uniform over the ``True`` entries of ``mask`` (``[..., T]``), zero elsewhere."""
     m = mask.to(dtype)
     return m / m.sum(-1, keepdim=True)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for layer in convert.masked_layers(model):
-        if isinstance(layer, MaskedLayerBase):
-            return layer.weight.device
-    raise SupsupError("the model has no masked layers; convert it with supsup_fast.convert.convert_ first")
 
 
 # ======================================================================================
@@ -197,7 +137,7 @@ def _rows(rows_fn, logits: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements) -> torch.Tensor:
-    layers = convert.masked_layers(model)
+    layers = task_modules(model)
     records: list[tuple[nn.Module, torch.Tensor, list]] = []
 
     def hook(layer, inputs, output):
@@ -360,7 +300,7 @@ def infer_task(
             if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
                 raise SupsupError(f"rows must be a positive int or None, got {rows!r}")
             x = x[:rows]
-    cand = _candidate_mask(model, candidates, _model_device(model))
+    cand = _candidate_mask(model, candidates, model_device(model))
 
     def grads_of(xs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """``[U, T]`` gradients: one row for batch mode, one per row of ``xs`` otherwise."""
@@ -523,7 +463,7 @@ def evaluate_inference(
             (x, y), t = batch, task
         else:
             raise SupsupError(f"batches must yield (x, y) or (x, y, task), got {len(batch)} items")
-        device = _model_device(model)
+        device = model_device(model)
         x, y = x.to(device), torch.as_tensor(y).to(device)
         t = torch.as_tensor(t, dtype=torch.int64).to(device)
         ids, classes = predict(model, x, **infer_kwargs)

@@ -8,7 +8,7 @@ import platform
 import torch
 
 from . import ops
-from ._native import EXT_ERROR, EXT_LOADED, ext_has_cuda
+from .backends._ext import EXT_ERROR, EXT_LOADED, ext_has_cuda
 
 
 def collect() -> dict:
@@ -22,7 +22,7 @@ def collect() -> dict:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     table = {}
     for dev in devices:
-        for op in ops.OPS:
+        for op in ops.op_names():
             try:
                 table[f"{op}@{dev}"] = ops.choose(op, dev, torch.float32).name
             except ops.BackendError as e:
@@ -32,7 +32,8 @@ def collect() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda_available": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine(),
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else platform.processor() or platform.machine()),
         "threads": torch.get_num_threads(),
         "extension_loaded": EXT_LOADED,
         "extension_error": EXT_ERROR,
@@ -79,5 +80,5 @@ def render(info: dict) -> str:
     lines.append("backends (highest priority first):")
     lines += [f"  {name:10s} {state}" for name, state in info["backends"].items()]
     lines.append("op -> backend (float32):")
-    lines += [f"  {k:34s} {v}" for k, v in info["ops"].items()]
+    lines += [f"  {k:38s} {v}" for k, v in info["ops"].items()]
     return "\n".join(lines)

@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import convert, ops
-from .binarize import binarise
+from .binarise import binarise
 from .errors import SupsupError
-from .inference import objective_rows
-from .nn import MaskedLayerBase, TaskBatchNorm
-from .training import OptimizerFactory, make_optimizer, model_device
+from .nn import TaskBatchNorm
+from .nn._model import masked_modules, model_device, task_modules
+from .objectives import objective_rows
+from .training import OptimizerFactory, make_optimizer
 
 
 def is_novel(grad_alpha: torch.Tensor, k: int, epsilon: float = 2.0 ** -3) -> bool:
@@ -125,7 +126,7 @@ class NNsTrainer:
         if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
             raise SupsupError(f"NNsTrainer: rows must be a positive int or None, got {rows!r}")
         self.model = model
-        self.layers = [m for m in convert.masked_layers(model) if isinstance(m, MaskedLayerBase)]
+        self.layers = masked_modules(model)
         if not self.layers:
             raise SupsupError("NNsTrainer: the model has no masked layers; convert it with convert_ first")
         self.device = model_device(model)
@@ -228,7 +229,7 @@ class NNsTrainer:
         xs = x if self.rows is None else x[: self.rows]
         # normalisation runs as in training (batch statistics) but a check must not update the
         # open task's running statistics
-        norms = [m for m in convert.masked_layers(self.model) if isinstance(m, TaskBatchNorm) and m.in_training]
+        norms = [m for m in task_modules(self.model) if isinstance(m, TaskBatchNorm) and m.in_training]
         saved = [(m.task_mean.clone(), m.task_var.clone()) for m in norms]
         handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(self.layers)]
         try:

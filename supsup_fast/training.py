@@ -23,7 +23,7 @@ from torch import nn
 
 from . import convert
 from .errors import SupsupError
-from .nn import MaskedLayerBase
+from .nn._model import model_device, preserved_mode  # noqa: F401  (model_device re-exported)
 
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 #: Learning rates used when ``lr=None`` (the paper's: RMSprop for MNIST nets, Adam for CIFAR nets).
@@ -58,14 +58,6 @@ def make_optimizer(params: list, optimizer: Union[str, OptimizerFactory] = "rmsp
     if optimizer == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's masked layers."""
-    for m in model.modules():
-        if isinstance(m, MaskedLayerBase):
-            return m.weight.device
-    raise SupsupError(f"{type(model).__name__} has no masked layers; convert it with convert_(model, config)")
 
 
 def cycle(batches: Iterable):
@@ -192,8 +184,6 @@ def evaluate(
     the mean of ``loss_fn`` over rows, computed with the default ``reduction='mean'`` per batch
     and weighted by batch size). The model's mode and training flag are restored afterwards.
     """
-    from .inference import preserved_mode
-
     device = model_device(model)
     was_training = model.training
     correct = count = 0

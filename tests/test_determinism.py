@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from supsup_fast import base_weights, convert, ops, reference
+from supsup_fast import base_weights, convert, ops, reference, testing
 from supsup_fast.config import SupsupConfig
 from supsup_fast.nn import MaskedLinear
 
@@ -222,3 +222,30 @@ def test_task_inference_is_repeatable(four_tasks, method, batch_mode):
 def test_masked_linear_base_from_module_matches_regenerated_weight():
     layer = MaskedLinear.from_module(nn.Linear(13, 4), SupsupConfig(seed=8), layer_id=21)
     assert digest(layer.weight) == digest(reference.signed_constant(8, 21, (4, 13)))
+
+
+NARROW_AND_WIDE = [(7, 45), (5, 1000), (1, 300), (3, 2), (33, 64), (100, 300), (300, 784), (64, 4096)]
+
+
+@pytest.mark.skipif("cpu_ext" not in CPU_BACKENDS, reason="compiled extension not loaded")
+@pytest.mark.parametrize("n,k", NARROW_AND_WIDE)
+def test_linear_kernels_do_not_depend_on_the_thread_count(n, k):
+    """y, dL/dx and the score gradients of the compiled kernels, 1 vs 2 threads, for every row count
+    that switches kernels (fused, masked GEMM, platform GEMM in fixed tiles), including narrow layers
+    whose weight gradient a platform GEMM would split over rows."""
+    threads = torch.get_num_threads()
+    try:
+        for m in (1, 8, 9, 16, 17, 64, 300, 1000):
+            x, w = testing.randn((m, k), torch.float32, 1), testing.randn((n, k), torch.float32, 2)
+            g, s = testing.randn((m, n), torch.float32, 3), testing.randn((n, k), torch.float32, 5)
+            words = testing.random_bank(1, n, k, 4)[0]
+            runs = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                with ops.force_backend("cpu_ext"):
+                    runs.append((ops.masked_linear(x, w, words), ops.masked_linear_grad_input(g, w, words),
+                                 ops.masked_weight_grad(g, x, w), ops.masked_weight_grad_sign(g, x, w, s)))
+            for name, one, two in zip(("y", "dx", "dscores", "dscores*sign"), *runs):
+                assert torch.equal(one, two), f"{name} at M={m}, N={n}, K={k}: 1 thread != 2 threads"
+    finally:
+        torch.set_num_threads(threads)

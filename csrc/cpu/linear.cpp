@@ -4,10 +4,13 @@
 // Few rows (a GEMV-like shape) are memory-bound: a fused kernel reads each weight and its mask
 // bit once and never writes W*M. Many rows are compute-bound: on AVX-512 CPUs the masked GEMM
 // (masked_gemm.cpp) applies the mask while it packs W; elsewhere, and for large problems where
-// the platform GEMM's peak wins, one W*M pass into a reused buffer feeds the platform GEMM.
+// the platform GEMM's peak wins, one W*M pass into a reused buffer feeds the platform GEMM, in
+// fixed tiles so that the result does not depend on the thread count (deterministic_mm).
 #include "cpu/bits.h"
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
+
+#include <c10/core/GradMode.h>
 
 #include <vector>
 
@@ -67,8 +70,9 @@ inline void fused_dot(const float* x, int64_t k, const float* w, const uint32_t*
   if (full * kWordBits < k) {
     const uint32_t word = words[full];
     for (int64_t i = full * kWordBits; i < k; ++i) {
-      if (!((word >> (i - full * kWordBits)) & 1u)) continue;
-      for (int m = 0; m < MB; ++m) tail[m] += x[m * k + i] * w[i];
+      // the masked weight is an exact zero, still multiplied: a NaN or Inf in x reaches the output
+      const float wi = ((word >> (i - full * kWordBits)) & 1u) ? w[i] : 0.f;
+      for (int m = 0; m < MB; ++m) tail[m] += x[m * k + i] * wi;
     }
   }
   for (int m = 0; m < MB; ++m) out[m * ldo] = hsum(acc[m]) + tail[m] + b;
@@ -137,8 +141,7 @@ void fused_grad_input(const float* dy, int64_t m_rows, int64_t n, const float* w
         for (int64_t j = 0; j < n; ++j) {
           const uint32_t word = bits[j * nw + wi];
           const float g = dy[m * n + j];
-          for (int64_t i = o; i < k; ++i)
-            if ((word >> (i - o)) & 1u) acc[i - o] += g * w[j * k + i];
+          for (int64_t i = o; i < k; ++i) acc[i - o] += g * (((word >> (i - o)) & 1u) ? w[j * k + i] : 0.f);
         }
         for (int64_t i = o; i < k; ++i) dx[m * k + i] = acc[i - o];
       }
@@ -185,6 +188,49 @@ at::Tensor scratch_masked_weight(const at::Tensor& weight, const at::Tensor& mas
   return out;
 }
 
+// a [R, Q] @ b [Q, C] (any strides) into a new contiguous [R, C] whose bits do not depend on the
+// thread count. The platform GEMM, left to itself, may split the sum over Q across threads (it does
+// for outputs of a few rows, as a weight gradient of a narrow layer over many rows), and 1 and 2
+// threads then round differently. Here the output is cut into fixed tiles -- at most 256 x 256, at
+// least two whenever it has two elements -- and each tile is one GEMM call run inside the parallel
+// region, where the BLAS runs single-threaded: each tile is summed the same way whatever the
+// number of threads.
+at::Tensor deterministic_mm(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t r = a.size(0), q = a.size(1), c = b.size(1);
+  at::Tensor out = at::empty({r, c}, a.options());
+  if (r == 0 || c == 0) return out;
+  if (q == 0) return out.zero_();
+  constexpr int64_t kTile = 256;
+  int64_t tr = (r + kTile - 1) / kTile, tc = (c + kTile - 1) / kTile;
+  if (tr * tc == 1) {
+    if (c >= 2) {
+      tc = 2;
+    } else if (r >= 2) {
+      tr = 2;
+    } else {  // a single dot product, summed in order
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "deterministic_mm", [&] {
+        using A = acc_t<scalar_t>;
+        const auto av = a.accessor<scalar_t, 2>();
+        const auto bv = b.accessor<scalar_t, 2>();
+        A sum = 0;
+        for (int64_t i = 0; i < q; ++i) sum += static_cast<A>(av[0][i]) * static_cast<A>(bv[i][0]);
+        out.fill_(static_cast<scalar_t>(sum));
+      });
+      return out;
+    }
+  }
+  at::parallel_for(0, tr * tc, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / tc, j = t % tc;
+      const int64_t r0 = i * r / tr, r1 = (i + 1) * r / tr, c0 = j * c / tc, c1 = (j + 1) * c / tc;
+      at::Tensor tile = out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
+      c10::AutoGradMode no_grad(false);  // a kernel: autograd is recorded around it, never through it
+      at::mm_out(tile, a.narrow(0, r0, r1 - r0), b.narrow(1, c0, c1 - c0));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
@@ -194,7 +240,11 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t m_rows = k ? x.numel() / k : (x.dim() ? x.numel() : 1);
   const Forward kernel = x.scalar_type() == at::kFloat && k > 0 && n > 0 ? forward_kernel(m_rows, n, k)
                                                                           : Forward::kPlatformGemm;
-  if (kernel == Forward::kPlatformGemm) return at::linear(x, scratch_masked_weight(weight, mask_words), bias);
+  if (kernel == Forward::kPlatformGemm) {
+    at::Tensor y = deterministic_mm(flat_rows(x), scratch_masked_weight(weight, mask_words).t());
+    if (bias) y.add_(*bias);
+    return y.reshape(with_last(x, n));
+  }
   const at::Tensor xx = flat_rows(x), w = weight.contiguous(), mw = mask_words.contiguous();
   const at::Tensor b = bias ? bias->contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
@@ -238,7 +288,8 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
     }
     return dx.reshape(with_last(grad_out, k));
   }
-  return at::matmul(grad_out, scratch_masked_weight(weight, mask_words));
+  return deterministic_mm(flat_rows(grad_out), scratch_masked_weight(weight, mask_words))
+      .reshape(with_last(grad_out, k));
 }
 
 namespace {
@@ -268,7 +319,7 @@ at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at
   // float32 accumulation (float64 for float64), as the reference does for low precision
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_out.reshape({-1, n}).to(acc), xx = x.reshape({-1, k}).to(acc);
-  const at::Tensor dense = at::mm(g.t(), xx).contiguous();  // [N, K]
+  const at::Tensor dense = deterministic_mm(g.t(), xx);  // [N, K]
   const at::Tensor w = weight.contiguous();
   // in the GEMM result's own buffer when no cast is needed
   at::Tensor out = w.scalar_type() == acc ? dense.view(w.sizes()) : at::empty(w.sizes(), w.options());
@@ -285,7 +336,7 @@ at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at
       }
       for (int64_t i = i0; i < i1; ++i) {
         const A v = static_cast<A>(ss[i]);
-        const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : (v == v ? A(0) : v);  // NaN stays NaN, as sgn
+        const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : A(0);  // 0 for 0 and NaN, as torch.sign
         o[i] = static_cast<scalar_t>(d[i] * static_cast<A>(ws[i]) * sign);
       }
     });

@@ -1,29 +1,13 @@
-// CPU kernels of the supsup_fast_C ops.
+// CPU kernels of the supsup_fast_C ops (schemas: csrc/ops.cpp).
 #include <torch/library.h>
 
 #include "cpu/ops.h"
-
-// CPU-only helpers, declared here rather than with the device ops
-TORCH_LIBRARY_FRAGMENT(supsup_fast_C, m) {
-  m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
-  m.def("masked_weight_grad_sign(Tensor grad_out, Tensor x, Tensor weight, Tensor scores) -> Tensor");
-  m.def("threshold_words(Tensor scores) -> Tensor");
-  m.def("topk_words(Tensor scores, int k) -> Tensor");
-  m.def("ternary_linear(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias, "
-        "int format_version=2) -> Tensor");
-  m.def("ternary_linear_grad_input(Tensor grad_out, Tensor mask_words, int k, int seed, int layer, float scale, "
-        "int format_version=2) -> Tensor");
-  m.def("seeded_fill_(Tensor(a!) out, int seed, int layer, float scale, int format_version) -> ()");
-}
 
 TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("largest_k", &supsup::largest_k);
   m.impl("masked_weight_grad_sign", &supsup::masked_weight_grad_sign);
   m.impl("threshold_words", &supsup::threshold_words);
   m.impl("topk_words", &supsup::topk_words);
-  m.impl("ternary_linear", &supsup::ternary_linear);
-  m.impl("ternary_linear_grad_input", &supsup::ternary_linear_grad_input);
-  m.impl("seeded_fill_", &supsup::seeded_fill_);
   m.impl("pack_masks", &supsup::pack_masks);
   m.impl("unpack_masks", &supsup::unpack_masks);
   m.impl("apply_mask", &supsup::apply_mask);
@@ -35,4 +19,7 @@ TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("masked_linear_grouped", &supsup::masked_linear_grouped);
   m.impl("masked_linear_seeded", &supsup::masked_linear_seeded);
   m.impl("signed_constant_fill_", &supsup::signed_constant_fill_);
+  m.impl("seeded_fill_", &supsup::seeded_fill_);
+  m.impl("ternary_linear", &supsup::ternary_linear);
+  m.impl("ternary_linear_grad_input", &supsup::ternary_linear_grad_input);
 }

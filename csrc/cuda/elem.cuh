@@ -8,47 +8,81 @@
 
 #include "supsup_cuda.cuh"
 
+// `#pragma unroll` where nvcc compiles device code; nothing in host builds (gcc would warn)
+#ifdef __CUDA_ARCH__
+#define SUPSUP_UNROLL _Pragma("unroll")
+#else
+#define SUPSUP_UNROLL
+#endif
+
 namespace supsup_cuda {
 namespace detail {
 
 template <typename T>
-__device__ __forceinline__ float to_float(T v) {
+__host__ __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
 }
 template <>
-__device__ __forceinline__ float to_float<__half>(__half v) {
+__host__ __device__ __forceinline__ float to_float<__half>(__half v) {
   return __half2float(v);
 }
 template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
+__host__ __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) {
   return __bfloat162float(v);
 }
 
 template <typename T>
-__device__ __forceinline__ T from_float(float v) {
+__host__ __device__ __forceinline__ T from_float(float v) {
   return static_cast<T>(v);
 }
 template <>
-__device__ __forceinline__ __half from_float<__half>(float v) {
+__host__ __device__ __forceinline__ __half from_float<__half>(float v) {
   return __float2half_rn(v);
 }
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+__host__ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
 // "non-zero" as torch's `mask != 0`: -0.0 is zero, NaN is not.
 template <typename T>
-__device__ __forceinline__ bool nonzero(T v) {
+__host__ __device__ __forceinline__ bool nonzero(T v) {
   return v != T(0);
 }
 template <>
-__device__ __forceinline__ bool nonzero<__half>(__half v) {
+__host__ __device__ __forceinline__ bool nonzero<__half>(__half v) {
   return (__half_as_ushort(v) & 0x7FFFu) != 0;
 }
 template <>
-__device__ __forceinline__ bool nonzero<__nv_bfloat16>(__nv_bfloat16 v) {
+__host__ __device__ __forceinline__ bool nonzero<__nv_bfloat16>(__nv_bfloat16 v) {
   return (__bfloat16_as_ushort(v) & 0x7FFFu) != 0;
+}
+
+// Read-only loads through the non-coherent cache on the device; plain loads on the host (the
+// host builds of the per-thread functions in the tests).
+__host__ __device__ __forceinline__ uint32_t load_word(const int32_t* p) {
+#ifdef __CUDA_ARCH__
+  return static_cast<uint32_t>(__ldg(p));
+#else
+  return static_cast<uint32_t>(*p);
+#endif
+}
+
+__host__ __device__ __forceinline__ int4 load_words4(const int32_t* p) {  // p 16-byte aligned
+#ifdef __CUDA_ARCH__
+  return __ldg(reinterpret_cast<const int4*>(p));
+#else
+  return *reinterpret_cast<const int4*>(p);
+#endif
+}
+
+// Another block's results, read past L1 (which is not coherent between SMs).
+__host__ __device__ __forceinline__ float4 load_cg(const float4* p) {
+#ifdef __CUDA_ARCH__
+  return __ldcg(p);
+#else
+  return *p;
+#endif
 }
 
 inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 20) {

@@ -1,4 +1,4 @@
-// CUDA implementations of the supsup_fast_C ops (schemas: csrc/bindings.cpp), adapting tensors
+// CUDA implementations of the supsup_fast_C ops (schemas: csrc/ops.cpp), adapting tensors
 // to the torch-free launchers of supsup_cuda.cuh. Ops not registered here have no CUDA kernel
 // in the extension; the Python backend registry sends them to Triton or the reference path.
 #include <ATen/ATen.h>
@@ -85,8 +85,16 @@ at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at:
   at::Tensor a = alpha.to(w.device(), at::kFloat).contiguous();
   at::Tensor b = bank.contiguous();
   at::Tensor out = at::empty_like(w);
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const bool aligned = reinterpret_cast<uintptr_t>(b.data_ptr()) % 16 == 0;
+  const supsup_cuda::SuperposePlan plan = supsup_cuda::superpose_plan(n, k, b.size(0), sms, aligned);
+  // per call from the caching allocator: stream-ordered, and captured with the call in a CUDA graph
+  at::Tensor ws = at::empty({plan.ws_floats}, w.options().dtype(at::kFloat));
+  at::Tensor counters = at::zeros({plan.counters}, w.options().dtype(at::kInt));
   check(supsup_cuda::superpose(w.data_ptr(), dtype_of(w.scalar_type()), b.data_ptr<int32_t>(), a.data_ptr<float>(),
-                               out.data_ptr(), n, k, b.size(0), at::cuda::getCurrentCUDAStream()),
+                               out.data_ptr(), n, k, b.size(0), plan, plan.ws_floats ? ws.data_ptr<float>() : nullptr,
+                               plan.counters ? counters.data_ptr<int32_t>() : nullptr,
+                               at::cuda::getCurrentCUDAStream()),
         "superpose");
   return out;
 }

@@ -38,11 +38,26 @@ cudaError_t pack_masks(const void* masks, DType dtype, int32_t* words, int64_t r
 // words [rows, ceil(k/32)] -> 0/1 values [rows, k] of `dtype`.
 cudaError_t unpack_masks(const int32_t* words, void* out, DType dtype, int64_t rows, int64_t k, cudaStream_t stream);
 
+// How superpose splits its work: `chunks` balanced chunks of tasks x `blocks_x` blocks of word
+// groups (`vec` words per thread), and the fp32 workspace / int32 counters it needs (zero when
+// chunks == 1). The counters must be zero before the launch; the kernel leaves them zero.
+struct SuperposePlan {
+  int chunks;
+  int vec;
+  int64_t groups;
+  int64_t blocks_x;
+  int64_t ws_floats;
+  int64_t counters;
+};
+SuperposePlan superpose_plan(int64_t n, int64_t k, int64_t num_tasks, int num_sms, bool bank_aligned);
+
 // out = W * sum_t alpha_t M_t for W [n, k] (F16/BF16/F32), bank [T, n, wpr], fp32 alpha [T].
-// Tasks with alpha_t = 0 are skipped; a run of tasks whose non-zero alphas are all equal is
-// summed with bit-sliced counters (a few integer ops per task per 32 weights).
+// Tasks with alpha_t = 0 are skipped; a chunk of tasks whose non-zero alphas are all equal is
+// counted with a carry-save tree into bit-sliced counters (a few integer ops per task per 32
+// weights). Deterministic: chunk partials are summed in chunk order.
 cudaError_t superpose(const void* weight, DType dtype, const int32_t* bank, const float* alpha, void* out, int64_t n,
-                      int64_t k, int64_t num_tasks, cudaStream_t stream);
+                      int64_t k, int64_t num_tasks, const SuperposePlan& plan, float* ws, int32_t* counters,
+                      cudaStream_t stream);
 
 // out[r, t] += <v_r, M_t> for v [R, n, k] (F16/BF16/F32), bank [T, n, wpr]; `out` is fp32 [R, T],
 // zeroed by the caller. "Four Russians": 256-entry partial-sum tables per byte of weights in

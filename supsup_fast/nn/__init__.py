@@ -1,5 +1,12 @@
 """Drop-in SupSup layers: masked ``Linear`` / ``Conv2d`` over a frozen base, per-task BatchNorm."""
 
+from ._model import (
+    masked_modules,
+    model_device,
+    named_task_modules,
+    preserved_mode,
+    task_modules,
+)
 from .base import MODES, TaskModule
 from .masked import MaskedConv2d, MaskedLayerBase, MaskedLinear
 from .norm import TaskBatchNorm, TaskBatchNorm1d, TaskBatchNorm2d
@@ -13,4 +20,9 @@ __all__ = [
     "TaskBatchNorm",
     "TaskBatchNorm1d",
     "TaskBatchNorm2d",
+    "named_task_modules",
+    "task_modules",
+    "masked_modules",
+    "model_device",
+    "preserved_mode",
 ]

@@ -33,13 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..binarize import binarise, binarise_words, kept_count, straight_through_sign
-from ..config import SupsupConfig
-from ..errors import SupsupError
-from ..format import gemm_shape, unpack, words_per_row
-from .base import TaskModule, _as_task_id
-
 from ..base_weights import signed_constant as _signed_constant
+from ..binarise import binarise, binarise_words, kept_count, straight_through_sign
+from ..config import SupsupConfig, check_seed
+from ..errors import SupsupError
+from ..format import gemm_shape, words_per_row
+from .base import TaskModule, _as_task_id
 
 
 class MaskedLayerBase(TaskModule):
@@ -70,7 +69,7 @@ class MaskedLayerBase(TaskModule):
         if min(shape) <= 0:
             raise SupsupError(f"{type(self).__name__}: every weight dimension must be positive, got shape {shape}")
         self.config = config
-        self.layer_id = int(layer_id)
+        self.layer_id = check_seed(layer_id, f"{type(self).__name__}: layer_id")  # one base, one name
         self.binariser = config.binariser
         self.density = config.density
         self.score_init = config.score_init
@@ -214,7 +213,7 @@ class MaskedLayerBase(TaskModule):
         t = _as_task_id(t)
         if not 0 <= t < self.num_tasks:
             raise SupsupError(f"{type(self).__name__}: task id {t} out of range: num_tasks={self.num_tasks}")
-        return unpack(self.bank[t], self.weight.shape)
+        return ops.unpack(self.bank[t], self.weight.shape)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

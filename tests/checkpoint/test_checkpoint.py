@@ -16,6 +16,7 @@ from torch import nn
 
 from supsup_fast import checkpoint, convert
 from supsup_fast.checkpoint import LazyBank, append_task, load_bank, read_bank_info, save_bank, verify_bank
+from supsup_fast.checkpoint._files import canonical_json, sha256_hex
 from supsup_fast.config import SupsupConfig
 from supsup_fast.errors import BankFileError, SupsupError
 
@@ -293,7 +294,7 @@ def _fresh():
 def _rewrite_manifest(path, edit):
     doc = json.loads((path / checkpoint.MANIFEST).read_text())
     edit(doc)
-    doc["body_sha256"] = checkpoint._sha256(checkpoint._canonical(doc["body"]).encode())
+    doc["body_sha256"] = sha256_hex(canonical_json(doc["body"]).encode())
     (path / checkpoint.MANIFEST).write_text(json.dumps(doc))
 
 
@@ -359,6 +360,42 @@ def test_bank_of_another_model_is_refused(saved, change, message):
     _, path = saved
     with pytest.raises(BankFileError, match=message):
         load_bank(change(), path)
+
+
+@pytest.mark.parametrize("cfg,field", [
+    (dict(binariser="threshold"), "binariser"),
+    (dict(density=0.3), "density"),
+    (dict(density_schedule="erdos_renyi"), "density_schedule"),
+])
+def test_bank_refuses_a_model_configured_differently(saved, cfg, field):
+    """Refused when loaded, lazily loaded, activated and appended to, naming the field; nothing installed."""
+    _, path = saved
+    other = convert.convert_(lenet(32), SupsupConfig(seed=5, **cfg))
+    before = task_state(other)
+    message = f"configured differently: layer '1' has {field} "
+    with pytest.raises(BankFileError, match=message):
+        load_bank(other, path)
+    with pytest.raises(BankFileError, match=message):
+        load_bank(other, path, lazy=True)
+    assert_same_state(before, task_state(other))
+    with LazyBank(path) as bank, pytest.raises(BankFileError, match=message):
+        bank.activate(other, 0)
+    add_tasks(other, 4, seed=1)
+    with pytest.raises(BankFileError, match=message):
+        append_task(other, path, 3)
+    assert read_bank_info(path).num_tasks == 3
+
+
+def test_bank_refuses_another_erdos_renyi_scale(tmp_path):
+    cfg = SupsupConfig(seed=5, density_schedule="erdos_renyi", density=0.3)
+    src = convert.convert_(lenet(32), cfg)
+    add_tasks(src, 2, seed=1)
+    save_bank(src, tmp_path / "b")
+    load_bank(convert.convert_(lenet(32), cfg), tmp_path / "b")  # the same config: loads
+    other = convert.convert_(lenet(32), SupsupConfig(seed=5, density_schedule="erdos_renyi", density=0.3,
+                                                     erdos_renyi_scale=2.0))
+    with pytest.raises(BankFileError, match="erdos_renyi_scale None in the bank and 2.0 in the model"):
+        load_bank(other, tmp_path / "b")
 
 
 def test_changed_signed_constant_hash_is_detected(saved, monkeypatch):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from supsup_fast import checkpoint, convert
+from supsup_fast.checkpoint import _files
 from supsup_fast.config import SupsupConfig
 
 
@@ -80,7 +81,7 @@ def main(path: str, mode: str) -> None:
     checkpoint.save_bank(versioned_model(1), path, metadata={"version": 1})
     print("saved 1", flush=True)
     if mode == "pause-mid-shard":  # half of a task shard written to its temp file
-        original = checkpoint._write_all
+        original = _files.write_all
 
         def half(f, data):
             if len(data) > 100_000:
@@ -90,16 +91,16 @@ def main(path: str, mode: str) -> None:
                 time.sleep(600)
             original(f, data)
 
-        checkpoint._write_all = half
+        _files.write_all = half  # where atomic_write looks it up
         checkpoint.save_bank(versioned_model(2), path, metadata={"version": 2})
     elif mode == "pause-manifest-replace":  # new shards in place, manifest about to be replaced
-        _pause_in(checkpoint.os, "replace", lambda src, dst: os.path.basename(dst) == checkpoint.MANIFEST)
+        _pause_in(_files.os, "replace", lambda src, dst: os.path.basename(dst) == checkpoint.MANIFEST)
         checkpoint.save_bank(versioned_model(2), path, metadata={"version": 2})
     elif mode == "pause-append":  # appended shard in place, manifest half written
         model = versioned_model(1)
         torch.set_num_threads(1)
         add_tasks(model, 1, seed=99)
-        original = checkpoint._write_all
+        original = _files.write_all
 
         def half_manifest(f, data):
             if data.startswith(b'{"format"'):
@@ -109,7 +110,7 @@ def main(path: str, mode: str) -> None:
                 time.sleep(600)
             original(f, data)
 
-        checkpoint._write_all = half_manifest
+        _files.write_all = half_manifest  # where atomic_write looks it up
         checkpoint.append_task(model, path, 8, name="late")
     else:
         raise SystemExit(f"unknown mode {mode}")

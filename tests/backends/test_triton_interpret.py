@@ -45,8 +45,9 @@ sys.modules["triton"] = None  # any `import triton` now raises ImportError
 import warnings
 warnings.simplefilter("ignore")
 import supsup_fast
-from supsup_fast import _gpu_backends, ops
-b = _gpu_backends.register_triton(devices=("cpu",))
+from supsup_fast import ops
+from supsup_fast.backends import triton as triton_backend
+b = triton_backend.register_triton(devices=("cpu",))
 assert not b.available and "triton" in b.why_unavailable, b
 assert ops.choose("masked_linear", "cpu", __import__("torch").float32).name != "triton"
 import supsup_fast.kernels  # the package itself stays importable
@@ -76,15 +77,16 @@ if IN_CHILD:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     from supsup_fast import ops
     from supsup_fast import reference as ref
-    from supsup_fast._gpu_backends import register_triton
+    from supsup_fast.backends.triton import register_triton, triton_impls
     from supsup_fast.kernels import mask_ops as mo
     from supsup_fast.kernels import masked_matmul as mm
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # relative Frobenius error against the fp32 reference evaluated on the same (rounded) inputs
 RTOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-# (M, N, K): one row, decode-sized batches, odd N/K, a K that splits, M past the GEMV cut
-SHAPES = [(1, 7, 33), (5, 7, 33), (1, 40, 300), (8, 33, 520), (37, 70, 65), (130, 9, 100)]
+# (M, N, K): one row, decode-sized batches, odd N/K, K split 2-3 ways (the interpreter counts 4
+# SMs), the GEMV's 32- and 64-row tiles, M past the GEMV cut
+SHAPES = [(1, 7, 33), (5, 7, 33), (1, 40, 300), (8, 33, 520), (37, 70, 65), (64, 40, 600), (130, 9, 100)]
 
 
 def _rel(out, want):
@@ -133,7 +135,7 @@ def test_masked_linear_leading_dims_and_empty():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (5, 40, 97), (37, 70, 65), (64, 33, 200)])
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (5, 40, 97), (3, 600, 40), (37, 70, 65), (64, 33, 200), (70, 20, 50)])
 def test_masked_linear_grad_input(m, n, k, dtype):
     _, w, _, words = _inputs(m, n, k, dtype, seed=7 * m + k)
     g = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).to(dtype)
@@ -162,6 +164,66 @@ def test_masked_linear_grouped(m, n, k, t, dtype):
     _close(out, ref.masked_linear_grouped(x.float(), w.float(), bank, ids, b.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masked_linear_grouped_one_task_tiles(dtype):
+    """Tiles whose rows all share one task take the plain K loop; a tile across a task boundary
+    the per-task one: both in one launch."""
+    x, w, b, _ = _inputs(70, 40, 130, dtype, seed=11)
+    bank = ref.pack_masks(_masks(3, 40, 130, gen=torch.Generator().manual_seed(11)))
+    ids = torch.cat([torch.full((40,), 2), torch.full((30,), 0)])
+    out = mm.masked_linear_grouped(x, w, bank, ids, b)
+    _close(out, ref.masked_linear_grouped(x.float(), w.float(), bank, ids, b.float()), dtype)
+    g = torch.randn(70, 40).to(dtype)
+    _close(mm.masked_linear_grouped_grad_input(g, w, bank, ids),
+           ref.masked_linear_grouped_grad_input(g.float(), w.float(), bank, ids), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k,t", [(1, 7, 33, 3), (40, 70, 65, 4), (70, 90, 140, 9)])
+def test_masked_linear_grouped_grad_input(m, n, k, t, dtype):
+    _, w, _, _ = _inputs(m, n, k, dtype, seed=m + 7 * t)
+    gen = torch.Generator().manual_seed(t + 1)
+    bank = ref.pack_masks(_masks(t, n, k, gen=gen))
+    ids = torch.randint(0, t, (m,), generator=gen)
+    g = torch.randn(m, n, generator=gen).to(dtype)
+    out = mm.masked_linear_grouped_grad_input(g, w, bank, ids)
+    _close(out, ref.masked_linear_grouped_grad_input(g.float(), w.float(), bank, ids), dtype)
+
+
+def test_grouped_rows_with_out_of_range_tasks_get_only_the_bias():
+    """The kernels never read outside the bank: such rows contribute nothing (the op layer rejects them)."""
+    x, w, b, _ = _inputs(6, 10, 40, torch.float32, seed=3)
+    bank = ref.pack_masks(_masks(3, 10, 40))
+    ids = torch.tensor([0, 5, 2, -1, 1, 2])
+    y = mm.masked_linear_grouped(x, w, bank, ids, b)
+    ok = (ids >= 0) & (ids < 3)
+    torch.testing.assert_close(y[ok], ref.masked_linear_grouped(x[ok], w, bank, ids[ok], b))
+    torch.testing.assert_close(y[~ok], b.expand(2, -1))
+    dx = mm.masked_linear_grouped_grad_input(torch.ones(6, 10), w, bank, ids)
+    assert torch.equal(dx[~ok], torch.zeros(2, 40))
+
+
+def test_split_reduction_rearms_its_counters():
+    """Split-K GEMV and split-N dX leave every tile counter at zero for the next launch, and give
+    the same bits on a second run (partials are summed in split order)."""
+    x, w, b, words = _inputs(3, 70, 700, torch.float32, seed=4)  # 2 row tiles x 3 splits
+    y1 = mm.masked_linear(x, w, words, b)
+    y2 = mm.masked_linear(x, w, words, b)
+    assert torch.equal(y1, y2)
+    g = torch.randn(3, 700)
+    dx = mm.masked_linear_grad_input(g, w.t().contiguous(), ref.pack_masks(_masks(700, 70)))
+    assert dx.shape == (3, 70)
+    ws, cnt = mm._WORKSPACES[("cpu", None, 0)]
+    assert int(cnt.count_nonzero()) == 0
+
+
+def test_m_bucket_keys():
+    from supsup_fast.kernels._common import m_bucket
+
+    assert [m_bucket(m) for m in (1, 16, 17, 64, 65, 1000, 1024, 1025, 10**6)] == [16, 16, 32, 64, 128, 1024, 1024,
+                                                                                  2048, 8192]
+
+
 # ---- signed-constant regeneration ---------------------------------------------------------
 @pytest.mark.parametrize("seed,layer", [(0, 0), (1234, 3), (2**32 - 1, 2**31 + 5), (-7, 11)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,6 +243,30 @@ def test_masked_linear_seeded(m, n, k, dtype):
     out = mm.masked_linear_seeded(x, words, 42, 3, scale, b)
     want = ref.masked_linear_seeded(x.float(), words, 42, 3, scale, b.float())
     _close(out, want, dtype)
+
+
+def _seed_v2_weight(seed, layer, n, k, scale):
+    """Seed format 2 as ``supsup_fast.seed_format`` specifies it: ``S(n, j) = H(R(n) ^ C(j))``,
+    ``R(n) = H(kr ^ n)``, ``C(j) = H(kc ^ j)``, ``kr, kc = H(key ^ 0x243F6A88), H(key ^ 0x85A308D3)``;
+    weight ``(n, k)`` is ``+scale`` iff bit ``k % 32`` of ``S(n, k // 32)`` is set."""
+    key = ref.layer_key(seed, layer)
+    kr, kc = (int(v) for v in ref.hash32(torch.tensor([key ^ 0x243F6A88, key ^ 0x85A308D3])))
+    rows = ref.hash32(torch.arange(n) ^ kr)
+    cols = ref.hash32(torch.arange((k + 31) // 32) ^ kc)
+    words = ref.hash32(rows[:, None] ^ cols[None, :])
+    bits = ((words[:, :, None] >> torch.arange(32)) & 1).reshape(n, -1)[:, :k].bool()
+    c = torch.tensor(scale, dtype=torch.float32)
+    return torch.where(bits, c, -c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 7, 33), (3, 40, 600), (37, 70, 65)])
+def test_ternary_linear_seed_format_2(m, n, k, dtype):
+    x, _, b, words = _inputs(m, n, k, dtype, seed=k + 1)
+    scale = 1.0 / math.sqrt(k)
+    out = mm.ternary_linear(x, words, 2**33 + 5, 3, scale, b)
+    w = _seed_v2_weight(2**33 + 5, 3, n, k, scale).to(dtype).float()
+    _close(out, ref.masked_linear(x.float(), w, words, b.float()), dtype)
 
 
 # ---- mask kernels ---------------------------------------------------------------------------
@@ -248,7 +334,7 @@ def test_masked_conv2d(dtype):
     words = ref.pack_masks(_masks(8, 27, gen=gen))
     if dtype == torch.float16:  # CPU conv2d in fp16 may be missing: compare in fp32
         x, w, b = x.float(), w.float(), b.float()
-    out = mo.masked_conv2d(x, w, words, b, (2, 1), (1, 0), (1, 2), 2)
+    out = triton_impls()["masked_conv2d"](x, w, words, b, (2, 1), (1, 0), (1, 2), 2)
     want = ref.masked_conv2d(x, w, words, b, (2, 1), (1, 0), (1, 2), 2)
     torch.testing.assert_close(out, want)
 
@@ -304,6 +390,26 @@ def test_op_layer_superpose_and_mask_dots_grads(triton_on_cpu):
         want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+def test_op_layer_grouped_grads(triton_on_cpu):
+    """The grouped op's input gradient runs the Triton grouped dX kernel (no Python loop over tasks)."""
+    x, w, b, _ = _inputs(9, 12, 70, torch.float32, seed=5)
+    bank = ref.pack_masks(_masks(3, 12, 70))
+    ids = torch.tensor([2, 0, 0, 1, 2, 2, 0, 1, 1])
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y = ops.masked_linear_grouped(xx, w, bank, ids, b)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xx.grad
+
+    assert ops.choose("masked_linear_grouped_grad_input", "cpu", torch.float32, (x,)).name == "triton"
+    got = run()
+    with ops.force_backend("reference"):
+        want = run()
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e)
 
 
 def test_op_layer_opcheck(triton_on_cpu):

@@ -160,7 +160,7 @@ def test_thread_count_does_not_change_a_bit():
 def test_forward_and_grad_input_match_float64(version, lead, n, k, with_bias):
     x, words, bias, gy = _inputs(None, n, k, n + k, lead=lead)
     bias = bias if with_bias else None
-    seed, layer = -3, 2**31 + 9
+    seed, layer = 2**32 - 3, 2**31 + 9  # the top bits of both set
     scale = math.sqrt(2.0) / math.sqrt(k)
     w = seed_format.signed_constant_from_scale(seed, layer, n, k, scale, torch.float64, version=version)
     weff = reference.apply_mask(w, words)
@@ -172,8 +172,8 @@ def test_forward_and_grad_input_match_float64(version, lead, n, k, with_bias):
     assert gx.shape == (*lead, k)
     assert _rel(gx, gy.double() @ weff) <= TOL[torch.float32]
     # the reference twin is the same computation
-    ry = ternary.ternary_linear_reference(x.double(), words, seed, layer, scale,
-                                          None if bias is None else bias.double(), version)
+    ry = reference.ternary_linear(x.double(), words, seed, layer, scale,
+                                  None if bias is None else bias.double(), version)
     assert _rel(ry, exact) <= TOL[torch.float64]
 
 
@@ -211,8 +211,8 @@ def test_autograd_through_the_op():
 def test_opcheck():
     x, words, bias, gy = _inputs(4, 13, 40, 12)
     x.requires_grad_()
-    torch.library.opcheck(torch.ops.supsup_fast_C.ternary_linear.default, (x, words, 3, 4, 0.2, bias, 2))
-    torch.library.opcheck(torch.ops.supsup_fast_C.ternary_linear_grad_input.default, (gy, words, 40, 3, 4, 0.2, 1))
+    torch.library.opcheck(torch.ops.supsup_fast.ternary_linear.default, (x, words, 3, 4, 0.2, bias, 2))
+    torch.library.opcheck(torch.ops.supsup_fast.ternary_linear_grad_input.default, (gy, words, 40, 3, 4, 0.2, 1))
 
 
 @needs_ext
@@ -234,12 +234,14 @@ def test_bad_input_is_named():
     x, words, bias, _ = _inputs(2, 9, 40, 13)
     cases = [
         (dict(mask_words=words.to(torch.int64)), "mask_words must be int32"),
-        (dict(mask_words=words[:, :1]), r"expected \[9, 2\] for K=40"),
-        (dict(bias=bias[:5]), r"bias must have shape \(9,\)"),
+        (dict(mask_words=words[:, :1]), r"expected \[9, 2\] for a weight with N=9, K=40"),
+        (dict(bias=bias[:5]), r"bias shape \(5,\) != \(9,\)"),
         (dict(bias=bias.double()), "bias dtype"),
-        (dict(format_version=3), "seed format version must be one of"),
-        (dict(seed=1.5), "seed must be an int"),
-        (dict(scale=float("nan")), "scale must be a finite float"),
+        (dict(format_version=3), r"format_version must be one of \(1, 2\)"),
+        (dict(seed=1.5), r"seed must be an int in \[0, 2\*\*32\)"),
+        (dict(seed=2**32), r"seed must be in \[0, 2\*\*32\)"),
+        (dict(layer=-1), r"layer must be in \[0, 2\*\*32\)"),
+        (dict(scale=float("nan")), "scale must be a finite number"),
         (dict(x=x.to(torch.int32)), "x must be a floating tensor"),
     ]
     for change, msg in cases:

@@ -18,13 +18,16 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 DEV = "cuda"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# relative Frobenius error against an fp32 reference on the same rounded inputs (fp32 dots are tf32)
+# relative Frobenius error against an fp32 reference on the same rounded inputs (fp32 dots are
+# IEEE unless torch allows tf32, as it does not by default)
 RTOL = {torch.float32: 2e-3, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-SHAPES = [(1, 7, 33), (5, 40, 300), (16, 100, 784), (17, 300, 100), (300, 513, 777), (1, 1000, 3000)]
+# the split GEMV's 16/32/64-row tiles and its splits, the GEMM past 64 rows, odd N/K
+SHAPES = [(1, 7, 33), (5, 40, 300), (16, 100, 784), (17, 300, 100), (64, 4096, 1024), (65, 256, 512),
+          (300, 513, 777), (1, 1000, 3000), (3, 4096, 4096)]
 
 
 def _backend_ops(name):
-    b = ops._BACKENDS.get(name)
+    b = {b.name: b for b in ops.backends()}.get(name)
     if b is None or not b.available:
         return set()
     return set(b.impls)
@@ -130,6 +133,101 @@ def test_masked_linear_seeded(backend, m, n, k, dtype):
     _close(out, ref.masked_linear_seeded(x.float(), words, 2**33 + 5, 3, scale, b.float()), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", SHAPES)
+def test_fused_triton_matmuls_directly(m, n, k, dtype):
+    """The fused kernels themselves, for every row count (the dispatch table may send a class to
+    apply_mask + cuBLAS instead, so the op-level tests alone would not reach them)."""
+    pytest.importorskip("triton")
+    from supsup_fast.kernels import masked_matmul as mm
+
+    x, w, b, words = _inputs(m, n, k, dtype, seed=m * n + k)
+    g = torch.randn(m, n, generator=_gen(k), device=DEV).to(dtype)
+    _close(mm.masked_linear(x, w, words, b), ref.masked_linear(x.float(), w.float(), words, b.float()), dtype)
+    _close(mm.masked_linear_grad_input(g, w, words), ref.masked_linear_grad_input(g.float(), w.float(), words), dtype)
+
+
+def test_fp32_matmuls_are_ieee_by_default():
+    """torch does not allow tf32 for fp32 matmuls by default; neither do the fused kernels."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    x, w, b, words = _inputs(64, 512, 2048, torch.float32, seed=3)
+    with _forced("masked_linear", "triton"):
+        out = ops.masked_linear(x, w, words, b)
+    assert _rel(out, ref.masked_linear(x.double(), w.double(), words, b.double())) < 1e-5  # tf32: ~3e-4
+
+
+@pytest.mark.parametrize("m", [1, 40, 2000])
+def test_masked_linear_in_a_cuda_graph(m):
+    """The split GEMV (its workspace and counters) and the GEMM replay correctly from a graph."""
+    x, w, b, words = _inputs(m, 1024, 2048, torch.float16, seed=m)
+    with _forced("masked_linear", "triton"):
+        want = ops.masked_linear(x, w, words, b)  # compiles / tunes outside the capture
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = ops.masked_linear(x, w, words, b)
+        for _ in range(3):
+            x.normal_()
+            g.replay()
+            want = ops.masked_linear(x, w, words, b)
+            torch.testing.assert_close(y, want)
+
+
+def test_grouped_has_no_host_sync():
+    """masked_linear_grouped captures into a CUDA graph (a device-to-host sync would fail the capture)."""
+    x, w, b, _ = _inputs(64, 256, 300, torch.float16, seed=4)
+    bank = ref.pack_masks(_masks(5, 256, 300, g=_gen(4)))
+    ids = torch.randint(0, 5, (64,), generator=_gen(5), device=DEV)
+    with _forced("masked_linear_grouped", "triton"):
+        want = ops.masked_linear_grouped(x, w, bank, ids, b)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = ops.masked_linear_grouped(x, w, bank, ids, b)
+        g.replay()
+    torch.testing.assert_close(y, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grouped_grad_input_on_gpu(dtype):
+    x, w, b, _ = _inputs(300, 200, 333, dtype, seed=6)
+    bank = ref.pack_masks(_masks(7, 200, 333, g=_gen(6)))
+    ids = torch.randint(0, 7, (300,), generator=_gen(7), device=DEV)
+    g = torch.randn(300, 200, device=DEV).to(dtype)
+    with _forced("masked_linear_grouped_grad_input", "triton"):
+        out = ops.masked_linear_grouped_grad_input(g, w, bank, ids)
+    _close(out, ref.masked_linear_grouped_grad_input(g.float(), w.float(), bank, ids), dtype)
+
+
+def test_autocast_like_f_linear():
+    x, w, b, words = _inputs(32, 256, 512, torch.float32, seed=8)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = ops.masked_linear(x, w, words, b)
+        want = torch.nn.functional.linear(x, ref.apply_mask(w, words), b)
+    assert out.dtype == want.dtype == torch.bfloat16
+    _close(out, want.float().to(torch.bfloat16), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (8, 1000, 3000), (64, 257, 100)])
+def test_ternary_linear_seed_format_2(m, n, k, dtype):
+    pytest.importorskip("triton")
+    import importlib.util
+    from pathlib import Path
+
+    from supsup_fast.kernels import masked_matmul as mm
+
+    path = Path(__file__).parents[1] / "bench" / "gpu" / "roofline.py"
+    spec = importlib.util.spec_from_file_location("roofline", path)
+    roofline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(roofline)
+    x, _, b, words = _inputs(m, n, k, dtype, seed=n + 1)
+    scale = math.sqrt(2.0 / k)
+    out = mm.ternary_linear(x, words, 2**33 + 5, 3, scale, b)
+    w = roofline.seed_v2_weight(2**33 + 5, 3, n, k, scale, DEV).to(dtype).float()
+    _close(out, ref.masked_linear(x.float(), w, words, b.float()), dtype)
+
+
 # ---- mask kernels ---------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", _params("pack_masks"))
 @pytest.mark.parametrize("shape", [(7, 33), (3, 1), (300, 784), (4, 64, 3, 3)])
@@ -162,7 +260,7 @@ def test_apply_mask_and_conv(backend, dtype):
 @pytest.mark.parametrize("backend", _params("superpose"))
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("t,n,k,equal", [(1, 7, 33, False), (40, 300, 784, False), (300, 100, 300, True),
-                                          (600, 64, 65, True)])
+                                          (600, 64, 65, True), (2500, 300, 784, True), (1300, 64, 64, False)])
 def test_superpose_and_grads(backend, t, n, k, equal, dtype):
     g = _gen(t)
     w = torch.randn(n, k, generator=g, device=DEV).to(dtype)
@@ -206,10 +304,9 @@ def test_mask_dots(backend, lead, t, n, k, dtype):
 @pytest.mark.skipif("cuda" not in [b.name for b in ops.backends() if b.available], reason="extension built without CUDA")
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_signed_constant_fill_bit_identical(dtype):
-    from supsup_fast._gpu_backends import signed_constant_fill_
-
     out = torch.empty(300, 5, 5, dtype=dtype, device=DEV)
-    signed_constant_fill_(out, 2**35 + 11, 4, math.sqrt(2.0) / math.sqrt(25))
+    with ops.force_backend("signed_constant_fill_=cuda"):
+        ops.signed_constant_fill_(out, 2**35 + 11, 4, math.sqrt(2.0) / math.sqrt(25))
     assert torch.equal(out.cpu(), ref.signed_constant(2**35 + 11, 4, (300, 5, 5), dtype=dtype))
 
 

@@ -1,0 +1,219 @@
+"""A converted model as a bank sees it: the modules it stores, their fingerprint, their per-task and base tensors.
+
+The package-internal API that both the bank files (:mod:`supsup_fast.checkpoint`) and
+:mod:`supsup_fast.distributed` use to read a model's frozen tasks and to install tasks into it.
+Functions that take ``mods`` take the ``[(name, module)]`` list of :func:`bank_modules`.
+
+A bank stores :class:`~supsup_fast.nn.MaskedLinear` / :class:`~supsup_fast.nn.MaskedConv2d` (one packed
+mask per task) and :class:`~supsup_fast.nn.TaskBatchNorm` (running mean and variance per task); the
+questions every part of the library asks (which task modules, which device) are answered once, in
+:mod:`supsup_fast.nn._model`, and only the bank's own rules are added here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import BankFileError, SupsupError
+from ..nn import MaskedLayerBase, TaskBatchNorm, TaskModule
+from ..nn._model import model_device, named_task_modules
+from ._files import check_json, sha256_hex
+from ._manifest import dtype_name
+
+__all__ = [
+    "bank_modules", "num_frozen_tasks", "require_no_open_task", "model_device", "model_fingerprint",
+    "check_fingerprint", "task_stacks", "task_tensors", "task_nbytes", "base_tensors", "install_tasks",
+]
+
+Mods = list[tuple[str, TaskModule]]
+
+
+def bank_modules(model: nn.Module) -> Mods:
+    """``(name, module)`` of every task module of ``model`` a bank stores, in module order.
+
+    A :class:`SupsupError` if ``model`` holds a task module a bank cannot store or no masked layer.
+    """
+    found = named_task_modules(model)
+    for name, m in found:
+        if not isinstance(m, (MaskedLayerBase, TaskBatchNorm)):
+            raise SupsupError(f"module '{name}' is a {type(m).__name__}, a task module a bank cannot store; "
+                              "banks store MaskedLinear / MaskedConv2d / TaskBatchNorm")
+    if not any(isinstance(m, MaskedLayerBase) for _, m in found):
+        raise SupsupError(f"{type(model).__name__} has no masked layers; convert it with convert_(model, config)")
+    return found
+
+
+def num_frozen_tasks(mods: Mods) -> int:
+    """The number of frozen tasks, which every module must agree on (a :class:`SupsupError` if not)."""
+    counts = {name: m.num_tasks for name, m in mods}
+    if len(set(counts.values())) != 1:
+        detail = ", ".join(f"{n}={c}" for n, c in counts.items())
+        raise SupsupError(f"the model's task layers disagree on the number of frozen tasks: {detail}")
+    return next(iter(counts.values()))
+
+
+def require_no_open_task(mods: Mods, what: str) -> None:
+    """A :class:`SupsupError` naming ``what`` if any module has a task in training."""
+    open_ = [n for n, m in mods if m.in_training]
+    if open_:
+        raise SupsupError(f"{what}: a task is in training in {open_[:3]}; freeze_task(model) first")
+
+
+# ======================================================================================
+# Fingerprint: which model a bank belongs to
+# ======================================================================================
+def _signs_digest(weight: torch.Tensor) -> str:
+    """Digest of a signed-constant base's sign pattern (dtype-independent)."""
+    signs = (weight.detach().reshape(-1) > 0).cpu().numpy()
+    return sha256_hex(np.packbits(signs, bitorder="little").tobytes())
+
+
+def _config_dict(m: nn.Module) -> dict:
+    cfg = getattr(m, "config", None)
+    return check_json("config", dataclasses.asdict(cfg)) if cfg is not None else {}
+
+
+def model_fingerprint(mods: Mods) -> tuple[dict, list]:
+    """``(fingerprint, configs)``: every layer's and norm's name, type, shapes, layer id and base (seed, gain
+    and sign-pattern digest of a signed-constant base), and the distinct layer configs they index."""
+    configs: list = []
+    layers, norms = [], []
+    for name, m in mods:
+        if isinstance(m, MaskedLayerBase):
+            cfg = _config_dict(m)
+            if cfg not in configs:
+                configs.append(cfg)
+            signed = getattr(m, "base_id", None) is not None
+            entry = {
+                "name": name,
+                "type": type(m).__name__,
+                "weight_shape": list(m.weight.shape),
+                "packed_shape": list(m.bank.shape[1:]),
+                "layer_id": int(m.layer_id),
+                "base": "signed_constant" if signed else "pretrained",
+                "has_bias": m.bias is not None,
+                "config": configs.index(cfg),
+            }
+            if signed:
+                seed, layer_id = (int(v) for v in m.base_id.tolist())
+                entry.update(seed=seed, gain=float(m.config.gain), signs_sha256=_signs_digest(m.weight))
+            layers.append(entry)
+        else:
+            norms.append({
+                "name": name,
+                "type": type(m).__name__,
+                "num_features": int(m.num_features),
+                "stats_dtype": dtype_name(m.running_mean.dtype),
+                "affine": [b for b in ("weight", "bias") if getattr(m, b, None) is not None],
+            })
+    return {"layers": layers, "norms": norms}, configs
+
+
+_LAYER_KEYS = ("name", "type", "weight_shape", "packed_shape", "layer_id", "base", "has_bias", "seed", "gain",
+               "signs_sha256")
+_NORM_KEYS = ("name", "type", "num_features", "affine")
+#: The config fields that decide what a stored mask means (how it was chosen, over which base); the
+#: others are covered by the fingerprint (``keep_bias``: ``has_bias``, ``per_task_norm``: the norms) or
+#: concern tasks not yet learned (``score_init``) or a capacity checked when tasks are loaded (``max_tasks``).
+_CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain")
+
+
+def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: Optional[list] = None,
+                      model_configs: Optional[list] = None) -> None:
+    """A :class:`BankFileError` naming the first difference between the bank's model and ``model``.
+
+    Given both config lists (the bank's ``configs`` and :func:`model_fingerprint`'s), every masked
+    layer's :data:`_CONFIG_KEYS` must agree too: a bank of top-k masks at density 0.5 is refused by
+    a model configured for another binariser, density, schedule or seed.
+    """
+    for kind, keys in (("layers", _LAYER_KEYS), ("norms", _NORM_KEYS)):
+        a, b = saved.get(kind), model_fp[kind]
+        if not isinstance(a, list):
+            raise BankFileError(f"{path}: manifest fingerprint has no '{kind}' list")
+        an = [e.get("name") if isinstance(e, dict) else None for e in a]
+        bn = [e["name"] for e in b]
+        if an != bn:
+            raise BankFileError(
+                f"{path} belongs to a different model: its {kind} are {an[:8]}{' ...' if len(an) > 8 else ''}, "
+                f"the model's are {bn[:8]}{' ...' if len(bn) > 8 else ''}"
+            )
+        for ea, eb in zip(a, b):
+            for k in keys:
+                if ea.get(k) != eb.get(k):
+                    what = "sign pattern of the signed-constant base" if k == "signs_sha256" else k
+                    raise BankFileError(
+                        f"{path} belongs to a different model: {kind[:-1]} '{eb['name']}' has {what} "
+                        f"{ea.get(k)!r} in the bank and {eb.get(k)!r} in the model"
+                    )
+    if saved_configs is not None and model_configs is not None:
+        _check_configs(saved, saved_configs, model_fp, model_configs, path)
+
+
+def _check_configs(saved: dict, saved_configs: list, model_fp: dict, model_configs: list, path: str) -> None:
+    for ea, eb in zip(saved["layers"], model_fp["layers"]):
+        i = ea.get("config")
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(saved_configs) \
+                or not isinstance(saved_configs[i], dict):
+            raise BankFileError(f"{path}: corrupted manifest: layer '{eb['name']}' names config {i!r}")
+        a, b = saved_configs[i], model_configs[eb["config"]]
+        for k in _CONFIG_KEYS:
+            if a.get(k) != b.get(k):
+                raise BankFileError(
+                    f"{path} was saved from a model configured differently: layer '{eb['name']}' has {k} "
+                    f"{a.get(k)!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
+                )
+
+
+# ======================================================================================
+# Tensors: per task and base
+# ======================================================================================
+def task_stacks(m: TaskModule) -> dict[str, torch.Tensor]:
+    """The module's frozen tasks by field, each ``[T, ...]``: a masked layer's packed ``mask`` bank, a norm's
+    ``running_mean`` and ``running_var`` (the fields a bank task holds, in this order)."""
+    if isinstance(m, MaskedLayerBase):
+        return {"mask": m.bank}
+    return {"running_mean": m.running_mean, "running_var": m.running_var}
+
+
+def task_tensors(name: str, m: TaskModule, t: int, index: int) -> dict[str, torch.Tensor]:
+    """Model task ``t``'s tensors of module ``name``, keyed ``"<index>/<name>/<field>"`` for bank task ``index``."""
+    return {f"{index}/{name}/{f}": v[t] for f, v in task_stacks(m).items()}
+
+
+def task_nbytes(m: TaskModule) -> int:
+    """Bytes one frozen task of the module takes in a bank."""
+    if isinstance(m, MaskedLayerBase):
+        return m.bank[0].numel() * 4
+    return 2 * m.num_features * m.running_mean.element_size()
+
+
+def base_tensors(name: str, m: TaskModule) -> dict[str, torch.Tensor]:
+    """The frozen, non-regenerable base state of one module: pretrained weight, biases, norm affine."""
+    out = {}
+    if isinstance(m, MaskedLayerBase):
+        if getattr(m, "base_id", None) is None:
+            out[f"{name}/weight"] = m.weight
+        if m.bias is not None:
+            out[f"{name}/bias"] = m.bias
+    else:
+        for b in ("weight", "bias"):
+            if getattr(m, b, None) is not None:
+                out[f"{name}/{b}"] = getattr(m, b)
+    return out
+
+
+def install_tasks(m: TaskModule, tensors: dict[str, torch.Tensor]) -> None:
+    """Make ``tensors`` (``[T, ...]`` per field of :func:`task_stacks`) the module's frozen tasks and select
+    the last one."""
+    if isinstance(m, MaskedLayerBase):
+        m.bank = tensors["mask"].to(torch.int32)
+    else:
+        dt = m.running_mean.dtype
+        m.running_mean = tensors["running_mean"].to(dt)
+        m.running_var = tensors["running_var"].to(dt)
+    m._mode_after_load()  # the same state a loaded state dict leaves: last frozen task selected
