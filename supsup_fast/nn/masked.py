@@ -404,9 +404,9 @@ class MaskedLinear(MaskedLayerBase):
         """The ternary kernel serves this task forward: a format-2 signed-constant base, float32 on
         CPU with the compiled kernel, and at most :data:`TERNARY_MAX_ROWS` rows (where it was measured
         faster than the masked GEMM at every layer shape, ``bench/results/ternary/``)."""
-        return (self._lazy_weight and x.dtype is torch.float32 and x.device.type == "cpu"
-                and self.base_scale.dtype is torch.float32 and _ternary_kernel_serves(x)
-                and x.numel() <= TERNARY_MAX_ROWS * self.in_features)
+        return (self._lazy_weight and x.dtype is torch.float32 and x.is_cpu
+                and x.numel() <= TERNARY_MAX_ROWS * self.in_features
+                and self._buffers["base_scale"].dtype is torch.float32 and _ternary_kernel_serves(x))
 
     def _forward_words(self, x, words):
         if self._ternary_serves(x):
