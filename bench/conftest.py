@@ -12,9 +12,9 @@ import os
 
 import pytest
 import torch
+from harness import Runner, measure_gpu_roofline
 
 import supsup_fast
-from harness import Runner, measure_gpu_roofline
 
 ENV_SIZE = "SUPSUP_BENCH_SIZE"
 SIZES = ("tiny", "full")

@@ -19,10 +19,10 @@ reference, numpy (np.packbits / np.unpackbits, little bit order).
 
 from __future__ import annotations
 
-import torch
-
 import baselines as bl
+import torch
 from harness import Case, backend_of, fast_backends, require_memory, sf, words_like
+
 from supsup_fast import format as fmt
 from supsup_fast import ops
 from supsup_fast import reference as ref

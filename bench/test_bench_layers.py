@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from baselines import NETS, StraightThrough
 from harness import Case, backend_of, fast_backends, sf
+
 from supsup_fast import ops
 from supsup_fast import reference as ref
 

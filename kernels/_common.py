@@ -132,6 +132,20 @@ def hash32(x):
 
 
 @triton.jit
+def constant_as(s, dtype: tl.constexpr):
+    """The fp32 scalar ``s`` rounded to ``dtype`` to nearest even, as the reference's ``.to(dtype)``
+    does: once per program, not per weight. For bfloat16 the rounding is done on the bits, because
+    Triton's interpreter truncates fp32 -> bf16 conversions (the GPU rounds; both now agree); the
+    callers negate in fp32 too (the interpreter's bf16 negation is wrong)."""
+    if dtype == tl.bfloat16:
+        u = s.to(tl.uint32, bitcast=True)
+        u = u + 0x7FFF + ((u >> 16) & 1)
+        return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return s.to(dtype)
+
+
+@triton.jit
 def signed_tile(offs_n, offs_k, K, key, scale, dtype: tl.constexpr):
     """Signed-constant weights ``+-scale`` of rows ``offs_n``, columns ``offs_k`` (an ``[n, k]`` tile).
 
@@ -143,7 +157,7 @@ def signed_tile(offs_n, offs_k, K, key, scale, dtype: tl.constexpr):
     h = hash32(idx ^ tl.cast(key, tl.uint32, bitcast=True))
     pos = (h & 1) != 0
     s = tl.cast(scale, tl.float32)
-    return tl.where(pos, s, -s).to(dtype)
+    return tl.where(pos, constant_as(s, dtype), constant_as(-s, dtype))
 
 
 @triton.jit
@@ -156,7 +170,7 @@ def signed_words_tile(row_hash, kw0, col_key, kb, scale, dtype: tl.constexpr, BL
     sw = hash32(row_hash[:, None] ^ cols[None, :]).to(tl.int32, bitcast=True)
     sgn = tl.reshape(tl.broadcast_to(sw[:, :, None], (BLOCK_N, BLOCK_K // 32, 32)), (BLOCK_N, BLOCK_K))
     s = tl.cast(scale, tl.float32)
-    return tl.where((sgn & (1 << kb)) != 0, s, -s).to(dtype)
+    return tl.where((sgn & (1 << kb)) != 0, constant_as(s, dtype), constant_as(-s, dtype))
 
 
 def upcast_dot(dtype) -> bool:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import key_i32, keep, signed_tile, words_nk
+from ._common import keep, key_i32, signed_tile, words_nk
 
 # 2-D tiles over the [N, K] view; every kernel here is a stream, so one config serves.
 _BN, _BK = 16, 256

@@ -39,8 +39,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, ByDtype, allow_tf32, cfg, hash32, keep, key_i32, m_bucket, mma, signed_tile,
-                      signed_words_tile, split_reduce, upcast_dot, words_kn, words_nk)
+from ._common import (
+    INTERPRET,
+    ByDtype,
+    allow_tf32,
+    cfg,
+    hash32,
+    keep,
+    key_i32,
+    m_bucket,
+    mma,
+    signed_tile,
+    signed_words_tile,
+    split_reduce,
+    upcast_dot,
+    words_kn,
+    words_nk,
+)
 
 GEMV_MAX_M = 64  # up to this many rows the forward (and dX) run the split GEMV
 _GEMV_BLOCK_N = 64
@@ -478,7 +493,7 @@ def masked_weight_grad(grad_out, x, weight):
 # Grouped: every row of x has its own task
 # ======================================================================================
 _GROUPED16 = [
-    cfg(4, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
+    cfg(8, 3, BLOCK_N=128, BLOCK_M=64, BLOCK_K=64, GROUP=8),
     cfg(8, 3, BLOCK_N=128, BLOCK_M=16, BLOCK_K=128, GROUP=8),
 ]
 _GROUPED32 = [cfg(4, 3, BLOCK_N=64, BLOCK_M=32, BLOCK_K=32, GROUP=8)]
@@ -518,8 +533,8 @@ def masked_linear_grouped_kernel(
 ):
     """Rows arrive sorted by task (``perm`` maps sorted position -> row). A tile of one task runs a
     plain pipelined K loop. A tile of several: per K step the W and x tiles are loaded once and
-    each task present masks W with its own words and multiplies only its rows of x (the others
-    zeroed), so W is read once whatever the number of tasks."""
+    each task present masks W with its own words, multiplies the x tile and keeps the product in
+    its own rows only, so W is read once whatever the number of tasks and no row sees another's."""
     pid_n, pid_m = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_s = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -549,8 +564,10 @@ def masked_linear_grouped_kernel(
             t = t_lo
             while t <= t_hi:
                 wrd = words_nk(bank_ptr + t.to(tl.int64) * SLAB, wd_off, n_mask, k0 // 32, WPR, BLOCK_N, BLOCK_K)
-                xs = tl.where((tasks == t)[None, :], xt, tl.zeros_like(xt))
-                acc = mma(keep(w, wrd, kb), xs, acc, UPCAST, TF32)
+                # the product over every row, kept in this task's rows only: a non-finite weight that
+                # this task keeps, or a non-finite input of another row, never reaches another row
+                part = mma(keep(w, wrd, kb), xt, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST, TF32)
+                acc = tl.where((tasks == t)[None, :], acc + part, acc)
                 t = _next_task(tasks, valid, t)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
@@ -596,8 +613,8 @@ def masked_grouped_grad_input_kernel(
             t = t_lo
             while t <= t_hi:
                 wrd = words_kn(bank_ptr + t.to(tl.int64) * SLAB, n64 * WPR, n_mask, kw0, WPR, BLOCK_K, BLOCK_N)
-                gs = tl.where((tasks == t)[None, :], gt, tl.zeros_like(gt))
-                acc = mma(keep(w, wrd, kb), gs, acc, UPCAST, TF32)
+                part = mma(keep(w, wrd, kb), gt, tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32), UPCAST, TF32)
+                acc = tl.where((tasks == t)[None, :], acc + part, acc)  # this task's rows only
                 t = _next_task(tasks, valid, t)
     tl.store(dx_ptr + rows.to(tl.int64)[None, :] * K + offs_k[:, None], acc.to(dx_ptr.dtype.element_ty),
              mask=k_mask[:, None] & s_mask[None, :])

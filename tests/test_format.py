@@ -35,7 +35,8 @@ def _as_u32(words):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=30, deadline=None)
-@given(shape=weight_shapes, tasks=st.integers(1, 6), kind=st.sampled_from(["bool", "float"]), seed=st.integers(0, 2**31))
+@given(shape=weight_shapes, tasks=st.integers(1, 6), kind=st.sampled_from(["bool", "float"]),
+       seed=st.integers(0, 2**31))
 def test_round_trip(backend, shape, tasks, kind, seed):
     masks = _random_masks(seed, tasks, shape, kind)
     with ops.force_backend(backend):

@@ -36,7 +36,9 @@ inline uint32_t magnitude_key(const float* p) {
   return u & 0x7FFFFFFFu;
 }
 
-inline int bit_length(uint32_t v) { return v ? 32 - __builtin_clz(v) : 0; }
+inline int bit_length(uint32_t v) {
+  return v ? 32 - __builtin_clz(v) : 0;
+}
 
 void check_scores_2d(const at::Tensor& s, const char* op) {
   TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.device().is_cpu(), op,
@@ -45,10 +47,14 @@ void check_scores_2d(const at::Tensor& s, const char* op) {
 }
 
 // Rows per parallel chunk: about 32K scores each.
-int64_t rows_per_chunk(int64_t k) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(k, 1)); }
+int64_t rows_per_chunk(int64_t k) {
+  return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(k, 1));
+}
 
 // Bits [0, nb) of one word set (the valid bits of a row's last word).
-inline uint32_t low_bits(int nb) { return nb >= 32 ? 0xFFFFFFFFu : ((1u << nb) - 1u); }
+inline uint32_t low_bits(int nb) {
+  return nb >= 32 ? 0xFFFFFFFFu : ((1u << nb) - 1u);
+}
 
 // The `need`-th largest of `keys` (need >= 1), all of which lie in [base, base + 2^span_bits): a
 // radix select, up to 11 bits a level (fewer for few keys: a level's fixed cost is its bins). On
@@ -103,7 +109,6 @@ uint32_t radix_select(std::vector<uint32_t>& keys, uint32_t base, int span_bits,
 // those find the k-th key, and only the gathered keys are re-marked. Both full passes run chunks in
 // parallel; ties at the k-th value are taken in index order.
 at::Tensor largest_k(const at::Tensor& a, int64_t k, bool magnitude) {
-
   TORCH_CHECK(a.scalar_type() == at::kFloat && a.dim() == 1 && a.device().is_cpu(),
               "largest_k: a must be a 1-D float32 CPU tensor, got ", a.scalar_type(), " ", a.sizes());
   const int64_t n = a.numel();

@@ -26,12 +26,21 @@ namespace supsup {
 
 constexpr int64_t kWordBits = 32;
 
-inline int64_t words_per_row(int64_t k) { return (k + kWordBits - 1) / kWordBits; }
+inline int64_t words_per_row(int64_t k) {
+  return (k + kWordBits - 1) / kWordBits;
+}
 
 // Accumulation type: fp32 for fp16/bf16/fp32, fp64 for fp64.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
 
 // lowbias32 finaliser; must match reference.hash32 bit for bit.
 inline uint32_t hash32(uint32_t x) {
@@ -59,20 +68,18 @@ inline bool is_float_dtype(at::ScalarType s) {
 }
 
 inline void check_float(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor (fp16/bf16/fp32/fp64), got ", t.scalar_type());
+  TORCH_CHECK(is_float_dtype(t.scalar_type()), op, ": ", name, " must be a floating tensor (fp16/bf16/fp32/fp64), got ",
+              t.scalar_type());
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
 }
 
 // words must be int32 of shape [lead..., n, ceil(k/32)] with `lead` leading dims.
-inline void check_words(const at::Tensor& w, int64_t n, int64_t k, int64_t lead, const char* op,
-                        const char* name) {
-  TORCH_CHECK(w.scalar_type() == at::kInt, op, ": ", name, " must be int32 packed words, got ",
-              w.scalar_type());
+inline void check_words(const at::Tensor& w, int64_t n, int64_t k, int64_t lead, const char* op, const char* name) {
+  TORCH_CHECK(w.scalar_type() == at::kInt, op, ": ", name, " must be int32 packed words, got ", w.scalar_type());
   TORCH_CHECK(w.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", w.device());
-  TORCH_CHECK(w.dim() == 2 + lead && w.size(lead) == n && w.size(lead + 1) == words_per_row(k), op,
-              ": ", name, " has shape ", w.sizes(), ", expected ", (lead ? "[T, " : "["), n, ", ",
-              words_per_row(k), "] for a weight with N=", n, ", K=", k);
+  TORCH_CHECK(w.dim() == 2 + lead && w.size(lead) == n && w.size(lead + 1) == words_per_row(k), op, ": ", name,
+              " has shape ", w.sizes(), ", expected ", (lead ? "[T, " : "["), n, ", ", words_per_row(k),
+              "] for a weight with N=", n, ", K=", k);
 }
 
 inline const uint32_t* word_ptr(const at::Tensor& w) {

@@ -91,10 +91,17 @@ void fused_forward(const float* x, int64_t m_rows, int64_t k, const float* w, co
       int64_t m = 0;
       for (; m + 4 <= m_rows; m += 4) fused_dot<4>(x + m * k, k, wr, br, y + m * n + j, n, b);
       switch (m_rows - m) {
-        case 3: fused_dot<3>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
-        case 2: fused_dot<2>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
-        case 1: fused_dot<1>(x + m * k, k, wr, br, y + m * n + j, n, b); break;
-        default: break;
+        case 3:
+          fused_dot<3>(x + m * k, k, wr, br, y + m * n + j, n, b);
+          break;
+        case 2:
+          fused_dot<2>(x + m * k, k, wr, br, y + m * n + j, n, b);
+          break;
+        case 1:
+          fused_dot<1>(x + m * k, k, wr, br, y + m * n + j, n, b);
+          break;
+        default:
+          break;
       }
     }
   });
@@ -180,8 +187,8 @@ void seeded_row(int64_t row, int64_t k, uint32_t key, T pos, T neg, T* out) {
 // a training step. The returned tensor must not outlive the caller's use of it.
 at::Tensor scratch_masked_weight(const at::Tensor& weight, const at::Tensor& mask_words) {
   thread_local std::vector<double> buffer;  // double: 8-byte alignment for every dtype
-  const size_t need = (static_cast<size_t>(weight.numel()) * weight.element_size() + sizeof(double) - 1) /
-                      sizeof(double);
+  const size_t need =
+      (static_cast<size_t>(weight.numel()) * weight.element_size() + sizeof(double) - 1) / sizeof(double);
   if (buffer.size() < need) buffer.resize(need);
   at::Tensor out = at::from_blob(buffer.data(), weight.sizes(), weight.options());
   apply_mask_into(weight, mask_words, out);
@@ -238,8 +245,8 @@ at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at
   check_linear(x, weight, mask_words, bias, "masked_linear");
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t m_rows = k ? x.numel() / k : (x.dim() ? x.numel() : 1);
-  const Forward kernel = x.scalar_type() == at::kFloat && k > 0 && n > 0 ? forward_kernel(m_rows, n, k)
-                                                                          : Forward::kPlatformGemm;
+  const Forward kernel =
+      x.scalar_type() == at::kFloat && k > 0 && n > 0 ? forward_kernel(m_rows, n, k) : Forward::kPlatformGemm;
   if (kernel == Forward::kPlatformGemm) {
     at::Tensor y = deterministic_mm(flat_rows(x), scratch_masked_weight(weight, mask_words).t());
     if (bias) y.add_(*bias);
@@ -267,8 +274,8 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be [N, K], got shape ", weight.sizes());
   TORCH_CHECK(grad_out.scalar_type() == weight.scalar_type(), op, ": grad_out dtype ", grad_out.scalar_type(),
               " != weight dtype ", weight.scalar_type());
-  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == weight.size(0), op, ": grad_out has shape ",
-              grad_out.sizes(), "; its last dim must be N=", weight.size(0));
+  TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == weight.size(0), op, ": grad_out has shape ", grad_out.sizes(),
+              "; its last dim must be N=", weight.size(0));
   check_words(mask_words, weight.size(0), weight.size(1), 0, op, "mask_words");
   const int64_t n = weight.size(0), k = weight.size(1);
   const int64_t m_rows = n ? grad_out.numel() / n : 0;
@@ -306,8 +313,8 @@ at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at
   TORCH_CHECK(grad_out.dim() >= 1 && grad_out.size(-1) == n, op, ": grad_out has shape ", grad_out.sizes(),
               "; its last dim must be N=", n);
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, op, ": x has shape ", x.sizes(), "; its last dim must be K=", k);
-  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(n, 1) == x.numel() / std::max<int64_t>(k, 1), op,
-              ": grad_out ", grad_out.sizes(), " and x ", x.sizes(), " have different numbers of rows");
+  TORCH_CHECK(grad_out.numel() / std::max<int64_t>(n, 1) == x.numel() / std::max<int64_t>(k, 1), op, ": grad_out ",
+              grad_out.sizes(), " and x ", x.sizes(), " have different numbers of rows");
   at::Tensor sg;
   if (sign_of) {
     check_float(*sign_of, op, "scores");
@@ -372,8 +379,8 @@ at::Tensor masked_linear_grouped(const at::Tensor& x, const at::Tensor& weight, 
   // bucket rows by task (counting sort, stable)
   std::vector<int64_t> count(t_count + 1, 0);
   for (int64_t i = 0; i < m_rows; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < t_count, op, ": task id ", id[i], " at row ", i, " is out of range [0, ",
-                t_count, ")");
+    TORCH_CHECK(id[i] >= 0 && id[i] < t_count, op, ": task id ", id[i], " at row ", i, " is out of range [0, ", t_count,
+                ")");
     ++count[id[i] + 1];
   }
   for (int64_t t = 0; t < t_count; ++t) count[t + 1] += count[t];

@@ -54,23 +54,23 @@ bool avx512_wanted_at_load() {
 
 std::atomic<bool> g_avx512_enabled{avx512_wanted_at_load()};
 
-constexpr int64_t kLanes = 16;       // floats per vector
-constexpr int64_t kMR = 8;           // rows of x per microkernel call
-constexpr int64_t kNR = 32;          // outputs per packed panel (two vectors)
-constexpr int64_t kKC = 256;         // K per block
-constexpr int64_t kMC = 128;         // rows of x per chunk
-constexpr int64_t kPackRows = 16;    // packing one output costs about as much as 16 rows of FMAs
+constexpr int64_t kLanes = 16;     // floats per vector
+constexpr int64_t kMR = 8;         // rows of x per microkernel call
+constexpr int64_t kNR = 32;        // outputs per packed panel (two vectors)
+constexpr int64_t kKC = 256;       // K per block
+constexpr int64_t kMC = 128;       // rows of x per chunk
+constexpr int64_t kPackRows = 16;  // packing one output costs about as much as 16 rows of FMAs
 
 // y [m, outputs] = a [m, depth] B + bias, B = (W * M)^T (the forward: outputs are W's rows) or
 // B = W * M (dL/dx: outputs are W's columns).
 struct Problem {
   const float* a;
-  const float* w;         // W [rows, wk], mask bits [rows, nw]
+  const float* w;  // W [rows, wk], mask bits [rows, nw]
   const uint32_t* bits;
-  const float* bias;      // [outputs] or null
+  const float* bias;  // [outputs] or null
   float* y;
   int64_t m, outputs, depth, wk, nw;
-  int64_t panel_rows;     // depth, rounded up to whole 16-row transposes for the forward
+  int64_t panel_rows;  // depth, rounded up to whole 16-row transposes for the forward
   bool transposed;
 };
 
@@ -171,8 +171,8 @@ SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_
 // y[r0 + i, n0 + j] (+)= sum over k in [k0, k1) of a[r0 + i, k] panel[k, j], for i < MR and
 // j < cols (<= 16 NV). The first K block starts from the bias, later ones add to y.
 template <int NV, int MR>
-SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols,
-                               int64_t k0, int64_t k1) {
+SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols, int64_t k0,
+                               int64_t k1) {
   constexpr int64_t width = NV * kLanes;
   __m512 acc[MR][NV];
   for (auto& row : acc)
@@ -209,14 +209,22 @@ template <int NV>
 SUPSUP_AVX512 void microkernel_rows(const Problem& p, const float* panel, int64_t r0, int64_t rows, int64_t n0,
                                     int64_t cols, int64_t k0, int64_t k1) {
   switch (rows) {
-    case 8: return microkernel<NV, 8>(p, panel, r0, n0, cols, k0, k1);
-    case 7: return microkernel<NV, 7>(p, panel, r0, n0, cols, k0, k1);
-    case 6: return microkernel<NV, 6>(p, panel, r0, n0, cols, k0, k1);
-    case 5: return microkernel<NV, 5>(p, panel, r0, n0, cols, k0, k1);
-    case 4: return microkernel<NV, 4>(p, panel, r0, n0, cols, k0, k1);
-    case 3: return microkernel<NV, 3>(p, panel, r0, n0, cols, k0, k1);
-    case 2: return microkernel<NV, 2>(p, panel, r0, n0, cols, k0, k1);
-    default: return microkernel<NV, 1>(p, panel, r0, n0, cols, k0, k1);
+    case 8:
+      return microkernel<NV, 8>(p, panel, r0, n0, cols, k0, k1);
+    case 7:
+      return microkernel<NV, 7>(p, panel, r0, n0, cols, k0, k1);
+    case 6:
+      return microkernel<NV, 6>(p, panel, r0, n0, cols, k0, k1);
+    case 5:
+      return microkernel<NV, 5>(p, panel, r0, n0, cols, k0, k1);
+    case 4:
+      return microkernel<NV, 4>(p, panel, r0, n0, cols, k0, k1);
+    case 3:
+      return microkernel<NV, 3>(p, panel, r0, n0, cols, k0, k1);
+    case 2:
+      return microkernel<NV, 2>(p, panel, r0, n0, cols, k0, k1);
+    default:
+      return microkernel<NV, 1>(p, panel, r0, n0, cols, k0, k1);
   }
 }
 
@@ -281,9 +289,13 @@ bool cpu_has_avx512() {
 #endif
 }
 
-bool masked_gemm_available() { return cpu_has_avx512() && g_avx512_enabled.load(std::memory_order_relaxed); }
+bool masked_gemm_available() {
+  return cpu_has_avx512() && g_avx512_enabled.load(std::memory_order_relaxed);
+}
 
-void set_avx512_enabled(bool enabled) { g_avx512_enabled.store(enabled, std::memory_order_relaxed); }
+void set_avx512_enabled(bool enabled) {
+  g_avx512_enabled.store(enabled, std::memory_order_relaxed);
+}
 
 namespace {
 

@@ -119,8 +119,8 @@ at::Tensor unpack_masks(const at::Tensor& words, int64_t k, at::ScalarType dtype
   TORCH_CHECK(words.device().is_cpu(), "unpack_masks: words must be a CPU tensor, got ", words.device());
   TORCH_CHECK(words.dim() >= 2, "unpack_masks: words need at least 2 dims [..., N, W], got shape ", words.sizes());
   TORCH_CHECK(k >= 0, "unpack_masks: k must be >= 0, got ", k);
-  TORCH_CHECK(words.size(-1) == words_per_row(k), "unpack_masks: ", words.size(-1),
-              " words per row cannot hold k=", k, " bits (needs ", words_per_row(k), ")");
+  TORCH_CHECK(words.size(-1) == words_per_row(k), "unpack_masks: ", words.size(-1), " words per row cannot hold k=", k,
+              " bits (needs ", words_per_row(k), ")");
   const at::Tensor w = words.contiguous();
   const int64_t nw = w.size(-1), rows = leading_rows(w);
   auto shape = w.sizes().vec();

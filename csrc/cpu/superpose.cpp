@@ -69,8 +69,10 @@ std::vector<Group> alpha_groups(const at::Tensor& alpha) {
   for (int64_t t = 0; t < a.numel(); ++t) {
     if (ap[t] == 0.0) continue;
     const A v = static_cast<A>(ap[t]);
-    if (std::isnan(v)) groups.push_back({static_cast<double>(v), {t}});  // NaN equals nothing
-    else nz.emplace_back(v, t);
+    if (std::isnan(v))
+      groups.push_back({static_cast<double>(v), {t}});  // NaN equals nothing
+    else
+      nz.emplace_back(v, t);
   }
   std::stable_sort(nz.begin(), nz.end(), [](const auto& x, const auto& y) { return x.first < y.first; });
   for (size_t i = 0; i < nz.size();) {
@@ -100,8 +102,7 @@ void count_group(const uint32_t* bank, int64_t task_words, const Group& g, int64
   v8u* hi = eights + kBlockVecs;
   for (size_t s = 0; s < n_tasks; s += 16) {
     const uint32_t* d[16];
-    for (size_t i = 0; i < 16; ++i)
-      d[i] = s + i < n_tasks ? bank + g.tasks[s + i] * task_words + j0 : kZeroWords;
+    for (size_t i = 0; i < 16; ++i) d[i] = s + i < n_tasks ? bank + g.tasks[s + i] * task_words + j0 : kZeroWords;
     for (int64_t v = 0; v < nv; ++v) {
       const int64_t o = v * 8, cnt = bw - o;
       v8u x[16];
@@ -194,7 +195,7 @@ inline float dot_bits<float>(const float* v, const uint32_t* words, int64_t bw) 
 
 constexpr int64_t kLaneBlockWords = 128;  // words per block: 64 KB of tables, 512 B of each task
 constexpr int64_t kLaneFlushWords = 16;   // fp32 partial sums go to fp64 this often
-constexpr int64_t kLaneMinTasks = 16;    // below this the tables (16 per word and row) do not pay
+constexpr int64_t kLaneMinTasks = 16;     // below this the tables (16 per word and row) do not pay
 constexpr int64_t kLanePrefetch = 2;      // task groups ahead
 
 // r[i][j] -> r[j][i] for 8 vectors of 8 32-bit lanes.
@@ -276,26 +277,26 @@ void mask_dots_lanes(const T* vp, const uint32_t* bits, int64_t r_count, int64_t
             __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
 #define SUPSUP_LOOKUP(q) \
   _mm256_permutevar_ps(_mm256_load_ps(tb + 8 * (q)), (q) == 0 ? w : _mm256_srli_epi32(w, 2 * (q)))
-#define SUPSUP_WORD(wv)                                                                                        \
-  do {                                                                                                         \
-    const __m256i w = (wv);                                                                                    \
-    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(0));                                                                  \
-    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(1));                                                                  \
-    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(2));                                                                  \
-    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(3));                                                                  \
-    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(4));                                                                  \
-    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(5));                                                                  \
-    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(6));                                                                  \
-    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(7));                                                                  \
-    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(8));                                                                  \
-    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(9));                                                                  \
-    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(10));                                                                 \
-    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(11));                                                                 \
-    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(12));                                                                 \
-    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(13));                                                                 \
-    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(14));                                                                 \
-    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(15));                                                                 \
-    tb += 128;                                                                                                 \
+#define SUPSUP_WORD(wv)                        \
+  do {                                         \
+    const __m256i w = (wv);                    \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(0));  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(1));  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(2));  \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(3));  \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(4));  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(5));  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(6));  \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(7));  \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(8));  \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(9));  \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(10)); \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(11)); \
+    c0 = _mm256_add_ps(c0, SUPSUP_LOOKUP(12)); \
+    c1 = _mm256_add_ps(c1, SUPSUP_LOOKUP(13)); \
+    c2 = _mm256_add_ps(c2, SUPSUP_LOOKUP(14)); \
+    c3 = _mm256_add_ps(c3, SUPSUP_LOOKUP(15)); \
+    tb += 128;                                 \
   } while (0)
             int64_t jj = s0;
             // 8 words of 8 tasks at a time: 8 loads and an 8x8 transpose put word j of every task in one vector

@@ -97,11 +97,20 @@ inline unsigned grid_for(int64_t n, int threads, int64_t cap = 1 << 20) {
 template <typename F>
 bool dispatch_float(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kF16: f(__half{}); return true;
-    case DType::kBF16: f(__nv_bfloat16{}); return true;
-    case DType::kF32: f(float{}); return true;
-    case DType::kF64: f(double{}); return true;
-    default: return false;
+    case DType::kF16:
+      f(__half{});
+      return true;
+    case DType::kBF16:
+      f(__nv_bfloat16{});
+      return true;
+    case DType::kF32:
+      f(float{});
+      return true;
+    case DType::kF64:
+      f(double{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -109,12 +118,23 @@ bool dispatch_float(DType dtype, F&& f) {
 template <typename F>
 bool dispatch_any(DType dtype, F&& f) {
   switch (dtype) {
-    case DType::kU8: f(uint8_t{}); return true;
-    case DType::kI8: f(int8_t{}); return true;
-    case DType::kI16: f(int16_t{}); return true;
-    case DType::kI32: f(int32_t{}); return true;
-    case DType::kI64: f(int64_t{}); return true;
-    default: return dispatch_float(dtype, f);
+    case DType::kU8:
+      f(uint8_t{});
+      return true;
+    case DType::kI8:
+      f(int8_t{});
+      return true;
+    case DType::kI16:
+      f(int16_t{});
+      return true;
+    case DType::kI32:
+      f(int32_t{});
+      return true;
+    case DType::kI64:
+      f(int64_t{});
+      return true;
+    default:
+      return dispatch_float(dtype, f);
   }
 }
 

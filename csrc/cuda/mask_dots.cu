@@ -12,11 +12,9 @@ using namespace dots;
 // for kPassUnroll tasks before the first lookup; the pair reduces by one shuffle into a shared
 // accumulator that only it touches.
 template <typename T, bool kVec4>
-__global__ void __launch_bounds__(kDotThreads) mask_dots_kernel(const T* __restrict__ v,
-                                                                const int32_t* __restrict__ bank,
-                                                                float* __restrict__ out, int64_t n, int64_t k,
-                                                                int64_t num_tasks, int64_t chunk_tasks,
-                                                                int64_t steps_per_block) {
+__global__ void __launch_bounds__(kDotThreads)
+    mask_dots_kernel(const T* __restrict__ v, const int32_t* __restrict__ bank, float* __restrict__ out, int64_t n,
+                     int64_t k, int64_t num_tasks, int64_t chunk_tasks, int64_t steps_per_block) {
   __shared__ float s_tab[kGroups][kTabStride];
   __shared__ float s_acc[kMaxTasksPerBlock];
   const int64_t wpr = (k + 31) / 32;
@@ -79,19 +77,21 @@ cudaError_t mask_dots(const void* v, DType dtype, const int32_t* bank, float* ou
                   static_cast<unsigned>(rows_r), static_cast<unsigned>(task_chunks));
   // 16-byte loads need every task's slab, and the bank, 16-byte aligned
   const bool vec4 = slab % 4 == 0 && reinterpret_cast<uintptr_t>(bank) % 16 == 0;
-  const bool ok = dispatch_float(dtype, [&](auto tag) {
-    using T = decltype(tag);
-    if constexpr (sizeof(T) <= 4) {
-      const T* vp = static_cast<const T*>(v);
-      if (vec4) {
-        mask_dots_kernel<T, true><<<grid, kDotThreads, 0, stream>>>(vp, bank, out, n, k, num_tasks, chunk_tasks,
-                                                                    steps_per_block);
-      } else {
-        mask_dots_kernel<T, false><<<grid, kDotThreads, 0, stream>>>(vp, bank, out, n, k, num_tasks, chunk_tasks,
-                                                                     steps_per_block);
-      }
-    }
-  }) && dtype != DType::kF64;
+  const bool ok = dispatch_float(dtype,
+                                 [&](auto tag) {
+                                   using T = decltype(tag);
+                                   if constexpr (sizeof(T) <= 4) {
+                                     const T* vp = static_cast<const T*>(v);
+                                     if (vec4) {
+                                       mask_dots_kernel<T, true><<<grid, kDotThreads, 0, stream>>>(
+                                           vp, bank, out, n, k, num_tasks, chunk_tasks, steps_per_block);
+                                     } else {
+                                       mask_dots_kernel<T, false><<<grid, kDotThreads, 0, stream>>>(
+                                           vp, bank, out, n, k, num_tasks, chunk_tasks, steps_per_block);
+                                     }
+                                   }
+                                 }) &&
+                  dtype != DType::kF64;
   return ok ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 

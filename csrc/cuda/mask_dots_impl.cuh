@@ -16,20 +16,19 @@ namespace supsup_cuda {
 namespace dots {
 
 constexpr int kDotThreads = 256;
-constexpr int kStepWords = 8;                // words per step: 256 weights, 32 byte-groups
-constexpr int kGroups = kStepWords * 4;      // byte groups (8 weights each) per step
-constexpr int kLaneWords = 4;                // words per lane: one 16-byte load
+constexpr int kStepWords = 8;                               // words per step: 256 weights, 32 byte-groups
+constexpr int kGroups = kStepWords * 4;                     // byte groups (8 weights each) per step
+constexpr int kLaneWords = 4;                               // words per lane: one 16-byte load
 constexpr int kLanesPerTask = kStepWords / kLaneWords;      // 2 lanes share one task in a step
 constexpr int kTasksPerPass = kDotThreads / kLanesPerTask;  // 128 tasks per pass
-constexpr int kPassUnroll = 2;               // passes whose words are loaded before any lookup
-constexpr int kMaxTasksPerBlock = 2048;      // shared per-task accumulators (8 KiB)
-constexpr int kTabStride = 256 + 8;          // padding: a warp's 4 groups write distinct banks
-constexpr int kBlocksPerSm = 5;              // 42 KiB of shared memory each
+constexpr int kPassUnroll = 2;                              // passes whose words are loaded before any lookup
+constexpr int kMaxTasksPerBlock = 2048;                     // shared per-task accumulators (8 KiB)
+constexpr int kTabStride = 256 + 8;                         // padding: a warp's 4 groups write distinct banks
+constexpr int kBlocksPerSm = 5;                             // 42 KiB of shared memory each
 
 __host__ __device__ constexpr int lowest_bit(int e) {
   return (e & 1) ? 0 : (e & 2) ? 1 : (e & 4) ? 2 : (e & 8) ? 3 : 4;
 }
-
 
 // Thread `tid`'s share of the step's tables: group g = tid / 8 (byte g % 4 of word g / 4),
 // entries part + 8 i for part = tid % 8. An entry's low 3 bits are the thread's `part` (one

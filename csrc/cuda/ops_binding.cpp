@@ -16,21 +16,33 @@ using supsup_cuda::DType;
 
 DType dtype_of(at::ScalarType t) {
   switch (t) {
-    case at::kHalf: return DType::kF16;
-    case at::kBFloat16: return DType::kBF16;
-    case at::kFloat: return DType::kF32;
-    case at::kDouble: return DType::kF64;
+    case at::kHalf:
+      return DType::kF16;
+    case at::kBFloat16:
+      return DType::kBF16;
+    case at::kFloat:
+      return DType::kF32;
+    case at::kDouble:
+      return DType::kF64;
     case at::kBool:
-    case at::kByte: return DType::kU8;
-    case at::kChar: return DType::kI8;
-    case at::kShort: return DType::kI16;
-    case at::kInt: return DType::kI32;
-    case at::kLong: return DType::kI64;
-    default: TORCH_CHECK(false, "supsup_fast (cuda): unsupported dtype ", t);
+    case at::kByte:
+      return DType::kU8;
+    case at::kChar:
+      return DType::kI8;
+    case at::kShort:
+      return DType::kI16;
+    case at::kInt:
+      return DType::kI32;
+    case at::kLong:
+      return DType::kI64;
+    default:
+      TORCH_CHECK(false, "supsup_fast (cuda): unsupported dtype ", t);
   }
 }
 
-bool is_gpu_float(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat; }
+bool is_gpu_float(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat;
+}
 
 void check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, "supsup_fast (cuda): ", what, " failed: ", cudaGetErrorString(err));
@@ -40,7 +52,9 @@ void check_words(const at::Tensor& words, const char* name) {
   TORCH_CHECK(words.is_cuda() && words.scalar_type() == at::kInt, name, " must be int32 CUDA words");
 }
 
-int64_t wpr_of(int64_t k) { return (k + 31) / 32; }
+int64_t wpr_of(int64_t k) {
+  return (k + 31) / 32;
+}
 
 at::Tensor pack_masks(const at::Tensor& masks) {
   TORCH_CHECK(masks.is_cuda() && masks.dim() >= 2, "pack_masks: masks must be a CUDA tensor [..., N, K]");
@@ -91,11 +105,11 @@ at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at:
   // per call from the caching allocator: stream-ordered, and captured with the call in a CUDA graph
   at::Tensor ws = at::empty({plan.ws_floats}, w.options().dtype(at::kFloat));
   at::Tensor counters = at::zeros({plan.counters}, w.options().dtype(at::kInt));
-  check(supsup_cuda::superpose(w.data_ptr(), dtype_of(w.scalar_type()), b.data_ptr<int32_t>(), a.data_ptr<float>(),
-                               out.data_ptr(), n, k, b.size(0), plan, plan.ws_floats ? ws.data_ptr<float>() : nullptr,
-                               plan.counters ? counters.data_ptr<int32_t>() : nullptr,
-                               at::cuda::getCurrentCUDAStream()),
-        "superpose");
+  check(
+      supsup_cuda::superpose(w.data_ptr(), dtype_of(w.scalar_type()), b.data_ptr<int32_t>(), a.data_ptr<float>(),
+                             out.data_ptr(), n, k, b.size(0), plan, plan.ws_floats ? ws.data_ptr<float>() : nullptr,
+                             plan.counters ? counters.data_ptr<int32_t>() : nullptr, at::cuda::getCurrentCUDAStream()),
+      "superpose");
   return out;
 }
 

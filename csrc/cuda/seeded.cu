@@ -12,11 +12,9 @@ constexpr int kWarps = 8;
 // One warp per output feature n. Lane l takes words l, l + 32, ... of row n and visits only the
 // set bits (about half of them), adding +-x[m, k] for every row m; a warp reduction finishes.
 template <typename T, int MaxM>
-__global__ void __launch_bounds__(kWarps * 32) seeded_gemv_kernel(const T* __restrict__ x,
-                                                                  const int32_t* __restrict__ words,
-                                                                  const T* __restrict__ bias, T* __restrict__ y,
-                                                                  int m, int64_t n, int64_t k, uint32_t key,
-                                                                  float scale) {
+__global__ void __launch_bounds__(kWarps * 32)
+    seeded_gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ words, const T* __restrict__ bias,
+                       T* __restrict__ y, int m, int64_t n, int64_t k, uint32_t key, float scale) {
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
   if (row >= n) return;  // whole warps leave together
@@ -74,16 +72,22 @@ void launch_seeded(const void* x, const int32_t* words, const void* bias, void* 
 }  // namespace
 
 cudaError_t masked_linear_seeded_gemv(const void* x, DType dtype, const int32_t* words, const void* bias, void* y,
-                                      int64_t m, int64_t n, int64_t k, uint32_t key, float scale,
-                                      cudaStream_t stream) {
+                                      int64_t m, int64_t n, int64_t k, uint32_t key, float scale, cudaStream_t stream) {
   if (m < 0 || m > kSeededGemvMaxM) return cudaErrorInvalidValue;
   if (m == 0 || n == 0) return cudaSuccess;
   const int mm = static_cast<int>(m);
   switch (dtype) {
-    case DType::kF16: launch_seeded<__half>(x, words, bias, y, mm, n, k, key, scale, stream); break;
-    case DType::kBF16: launch_seeded<__nv_bfloat16>(x, words, bias, y, mm, n, k, key, scale, stream); break;
-    case DType::kF32: launch_seeded<float>(x, words, bias, y, mm, n, k, key, scale, stream); break;
-    default: return cudaErrorInvalidValue;
+    case DType::kF16:
+      launch_seeded<__half>(x, words, bias, y, mm, n, k, key, scale, stream);
+      break;
+    case DType::kBF16:
+      launch_seeded<__nv_bfloat16>(x, words, bias, y, mm, n, k, key, scale, stream);
+      break;
+    case DType::kF32:
+      launch_seeded<float>(x, words, bias, y, mm, n, k, key, scale, stream);
+      break;
+    default:
+      return cudaErrorInvalidValue;
   }
   return cudaGetLastError();
 }

@@ -7,17 +7,16 @@ namespace supsup_cuda {
 namespace {
 
 constexpr int kSupThreads = 128;
-constexpr int kBlocksPerSm = 4;  // the grid aimed at: about 4 blocks per SM
+constexpr int kBlocksPerSm = 4;         // the grid aimed at: about 4 blocks per SM
 constexpr int kMinTasksPerChunk = 128;  // the partials of a chunk cost 1/4 of its bank reads at most
 
 // Block (x, c): threads' word groups [x * 128, ...), chunk c of the tasks. With several chunks
 // the block that finishes a word range last (a counter per range, re-armed for the next
 // launch) sums the chunks' partials and writes the output.
 template <typename T, int kVec>
-__global__ void __launch_bounds__(kSupThreads) superpose_kernel(const T* __restrict__ weight,
-                                                                const int32_t* __restrict__ bank,
-                                                                const float* __restrict__ alpha, float* ws,
-                                                                int32_t* counters, T* __restrict__ out, sup::Shape s) {
+__global__ void __launch_bounds__(kSupThreads)
+    superpose_kernel(const T* __restrict__ weight, const int32_t* __restrict__ bank, const float* __restrict__ alpha,
+                     float* ws, int32_t* counters, T* __restrict__ out, sup::Shape s) {
   __shared__ float s_alpha[sup::kMaxChunk];
   __shared__ int s_last;
   const int chunk = blockIdx.y;
@@ -81,14 +80,21 @@ cudaError_t superpose(const void* weight, DType dtype, const int32_t* bank, cons
   if (plan.chunks > 1 && (ws == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
   sup::Shape s{n, k, wpr, n * wpr, plan.groups, num_tasks, plan.chunks, false};
   // 16-byte epilogue: rows of 8-element multiples and 16-byte aligned weight / output
-  s.vec_epilogue = k % 8 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0 &&
-                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  s.vec_epilogue =
+      k % 8 == 0 && reinterpret_cast<uintptr_t>(weight) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   bool ok = true;
   switch (dtype) {
-    case DType::kF16: launch<__half>(weight, bank, alpha, out, plan, s, ws, counters, stream); break;
-    case DType::kBF16: launch<__nv_bfloat16>(weight, bank, alpha, out, plan, s, ws, counters, stream); break;
-    case DType::kF32: launch<float>(weight, bank, alpha, out, plan, s, ws, counters, stream); break;
-    default: ok = false;
+    case DType::kF16:
+      launch<__half>(weight, bank, alpha, out, plan, s, ws, counters, stream);
+      break;
+    case DType::kBF16:
+      launch<__nv_bfloat16>(weight, bank, alpha, out, plan, s, ws, counters, stream);
+      break;
+    case DType::kF32:
+      launch<float>(weight, bank, alpha, out, plan, s, ws, counters, stream);
+      break;
+    default:
+      ok = false;
   }
   return ok ? cudaGetLastError() : cudaErrorInvalidValue;
 }

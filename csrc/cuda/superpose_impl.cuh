@@ -51,7 +51,7 @@ __host__ __device__ __forceinline__ void load_group(const int32_t* slab, int64_t
     w[kVec > 2 ? 2 : 0] = static_cast<uint32_t>(v.z);
     w[kVec > 3 ? 3 : 0] = static_cast<uint32_t>(v.w);
   } else {
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int j = 0; j < kVec; ++j) w[j] = word0 + j < n_words ? detail::load_word(slab + word0 + j) : 0u;
   }
 }
@@ -90,7 +90,7 @@ __host__ __device__ inline void store_octet(const T* weight, T* out, const Shape
       reinterpret_cast<uint4*>(w)[0] = reinterpret_cast<const uint4*>(weight + base)[0];
       reinterpret_cast<uint4*>(w)[1] = reinterpret_cast<const uint4*>(weight + base)[1];
     }
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int e = 0; e < 8; ++e) y[e] = detail::from_float<T>(detail::to_float(w[e]) * sum[e]);
     if (sizeof(T) == 2) {
       *reinterpret_cast<uint4*>(out + base) = *reinterpret_cast<const uint4*>(y);
@@ -115,26 +115,26 @@ __host__ __device__ inline void chunk_partial(const int32_t* bank, const Shape& 
   float ref;
   if (uniform_alpha(s_alpha, count, ref)) {
     uint32_t ones[kVec], twos[kVec], fours[kVec], hi[kVec][kHiSlices];
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int j = 0; j < kVec; ++j) {
       ones[j] = twos[j] = fours[j] = 0u;
-SUPSUP_UNROLL
+      SUPSUP_UNROLL
       for (int l = 0; l < kHiSlices; ++l) hi[j][l] = 0u;
     }
     if (ref != 0.f) {
       for (int i = 0; i < count; i += kUnroll) {
         uint32_t d[kUnroll][kVec];
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int u = 0; u < kUnroll; ++u) {  // every load issued before the first add
           const int t = i + u;
           if (t < count && s_alpha[t] != 0.f) {
             load_group<kVec>(bank + (t0 + t) * s.slab, word0, s.slab, d[u]);
           } else {
-SUPSUP_UNROLL
+            SUPSUP_UNROLL
             for (int j = 0; j < kVec; ++j) d[u][j] = 0u;
           }
         }
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int j = 0; j < kVec; ++j) {
           uint32_t twos_a, twos_b, fours_a, fours_b, eights;
           csa(twos_a, ones[j], ones[j], d[0][j], d[1][j]);
@@ -144,7 +144,7 @@ SUPSUP_UNROLL
           csa(twos_b, ones[j], ones[j], d[6][j], d[7][j]);
           csa(fours_b, twos[j], twos[j], twos_a, twos_b);
           csa(eights, fours[j], fours[j], fours_a, fours_b);
-SUPSUP_UNROLL
+          SUPSUP_UNROLL
           for (int l = 0; l < kHiSlices; ++l) {  // ripple the eights into count bits 3..8
             const uint32_t carry = hi[j][l] & eights;
             hi[j][l] ^= eights;
@@ -153,12 +153,12 @@ SUPSUP_UNROLL
         }
       }
     }
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int j = 0; j < kVec; ++j) {
-SUPSUP_UNROLL
+      SUPSUP_UNROLL
       for (int b = 0; b < 32; ++b) {
         uint32_t cnt = ((ones[j] >> b) & 1u) | (((twos[j] >> b) & 1u) << 1) | (((fours[j] >> b) & 1u) << 2);
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int l = 0; l < kHiSlices; ++l) cnt |= ((hi[j][l] >> b) & 1u) << (3 + l);
         part[j * 32 + b] = ref * static_cast<float>(cnt);
       }
@@ -166,21 +166,21 @@ SUPSUP_UNROLL
     return;
   }
   // different alphas: each word's 32 sums in turn (its 16-byte line stays in L1 between words)
-SUPSUP_UNROLL
+  SUPSUP_UNROLL
   for (int j = 0; j < kVec; ++j) {
     float acc[32];
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int b = 0; b < 32; ++b) acc[b] = 0.f;
     if (word0 + j < s.slab) {
       for (int t = 0; t < count; ++t) {
         const float a = s_alpha[t];
         if (a == 0.f) continue;
         const uint32_t w = detail::load_word(bank + (t0 + t) * s.slab + word0 + j);
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int b = 0; b < 32; ++b) acc[b] += ((w >> b) & 1u) ? a : 0.f;
       }
     }
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int b = 0; b < 32; ++b) part[j * 32 + b] = acc[b];
   }
 }
@@ -198,19 +198,19 @@ __host__ __device__ inline void chunk_thread(const T* weight, const int32_t* ban
   chunk_partial<kVec>(bank, s, group, chunk, s_alpha, part);
   const int64_t word0 = group * kVec;
   if (s.chunks == 1) {
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int j = 0; j < kVec; ++j) {
-SUPSUP_UNROLL
+      SUPSUP_UNROLL
       for (int o = 0; o < 4; ++o) {
         float sum[8];
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int e = 0; e < 8; ++e) sum[e] = part[j * 32 + o * 8 + e];
         store_octet<T>(weight, out, s, word0 + j, o, sum);
       }
     }
     return;
   }
-SUPSUP_UNROLL
+  SUPSUP_UNROLL
   for (int f = 0; f < kVec * 8; ++f) {
     *ws_slot<kVec>(ws, s, chunk, f, group) =
         make_float4(part[4 * f], part[4 * f + 1], part[4 * f + 2], part[4 * f + 3]);
@@ -220,18 +220,17 @@ SUPSUP_UNROLL
 // The last chunk's thread: sum the chunks' partials in chunk order (the same bits whichever
 // chunk finished last) and write the output.
 template <typename T, int kVec>
-__host__ __device__ inline void finish_thread(const T* weight, const float* ws, T* out, const Shape& s,
-                                              int64_t group) {
+__host__ __device__ inline void finish_thread(const T* weight, const float* ws, T* out, const Shape& s, int64_t group) {
   const int64_t word0 = group * kVec;
-SUPSUP_UNROLL
+  SUPSUP_UNROLL
   for (int j = 0; j < kVec; ++j) {
-SUPSUP_UNROLL
+    SUPSUP_UNROLL
     for (int o = 0; o < 4; ++o) {
       float sum[8];
-SUPSUP_UNROLL
+      SUPSUP_UNROLL
       for (int e = 0; e < 8; ++e) sum[e] = 0.f;
       for (int c = 0; c < s.chunks; ++c) {
-SUPSUP_UNROLL
+        SUPSUP_UNROLL
         for (int h = 0; h < 2; ++h) {
           const float4 p = detail::load_cg(ws_slot<kVec>(const_cast<float*>(ws), s, c, j * 8 + o * 2 + h, group));
           sum[4 * h] += p.x;

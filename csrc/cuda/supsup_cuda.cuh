@@ -66,15 +66,13 @@ cudaError_t mask_dots(const void* v, DType dtype, const int32_t* bank, float* ou
                       int64_t num_tasks, int num_sms, cudaStream_t stream);
 
 // out[i] = (hash32(uint32(i) ^ key) & 1) ? scale : -scale, for i < numel (F16/BF16/F32/F64).
-cudaError_t signed_constant_fill(void* out, DType dtype, int64_t numel, uint32_t key, float scale,
-                                 cudaStream_t stream);
+cudaError_t signed_constant_fill(void* out, DType dtype, int64_t numel, uint32_t key, float scale, cudaStream_t stream);
 
 // y [m, n] = x [m, k] (W * M)^T + bias with W the signed constant regenerated from `key`:
 // one warp per output feature walks the set mask bits only; no float weight is read.
 // m <= kSeededGemvMaxM; x, bias and y share `dtype` (F16/BF16/F32); bias may be null.
 constexpr int kSeededGemvMaxM = 8;
 cudaError_t masked_linear_seeded_gemv(const void* x, DType dtype, const int32_t* words, const void* bias, void* y,
-                                      int64_t m, int64_t n, int64_t k, uint32_t key, float scale,
-                                      cudaStream_t stream);
+                                      int64_t m, int64_t n, int64_t k, uint32_t key, float scale, cudaStream_t stream);
 
 }  // namespace supsup_cuda

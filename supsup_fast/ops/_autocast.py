@@ -12,7 +12,6 @@ from typing import Optional
 
 import torch
 
-
 _AUTOCAST_DEVICES = ("cuda", "cpu", "xpu", "mps")
 # one thread-local read that is False outside every autocast region (the common case)
 _any_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)

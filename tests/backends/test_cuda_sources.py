@@ -85,14 +85,14 @@ CASES = [(0, 0), (1, 2), (1234, 7), (2**32 - 1, 2**31 + 5), (-7, 11), (2**40 + 3
 @needs_nvcc
 def test_host_hash_matches_reference(tmp_path):
     src = tmp_path / "hash_check.cu"
-    src.write_text(_HOST_PROGRAM % ", ".join(f"{{{s}LL, {l}LL}}" for s, l in CASES))
+    src.write_text(_HOST_PROGRAM % ", ".join(f"{{{s}LL, {layer}LL}}" for s, layer in CASES))
     exe = tmp_path / "hash_check"
     built = _run([NVCC, "-std=c++17", "-O2", f"-I{CUDA_DIR}", str(src), "-o", str(exe)])
     assert built.returncode == 0, built.stderr[-3000:]
     out = _run([str(exe)])
     assert out.returncode == 0, out.stderr
     values = [int(v) for v in out.stdout.split()]
-    assert values[: len(CASES)] == [ref.layer_key(s, l) for s, l in CASES]
+    assert values[: len(CASES)] == [ref.layer_key(s, layer) for s, layer in CASES]
     idx = (torch.arange(64, dtype=torch.int64) * 2654435761) & 0xFFFFFFFF
     assert values[len(CASES):] == (ref.hash32(idx) & 1).tolist()
 

@@ -282,12 +282,14 @@ def test_superpose_and_grads(backend, t, n, k, equal, dtype):
         want = run(w.float())
     _close(got[0], want[0].detach(), dtype)
     _close(got[1], want[1], dtype)
-    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=RTOL[dtype] * 5, atol=RTOL[dtype] * 5 * math.sqrt(n * k))
+    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=RTOL[dtype] * 5,
+                               atol=RTOL[dtype] * 5 * math.sqrt(n * k))
 
 
 @pytest.mark.parametrize("backend", _params("mask_dots"))
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("lead,t,n,k", [((), 3, 7, 33), ((2,), 2500, 300, 784), ((3,), 2100, 100, 300), ((), 250, 1024, 1024)])
+@pytest.mark.parametrize("lead,t,n,k", [((), 3, 7, 33), ((2,), 2500, 300, 784), ((3,), 2100, 100, 300),
+                                        ((), 250, 1024, 1024)])
 def test_mask_dots(backend, lead, t, n, k, dtype):
     g = _gen(t)
     v = torch.randn(*lead, n, k, generator=g, device=DEV).to(dtype)
@@ -301,7 +303,8 @@ def test_mask_dots(backend, lead, t, n, k, dtype):
 
 
 # ---- the CUDA extension directly ---------------------------------------------------------------
-@pytest.mark.skipif("cuda" not in [b.name for b in ops.backends() if b.available], reason="extension built without CUDA")
+@pytest.mark.skipif("cuda" not in [b.name for b in ops.backends() if b.available],
+                    reason="extension built without CUDA")
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_signed_constant_fill_bit_identical(dtype):
     out = torch.empty(300, 5, 5, dtype=dtype, device=DEV)
@@ -329,7 +332,8 @@ def test_opcheck_on_cuda():
         (torch.ops.supsup_fast.masked_linear_st.default, (x, w, words, torch.randn_like(w), b)),
         (torch.ops.supsup_fast.superpose.default, (w, bank, torch.rand(3, device=DEV))),
         (torch.ops.supsup_fast.mask_dots.default, (w, bank)),
-        (torch.ops.supsup_fast.masked_linear_grouped.default, (x, w, bank, torch.tensor([0, 2, 1, 1, 0, 2], device=DEV), b)),
+        (torch.ops.supsup_fast.masked_linear_grouped.default,
+         (x, w, bank, torch.tensor([0, 2, 1, 1, 0, 2], device=DEV), b)),
         (torch.ops.supsup_fast.masked_linear_seeded.default, (x, words, 1, 2, 0.1, b)),
         (torch.ops.supsup_fast.pack_masks.default, (torch.rand(5, 70, device=DEV) < 0.5,)),
     ]

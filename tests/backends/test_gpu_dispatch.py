@@ -37,7 +37,8 @@ def test_defaults_follow_the_documented_cuts():
     for op in ("masked_linear", "masked_linear_grad_input"):
         for fam in ("f16", "f32"):
             for m in (1, 16, 64, 256, 1024, 4096, 10**6):
-                assert gd._default(op, gd.shape_class(op, (_x(m, dtype=torch.float16 if fam == "f16" else torch.float32),)))
+                x = _x(m, dtype=torch.float16 if fam == "f16" else torch.float32)
+                assert gd._default(op, gd.shape_class(op, (x,)))
 
 
 def test_choose_from_picks_the_fastest_candidate():

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import supsup_fast as sf
-from supsup_fast import info, inference, ops
+from supsup_fast import inference, info, ops
 from supsup_fast._native import EXT_LOADED
 from supsup_fast.ops import _registry
 

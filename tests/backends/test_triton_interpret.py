@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,11 +32,33 @@ except Exception:  # pragma: no cover - triton is a test dependency
 def test_kernels_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1", **{_CHILD_FLAG: "1"})
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"],
+        [sys.executable, "-m", "pytest", __file__, "-q", "-x", "-p", "no:cacheprovider",
+         "-W", "ignore::RuntimeWarning"],
         env=env, capture_output=True, text=True, timeout=900,
     )
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, f"interpreted Triton kernels failed:\n{tail}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
+
+
+OP_TABLE_TESTS = [str(Path(__file__).resolve().parents[1] / "ops" / name) for name in
+                  ("test_cases.py", "test_nonfinite.py")]
+
+
+@pytest.mark.skipif(IN_CHILD, reason="the child process runs the cases themselves")
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_op_case_table_under_interpreter():
+    """The op case table and the NaN/Inf semantics on the triton backend's kernels, interpreted: the
+    same cases every other backend runs (tests/ops/ registers triton for CPU tensors under the
+    interpreter)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", *OP_TABLE_TESTS, "-q", "-k", "triton", "-p", "no:cacheprovider",
+         "-W", "ignore::RuntimeWarning"],
+        env=env, capture_output=True, text=True, timeout=1200,
+    )
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"the op case table failed on the interpreted triton backend:\n{tail}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, tail
 
 
@@ -64,7 +87,8 @@ def test_backends_import_without_triton():
 # ======================================================================================
 # The cases (child process only)
 # ======================================================================================
-PARENT_TESTS = ("test_kernels_under_interpreter", "test_backends_import_without_triton")
+PARENT_TESTS = ("test_kernels_under_interpreter", "test_backends_import_without_triton",
+                "test_op_case_table_under_interpreter")
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +271,8 @@ def test_masked_linear_seeded(m, n, k, dtype):
 
 def _seed_v2_weight(seed, layer, n, k, scale):
     """Seed format 2 as ``supsup_fast.seed_format`` specifies it: ``S(n, j) = H(R(n) ^ C(j))``,
-    ``R(n) = H(kr ^ n)``, ``C(j) = H(kc ^ j)``, ``kr, kc = H(key ^ 0x243F6A88), H(key ^ 0x85A308D3)``;
+    ``R(n) = H(kr ^ n)``, ``C(j) = H(kc ^ j)``,
+    ``kr, kc = H(key ^ 0x243F6A88), H(key ^ 0x85A308D3)``;
     weight ``(n, k)`` is ``+scale`` iff bit ``k % 32`` of ``S(n, k // 32)`` is set."""
     key = ref.layer_key(seed, layer)
     kr, kc = (int(v) for v in ref.hash32(torch.tensor([key ^ 0x243F6A88, key ^ 0x85A308D3])))
@@ -271,7 +296,8 @@ def test_ternary_linear_seed_format_2(m, n, k, dtype):
 
 # ---- mask kernels ---------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(7, 33), (3, 1), (40, 300), (8, 3, 3, 5), (2, 5, 64)])
-@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.float32, torch.float16, torch.bfloat16,
+                                   torch.float64])
 def test_pack_unpack_roundtrip(shape, dtype):
     gen = torch.Generator().manual_seed(sum(shape))
     dense = _masks(*shape, gen=gen)

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from supsup_fast import SupsupError, format, reference
-from supsup_fast import ops, testing
+from supsup_fast import SupsupError, format, ops, reference, testing
 from supsup_fast._native import EXT_LOADED
 from supsup_fast.binarise import binarise, binarise_words, kept_count, straight_through_sign, threshold_mask, topk_mask
 from supsup_fast.config import SupsupConfig
@@ -221,7 +220,8 @@ def test_signed_score_gradient_twice_differentiable():
     """With score_sign the score gradient stays differentiable under create_graph (the unfused path)."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 30, generator=gen, dtype=torch.float64, requires_grad=True)
-    w, s = torch.randn(20, 30, generator=gen, dtype=torch.float64), torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    w = torch.randn(20, 30, generator=gen, dtype=torch.float64)
+    s = torch.randn(20, 30, generator=gen, dtype=torch.float64)
     s.requires_grad_()
     words = binarise_words(s, "topk", 0.5)
     (gs,) = torch.autograd.grad(ops.masked_linear(x, w, words, scores=s, score_sign=True).square().sum(), s,

@@ -9,10 +9,19 @@ within the dtype's tolerance.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from supsup_fast import ops, testing
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # the child process of tests/backends/test_triton_interpret.py: the triton backend serves CPU tensors
+    # under Triton's interpreter, so the same cases run on its kernels (priority -1: it is never chosen)
+    from supsup_fast.backends.triton import register_triton
+
+    register_triton(devices=("cpu",), priority=-1)
 
 VALUES = (float("nan"), float("inf"), -float("inf"))
 
