@@ -24,12 +24,12 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from harness import cpu_model, device_slug, versions  # noqa: E402
+from ternary_table import measure  # noqa: E402
 from torch import nn  # noqa: E402
 
 import supsup_fast as sf  # noqa: E402
-from harness import cpu_model, device_slug, versions  # noqa: E402
 from supsup_fast import SupsupConfig, ternary  # noqa: E402
-from ternary_table import measure  # noqa: E402
 
 MODELS = {"lenet-300-100": [784, 300, 100, 10], "fc-1024-1024": [784, 1024, 1024, 100]}
 PROVIDERS = ["dense", "seed_format_1[masked_linear]", "seed_format_2[ternary_linear]"]

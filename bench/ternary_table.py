@@ -27,10 +27,10 @@ import time
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, BENCH_DIR)
 
-import torch  # noqa: E402
-
 import ternary_cases as tc  # noqa: E402
+import torch  # noqa: E402
 from harness import cpu_model, device_slug, versions  # noqa: E402
+
 from supsup_fast import ternary  # noqa: E402
 
 DENSE, TERNARY = "dense", "supsup_fast[ternary_linear]"
@@ -151,7 +151,8 @@ def markdown(doc: dict) -> str:
     mach = doc["machine"]
     lines = [f"{mach['cpu_model']}, {mach['threads']} threads, kernel {mach['kernel_isa']}, torch {mach['torch']}, "
              f"{mach['date']}; copy bandwidth (best of 1 and {mach['threads']} threads) "
-             f"{doc['copy_GBps_dram']:.1f} GB/s (256 MB buffer), {doc['copy_GBps_llc']:.1f} GB/s (8 MB); interleaved rounds ({doc['budget_s']:g} s per workload); "
+             f"{doc['copy_GBps_dram']:.1f} GB/s (256 MB buffer), {doc['copy_GBps_llc']:.1f} GB/s (8 MB); "
+             f"interleaved rounds ({doc['budget_s']:g} s per workload); "
              f"load average {mach['loadavg_before'][0]:.1f} at the start. Per provider: median us, "
              "IQR/median, 10th percentile us. Targets are judged on the medians.", ""]
     head = ["layer", "M"] + [SHORT[p] for p in tc.PROVIDERS] + ["dense / ternary v2 (median)", "(p10)", "target"]

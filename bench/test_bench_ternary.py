@@ -12,9 +12,9 @@ round by round and prints the table.
 from __future__ import annotations
 
 import pytest
-
 import ternary_cases as tc
 from harness import Case
+
 from supsup_fast import ternary
 
 

@@ -25,10 +25,13 @@ TORCH_LIBRARY(supsup_fast_C, m) {
   m.def("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()");
   // seed formats 1 and 2 (supsup_fast/seed_format.py): the fill, and the ternary layer reading mask words only
   m.def("seeded_fill_(Tensor(a!) out, int seed, int layer, float scale, int format_version) -> ()");
+  // unwrapped: tests/ops/test_schemas.py reads every schema's name from `m.def("name(`
+  // clang-format off
   m.def("ternary_linear(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias, "
         "int format_version) -> Tensor");
   m.def("ternary_linear_grad_input(Tensor grad_out, Tensor mask_words, int k, int seed, int layer, float scale, "
         "int format_version) -> Tensor");
+  // clang-format on
   // the binarisers' selections (CPU only)
   m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
   m.def("threshold_words(Tensor scores) -> Tensor");

@@ -54,8 +54,12 @@ SUPSUP_SEED_HD V2Keys v2_keys(int64_t seed, int64_t layer) {
   return V2Keys{hash32(key ^ kRowSalt), hash32(key ^ kColumnSalt)};
 }
 
-SUPSUP_SEED_HD uint32_t v2_row(const V2Keys& keys, uint32_t n) { return hash32(keys.row ^ n); }
-SUPSUP_SEED_HD uint32_t v2_column(const V2Keys& keys, uint32_t j) { return hash32(keys.column ^ j); }
+SUPSUP_SEED_HD uint32_t v2_row(const V2Keys& keys, uint32_t n) {
+  return hash32(keys.row ^ n);
+}
+SUPSUP_SEED_HD uint32_t v2_column(const V2Keys& keys, uint32_t j) {
+  return hash32(keys.column ^ j);
+}
 // S(n, j) from R(n) and C(j): the signs of weights (n, 32j) .. (n, 32j + 31), bit 0 first.
 SUPSUP_SEED_HD uint32_t v2_sign_word(uint32_t row_hash, uint32_t column_hash) {
   return hash32(row_hash ^ column_hash);

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from supsup_fast import SupsupError, base_weights, reference, seed_format
-from supsup_fast._native import EXT_LOADED, _C
+from supsup_fast._native import _C, EXT_LOADED
 from supsup_fast.format import words_per_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_cuda_header_matches_the_spec(tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found")
     src = tmp_path / "seed_check.cu"
-    src.write_text(_HOST_PROGRAM % ", ".join(f"{{{s}LL, {l}LL}}" for s, l in SEEDS))
+    src.write_text(_HOST_PROGRAM % ", ".join(f"{{{s}LL, {lay}LL}}" for s, lay in SEEDS))
     exe = tmp_path / "seed_check"
     built = subprocess.run([nvcc, "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(src), "-o", str(exe)],
                            capture_output=True, text=True, timeout=300)
@@ -179,9 +179,9 @@ def test_cuda_header_matches_the_spec(tmp_path):
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=60)
     values = [int(v) for v in out.stdout.split()]
     want = []
-    for s, l in SEEDS:
-        want += [_v2_word(s, l, n, j) for n in range(3) for j in range(4)]
-        want.append(sum(int(_v1_sign(s, l, i)) << i for i in range(32)))
+    for s, lay in SEEDS:
+        want += [_v2_word(s, lay, n, j) for n in range(3) for j in range(4)]
+        want.append(sum(int(_v1_sign(s, lay, i)) << i for i in range(32)))
     assert values == want
 
 
@@ -216,7 +216,8 @@ _TRITON_CHECK = r"""
 import torch
 from supsup_fast import seed_format as sf
 from supsup_fast.kernels import seed_format as ks
-for s, l, n, k in [(0, 0, 3, 64), (1, 2, 37, 100), (2**40 + 5, 3, 5, 1), (-7, 2**31 - 1, 11, 784), (2**32 - 1, -1, 2, 33)]:
+for s, l, n, k in [(0, 0, 3, 64), (1, 2, 37, 100), (2**40 + 5, 3, 5, 1), (-7, 2**31 - 1, 11, 784),
+                   (2**32 - 1, -1, 2, 33)]:
     assert torch.equal(ks.v2_sign_words(s, l, n, k, "cpu"), sf.v2_sign_words(s, l, n, k)), (s, l, n, k)
 print("ok")
 """

@@ -17,8 +17,7 @@ void signed_constant_fill_(const at::Tensor& out, int64_t seed, int64_t layer, d
 
 at::Tensor masked_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_words,
                          const std::optional<at::Tensor>& bias);
-at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight,
-                                    const at::Tensor& mask_words);
+at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& mask_words);
 at::Tensor masked_weight_grad(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight);
 // (dL/dy^T x) * W * sign(scores): the top-k binariser's score gradient in one epilogue
 at::Tensor masked_weight_grad_sign(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -36,10 +35,10 @@ at::Tensor threshold_words(const at::Tensor& scores);
 at::Tensor topk_words(const at::Tensor& scores, int64_t k);
 
 // ternary kernels over a seed-regenerated signed constant (ternary.cpp; supsup_fast/ternary.py)
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
-                          double scale, const std::optional<at::Tensor>& bias, int64_t format_version);
-at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& mask_words, int64_t k,
-                                     int64_t seed, int64_t layer, double scale, int64_t format_version);
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer, double scale,
+                          const std::optional<at::Tensor>& bias, int64_t format_version);
+at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& mask_words, int64_t k, int64_t seed,
+                                     int64_t layer, double scale, int64_t format_version);
 // +-scale in seed format `format_version` (supsup_fast/seed_format.py) over out's [N, K] view
 void seeded_fill_(const at::Tensor& out, int64_t seed, int64_t layer, double scale, int64_t format_version);
 // the signs of an [n, k] weight packed like a mask (int32 [n, ceil(k/32)], zero padding)

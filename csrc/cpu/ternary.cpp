@@ -73,10 +73,10 @@ namespace {
 
 using supsup_seed::V2Keys;
 
-constexpr int64_t kGroup = 4;                     // activations per lookup table
+constexpr int64_t kGroup = 4;  // activations per lookup table
 constexpr int64_t kGroupsPerWord = kWordBits / kGroup;
-constexpr int64_t kTable = 1 << kGroup;           // entries per table
-constexpr int64_t kMaxRowsPerPass = 8;            // rows of x sharing one pass over the mask
+constexpr int64_t kTable = 1 << kGroup;  // entries per table
+constexpr int64_t kMaxRowsPerPass = 8;   // rows of x sharing one pass over the mask
 
 // ---- which kernel runs (tests compare them) ----
 enum Isa : int { kAuto = 0, kAvx512 = 1, kAvx2 = 2, kScalar = 3 };
@@ -91,10 +91,14 @@ Isa active_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
-    case kAvx512: return "avx512";
-    case kAvx2: return "avx2";
-    case kScalar: return "scalar";
-    default: return "auto";
+    case kAvx512:
+      return "avx512";
+    case kAvx2:
+      return "avx2";
+    case kScalar:
+      return "scalar";
+    default:
+      return "auto";
   }
 }
 
@@ -124,10 +128,10 @@ inline void compiler_fence() {
 // The seed side of a call: which version, its keys, and the per-word column hashes.
 struct Seed {
   int version;
-  uint32_t key;        // version 1
-  V2Keys keys;         // version 2
-  uint32_t k32;        // K mod 2^32 (version 1's flat index n K + k)
-  const uint32_t* col; // version 2: C(j) for every word column
+  uint32_t key;         // version 1
+  V2Keys keys;          // version 2
+  uint32_t k32;         // K mod 2^32 (version 1's flat index n K + k)
+  const uint32_t* col;  // version 2: C(j) for every word column
 };
 
 // Scalar sign word of (n, j): the reference for the SIMD versions below.
@@ -207,10 +211,10 @@ void build_tables(const float* x, int64_t mb, int64_t k, int64_t nw, float c, fl
 }
 
 struct Forward {
-  const float* tables;  // [8 nw][mb][16]
-  const uint32_t* mask; // [n][nw]
-  const float* bias;    // [n] or null
-  float* y;             // rows of y for this pass, row stride n
+  const float* tables;   // [8 nw][mb][16]
+  const uint32_t* mask;  // [n][nw]
+  const float* bias;     // [n] or null
+  float* y;              // rows of y for this pass, row stride n
   int64_t n, nw, mb;
   Seed seed;
 };
@@ -329,7 +333,8 @@ inline __m256i sign_words8(const Seed& s, __m256i rowv, int64_t j) {
 }
 
 inline __m256i row_vector8(const Seed& s, int64_t n0) {
-  const __m256i rows = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(n0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256i rows =
+      _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(n0)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   if (s.version == 2) return hash8(_mm256_xor_si256(rows, _mm256_set1_epi32(static_cast<int>(s.keys.row))));
   return _mm256_mullo_epi32(rows, _mm256_set1_epi32(static_cast<int>(s.k32)));
 }
@@ -357,8 +362,8 @@ void forward_block_avx2(const Forward& f, int64_t n0) {
       __m256 w[L];
       for (int i = 0; i < L; ++i) {
         const int64_t row = n0 + r * L + i;
-        w[i] = row < f.n ? _mm256_castsi256_ps(_mm256_maskload_epi32(
-                               reinterpret_cast<const int*>(f.mask + row * f.nw + jc), in_row))
+        w[i] = row < f.n ? _mm256_castsi256_ps(
+                               _mm256_maskload_epi32(reinterpret_cast<const int*>(f.mask + row * f.nw + jc), in_row))
                          : _mm256_setzero_ps();
       }
       transpose8(w);
@@ -559,14 +564,22 @@ void forward_pass_mb(const Forward& f, Isa isa) {
 
 void forward_pass(const Forward& f, Isa isa) {
   switch (f.mb) {
-    case 1: return forward_pass_mb<1>(f, isa);
-    case 2: return forward_pass_mb<2>(f, isa);
-    case 3: return forward_pass_mb<3>(f, isa);
-    case 4: return forward_pass_mb<4>(f, isa);
-    case 5: return forward_pass_mb<5>(f, isa);
-    case 6: return forward_pass_mb<6>(f, isa);
-    case 7: return forward_pass_mb<7>(f, isa);
-    default: return forward_pass_mb<8>(f, isa);
+    case 1:
+      return forward_pass_mb<1>(f, isa);
+    case 2:
+      return forward_pass_mb<2>(f, isa);
+    case 3:
+      return forward_pass_mb<3>(f, isa);
+    case 4:
+      return forward_pass_mb<4>(f, isa);
+    case 5:
+      return forward_pass_mb<5>(f, isa);
+    case 6:
+      return forward_pass_mb<6>(f, isa);
+    case 7:
+      return forward_pass_mb<7>(f, isa);
+    default:
+      return forward_pass_mb<8>(f, isa);
   }
 }
 
@@ -757,8 +770,8 @@ float nonfinite_dot(const std::vector<std::pair<int64_t, float>>& bad, float c, 
 
 // y rows of x rows that hold a NaN or Inf: recomputed by nonfinite_dot (plus the bias) for every
 // output, as the tables cannot say which of their sums met an Inf times a pruned weight.
-void forward_nonfinite_rows(const float* x, int64_t m_rows, int64_t k, const uint32_t* mask, int64_t n,
-                            int64_t nw, const Seed& s, float c, const float* bias, float* y) {
+void forward_nonfinite_rows(const float* x, int64_t m_rows, int64_t k, const uint32_t* mask, int64_t n, int64_t nw,
+                            const Seed& s, float c, const float* bias, float* y) {
   std::vector<std::pair<int64_t, float>> bad;
   for (int64_t m = 0; m < m_rows; ++m) {
     const float* xr = x + m * k;
@@ -829,7 +842,9 @@ Seed make_seed(int64_t version, int64_t seed, int64_t layer, int64_t k, int64_t 
   return s;
 }
 
-size_t align64(size_t bytes) { return (bytes + 63) / 64 * 64; }
+size_t align64(size_t bytes) {
+  return (bytes + 63) / 64 * 64;
+}
 
 // t's elements in row-major order: its own storage when contiguous, else a copy kept in `keep`.
 template <typename T>
@@ -848,8 +863,8 @@ void check_scale(double scale, const char* op) {
 // ======================================================================================
 // Ops
 // ======================================================================================
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer,
-                          double scale, const std::optional<at::Tensor>& bias, int64_t format_version) {
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int64_t seed, int64_t layer, double scale,
+                          const std::optional<at::Tensor>& bias, int64_t format_version) {
   const char* op = "ternary_linear";
   check_version(format_version, op);
   check_scale(scale, op);
@@ -871,7 +886,10 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
   at::Tensor y = at::empty(out_shape, x.options());
   if (m_rows == 0 || n == 0) return y;
   if (k == 0) {  // no products: y is the bias
-    if (bias) y.copy_(bias->expand_as(y)); else y.zero_();
+    if (bias)
+      y.copy_(bias->expand_as(y));
+    else
+      y.zero_();
     return y;
   }
   at::Tensor x_copy, mask_copy, bias_copy;  // only where an input is not contiguous
@@ -901,8 +919,8 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& mask_words, int
   return y;
 }
 
-at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& mask_words, int64_t k,
-                                     int64_t seed, int64_t layer, double scale, int64_t format_version) {
+at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tensor& mask_words, int64_t k, int64_t seed,
+                                     int64_t layer, double scale, int64_t format_version) {
   const char* op = "ternary_linear_grad_input";
   check_version(format_version, op);
   check_scale(scale, op);
@@ -947,10 +965,18 @@ at::Tensor ternary_linear_grad_input(const at::Tensor& grad_out, const at::Tenso
     compiler_fence();
     const Backward bw{gs, word_ptr(mw), rowh, dxp + m0 * k, n, nw, k, mb, s};
     switch (mb) {
-      case 1: grad_pass_mb<1>(bw, isa); break;
-      case 2: grad_pass_mb<2>(bw, isa); break;
-      case 3: grad_pass_mb<3>(bw, isa); break;
-      default: grad_pass_mb<4>(bw, isa); break;
+      case 1:
+        grad_pass_mb<1>(bw, isa);
+        break;
+      case 2:
+        grad_pass_mb<2>(bw, isa);
+        break;
+      case 3:
+        grad_pass_mb<3>(bw, isa);
+        break;
+      default:
+        grad_pass_mb<4>(bw, isa);
+        break;
     }
   }
   grad_nonfinite_rows(gp, m_rows, n, word_ptr(mw), k, nw, s, c, dxp);
@@ -1007,7 +1033,9 @@ at::Tensor seed_sign_words(int64_t n, int64_t k, int64_t seed, int64_t layer, in
   return out;
 }
 
-std::string ternary_isa() { return isa_name(active_isa()); }
+std::string ternary_isa() {
+  return isa_name(active_isa());
+}
 
 void set_ternary_isa(const std::string& name) {
   int isa = -1;

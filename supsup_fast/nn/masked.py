@@ -33,12 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._registry import kernel
 from ..base_weights import signed_constant as _signed_constant
 from ..binarise import binarise, binarise_words, kept_count, straight_through_sign
 from ..config import SupsupConfig, check_seed
 from ..errors import SupsupError
 from ..format import gemm_shape, words_per_row
+from ..ops._registry import kernel
 from .base import TaskModule, _as_task_id
 
 
@@ -90,8 +90,8 @@ class MaskedLayerBase(TaskModule):
             # +-scale: the base's one value, as the seeded kernels take it; the buffer keeps the
             # weight's dtype and device through .to() while the weight itself may be absent
             self._scale = config.gain / math.sqrt(k)
-            self.register_buffer("base_scale", torch.tensor(self._scale, dtype=torch.float32).to(device=device, dtype=dtype),
-                                 persistent=False)
+            scale = torch.tensor(self._scale, dtype=torch.float32).to(device=device, dtype=dtype)
+            self.register_buffer("base_scale", scale, persistent=False)
             # a layer the ternary kernel can serve is regenerated on first use, not on construction
             self._lazy_weight = self._ternary_capable()
             w = None if self._lazy_weight else self._regenerate_weight()

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from supsup_fast import SupsupError, reference, seed_format, ternary
-from supsup_fast._native import EXT_LOADED, _C
+from supsup_fast._native import _C, EXT_LOADED
 
 needs_ext = pytest.mark.skipif(not EXT_LOADED, reason="compiled extension not loaded")
 # relative error ||out - exact|| / ||exact|| against float64 on the same weights
