@@ -25,7 +25,7 @@ TORCH_LIBRARY(supsup_fast_C, m) {
   m.def("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()");
   // seed formats 1 and 2 (supsup_fast/seed_format.py): the fill, and the ternary layer reading mask words only
   m.def("seeded_fill_(Tensor(a!) out, int seed, int layer, float scale, int format_version) -> ()");
-  // unwrapped: tests/ops/test_schemas.py reads every schema's name from `m.def("name(`
+  // unwrapped: tests/ops/test_schemas.py reads each name from the line holding m.def and its schema
   // clang-format off
   m.def("ternary_linear(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias, "
         "int format_version) -> Tensor");
