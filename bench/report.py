@@ -27,7 +27,7 @@ from typing import Optional
 BASELINE_ORDER = ["official", "stack_matvec", "two_pass", "reference", "numpy", "dense"]
 FAMILY_ORDER = [
     "task_inference", "mask_dots", "superpose", "masked_linear_fwd", "masked_linear_bwd",
-    "masked_conv2d_fwd", "masked_conv2d_bwd", "train_step", "pack_masks", "unpack_masks",
+    "masked_conv2d_fwd", "masked_conv2d_bwd", "ternary_linear_fwd", "train_step", "pack_masks", "unpack_masks",
 ]
 FAMILY_TITLE = {
     "task_inference": "One-shot task inference from one image (end to end)",
@@ -37,6 +37,7 @@ FAMILY_TITLE = {
     "masked_linear_bwd": "masked_linear forward + backward (to input and scores)",
     "masked_conv2d_fwd": "masked_conv2d forward (3x3, reduced ResNet-18 widths)",
     "masked_conv2d_bwd": "masked_conv2d forward + backward (to input and weight)",
+    "ternary_linear_fwd": "One layer over a signed-constant base: dense vs masked vs seed-regenerated (ternary)",
     "train_step": "Training step of one task (RMSprop)",
     "pack_masks": "pack_masks",
     "unpack_masks": "unpack_masks",
@@ -162,9 +163,10 @@ def _one(results, family, case_re, provider):
 def targets(results: list[Result]) -> str:
     rows = []
 
-    def speedup(name, family, case_re, baseline, goal, cmp=">="):
+    def speedup(name, family, case_re, baseline, goal, cmp=">=", provider=None):
         for case in sorted({r.case for r in _find(results, family, case_re, lambda p: True)}, key=_case_key):
-            f = _best_fast(results, family, re.escape(case))
+            f = (_one(results, family, re.escape(case), provider) if provider
+                 else _best_fast(results, family, re.escape(case)))
             b = _one(results, family, re.escape(case), baseline)
             if f is None or b is None:
                 rows.append((name, case, "not measured", ""))
@@ -193,6 +195,13 @@ def targets(results: list[Result]) -> str:
     speedup("masked_linear fwd ≥ 1.5× two_pass (M=1)", "masked_linear_fwd", r".*-M1-float32", "two_pass", 1.5)
     speedup("masked_linear fwd ≥ 1.0× two_pass (M=128)", "masked_linear_fwd", r".*-M128-float32", "two_pass", 1.0)
     speedup("train step ≤ 1.5× dense", "train_step", r".*", "dense", 1.5, cmp="<=")
+    tern = "supsup_fast[ternary_linear]"
+    speedup("ternary layer ≥ 4× dense (M=1)", "ternary_linear_fwd", r"4096x4096-M1-float32", "dense", 4, provider=tern)
+    speedup("ternary layer ≥ 1.5× dense (M=1)", "ternary_linear_fwd", r"(1024x784|1024x1024|200x1024)-M1-float32",
+            "dense", 1.5, provider=tern)
+    speedup("ternary layer ≥ 1× dense (M=1)", "ternary_linear_fwd", r"(300x784|100x300|100x100)-M1-float32", "dense", 1,
+            provider=tern)
+    speedup("ternary layer ≥ 1× dense (M ≤ 8)", "ternary_linear_fwd", r".*-M[2-8]-float32", "dense", 1, provider=tern)
     if not rows:
         return ""
     out = ["| target | workload | status | measured |", "|---|---|---|---|"]

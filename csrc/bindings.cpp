@@ -16,6 +16,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_has_avx512", &supsup::cpu_has_avx512);
   m.def("avx512_enabled", &supsup::masked_gemm_available);
   m.def("set_avx512_enabled", &supsup::set_avx512_enabled, pybind11::arg("enabled"));
+  // the ternary kernels: the forward bound directly (as masked_linear_cpu), the seed format's
+  // sign words for tests, and which ISA runs (a switch to compare them bit for bit)
+  m.def("ternary_linear_cpu", &supsup::ternary_linear, "ternary_linear's CPU kernel, called directly",
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("seed_sign_words", &supsup::seed_sign_words, pybind11::arg("n"), pybind11::arg("k"), pybind11::arg("seed"),
+        pybind11::arg("layer"), pybind11::arg("format_version"));
+  m.def("ternary_isa", &supsup::ternary_isa);
+  m.def("set_ternary_isa", &supsup::set_ternary_isa, pybind11::arg("name"));
 #ifdef SUPSUP_WITH_CUDA
   m.attr("WITH_CUDA") = true;
 #else

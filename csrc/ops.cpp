@@ -23,6 +23,15 @@ TORCH_LIBRARY(supsup_fast_C, m) {
   // the signed-constant base regenerated from its seed
   m.def("masked_linear_seeded(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias) -> Tensor");
   m.def("signed_constant_fill_(Tensor(a!) out, int seed, int layer, float scale) -> ()");
+  // seed formats 1 and 2 (supsup_fast/seed_format.py): the fill, and the ternary layer reading mask words only
+  m.def("seeded_fill_(Tensor(a!) out, int seed, int layer, float scale, int format_version) -> ()");
+  // unwrapped: tests/ops/test_schemas.py reads each name from the line holding m.def and its schema
+  // clang-format off
+  m.def("ternary_linear(Tensor x, Tensor mask_words, int seed, int layer, float scale, Tensor? bias, "
+        "int format_version) -> Tensor");
+  m.def("ternary_linear_grad_input(Tensor grad_out, Tensor mask_words, int k, int seed, int layer, float scale, "
+        "int format_version) -> Tensor");
+  // clang-format on
   // the binarisers' selections (CPU only)
   m.def("largest_k(Tensor a, int k, bool magnitude=False) -> Tensor");
   m.def("threshold_words(Tensor scores) -> Tensor");

@@ -319,16 +319,11 @@ def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
     return _forward(x, None, mask_words, bias, key_i32(layer_key(seed, layer)), float(scale), True)
 
 
-ROW_SALT, COLUMN_SALT = 0x243F6A88, 0x85A308D3  # seed format 2's salts (supsup_fast.seed_format)
-
-
 def seed_v2_keys(seed: int, layer: int) -> tuple[int, int]:
-    """Seed format 2's row and column keys ``(kr, kc) = (H(key ^ ROW_SALT), H(key ^ COLUMN_SALT))``."""
-    from supsup_fast.base_weights import hash32, layer_key
+    """Seed format 2's row and column keys ``(kr, kc)`` (:func:`supsup_fast.seed_format.v2_keys`)."""
+    from supsup_fast.seed_format import v2_keys
 
-    key = layer_key(seed, layer)
-    kr, kc = hash32(torch.tensor([key ^ ROW_SALT, key ^ COLUMN_SALT], dtype=torch.int64)).tolist()
-    return int(kr), int(kc)
+    return v2_keys(seed, layer)
 
 
 def ternary_linear(x, mask_words, seed, layer, scale, bias=None):

@@ -5,7 +5,7 @@ kernels that apply one mask, or an alpha-weighted superposition of all of them, 
 materialising a float mask.
 """
 
-from . import backends, format, ops, reference  # noqa: F401  (ops defines the torch.library ops)
+from . import backends, format, ops, reference, seed_format  # noqa: F401  (ops defines the torch.library ops)
 from .backends._ext import EXT_LOADED
 from .binarise import threshold_mask, topk_mask
 from .config import SupsupConfig
@@ -44,7 +44,7 @@ __version__ = "0.1.0"
 # Loaded on first use, so `import supsup_fast` stays light (no data loaders, tqdm, matplotlib,
 # safetensors): `sf.inference.infer_task(...)` and `from supsup_fast import checkpoint` both work.
 _LAZY = ("checkpoint", "data", "distributed", "experiment", "experiments", "hopfield", "inference", "info",
-         "integrations", "models", "nns", "objectives", "testing", "training")
+         "integrations", "models", "nns", "objectives", "ternary", "testing", "training")
 # functions of lazily loaded modules, reachable as sf.<name>
 _LAZY_FUNCTIONS = {"save_pretrained": "checkpoint", "from_pretrained": "checkpoint", "export_task": "checkpoint"}
 
@@ -63,7 +63,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_LAZY_FUNCTIONS))
 
 __all__ = [
-    "format", "ops", "reference", "EXT_LOADED", "SupsupError", "BackendError", "BankFileError",
+    "format", "ops", "reference", "seed_format", "EXT_LOADED", "SupsupError", "BackendError", "BankFileError",
     "ConversionWarning", "SupsupConfig", "topk_mask", "threshold_mask",
     "MaskedLayerBase", "MaskedLinear", "MaskedConv2d", "TaskBatchNorm", "TaskDense",
     "convert_", "register_conversion", "summary", "ConversionSummary", "print_trainable_parameters",
@@ -71,7 +71,7 @@ __all__ = [
     "begin_task", "freeze_task", "discard_task", "delete_task", "rename_task", "task", "tasks", "task_id",
     "set_task", "set_row_tasks", "set_superposition", "num_tasks", "task_parameters", "mask_nbytes",
     "recalibrate_norms", "save_pretrained", "from_pretrained", "export_task",
-    "checkpoint", "hopfield", "inference", "nns", "training",
+    "checkpoint", "hopfield", "inference", "nns", "ternary", "training",
 ]
 
 # every backend this installation can run; an explicit call, never a side effect of an import

@@ -1,11 +1,14 @@
 """Frozen base weights regenerated from a seed: the signed Kaiming constant.
 
 Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-based hash of
-``(seed, layer, index)`` (:func:`hash32`, :func:`layer_key`, :func:`signed_constant_signs` below
-are that hash's specification), so a checkpoint stores the seed instead of the weights and every
-backend regenerates them bit for bit.
+``(seed, layer, index)``, so a checkpoint stores the seed instead of the weights and every backend
+regenerates them bit for bit. How the hash is laid out is the seed format, specified once in
+:mod:`supsup_fast.seed_format` (:func:`hash32`, :func:`layer_key` and :func:`signed_constant_signs`
+are re-exported here): version 1, one hash per weight, is what every bank and checkpoint records
+unless it says otherwise (and the default); version 2, one hash per 32-weight word, is the one the
+ternary kernels (:mod:`supsup_fast.ops.ternary`) regenerate cheaply.
 
-The hash reads the low 32 bits of the seed and of the layer id (the spec functions below are defined
+The hash reads the low 32 bits of the seed and of the layer id (the spec functions are defined
 on any int that way, as the kernels are); the functions that name a base -- :func:`signed_constant`,
 the ``seeded`` ops, :class:`~supsup_fast.config.SupsupConfig` and the masked layers -- take seeds and
 layer ids in ``[0, 2**32)`` only (:func:`~supsup_fast.config.check_seed`), so one base has one name.
@@ -22,36 +25,10 @@ import torch
 from . import ops
 from .config import check_seed
 from .errors import SupsupError
+from .seed_format import DEFAULT_SEED_FORMAT, check_version, hash32, layer_key  # noqa: F401  (the hash spec)
+from .seed_format import v1_signs as signed_constant_signs  # noqa: F401
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_U32 = 0xFFFFFFFF
-
-
-# --------------------------------------------------------------------------------------
-# The hash (format version 1): sign of weight i of layer l = bit 0 of hash32(i ^ layer_key(seed, l))
-# --------------------------------------------------------------------------------------
-def hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer finaliser (lowbias32), on uint32 values held in int64 tensors."""
-    x = x & _U32
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & _U32
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & _U32
-    x = x ^ (x >> 16)
-    return x
-
-
-def layer_key(seed: int, layer: int) -> int:
-    """The per-layer hash key ``hash32(layer ^ hash32(seed))`` as a Python int."""
-    s = hash32(torch.tensor([seed & _U32], dtype=torch.int64))
-    return int(hash32(torch.tensor([layer & _U32], dtype=torch.int64) ^ s).item())
-
-
-def signed_constant_signs(seed: int, layer: int, numel: int, device=None) -> torch.Tensor:
-    """Bool signs (True = +) of weights ``0..numel-1`` in row-major order: bit 0 of ``hash32(index ^ key)``."""
-    key = layer_key(seed, layer)
-    idx = torch.arange(numel, dtype=torch.int64, device=device)
-    return (hash32(idx ^ key) & 1).bool()
 
 
 def layer_id_for(name: str) -> int:
@@ -72,12 +49,18 @@ def signed_constant(
     gain: float = math.sqrt(2.0),
     dtype: torch.dtype = torch.float32,
     device=None,
+    format_version: int = DEFAULT_SEED_FORMAT,
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    Filled by the ``signed_constant_fill_`` op: every backend writes the same bits as the
-    reference's; the compiled ones without materialising the hash's intermediates.
+    ``format_version`` is the seed format (1, the default, or 2; :mod:`supsup_fast.seed_format`).
+    Filled by the ``signed_constant_fill_`` (version 1) or ``seeded_fill_`` op: every backend writes
+    the same bits as the reference's; the compiled ones without materialising the hash's intermediates.
     """
+    try:
+        version = check_version(format_version)
+    except ValueError as e:
+        raise SupsupError(f"signed_constant: {e}") from None
     seed, layer = check_seed(seed, "signed_constant: seed"), check_seed(layer, "signed_constant: layer")
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -90,4 +73,6 @@ def signed_constant(
     if fan_in == 0:
         raise SupsupError(f"signed_constant: fan_in is 0 for shape {shape}")
     out = torch.empty(shape, dtype=dtype, device=device)
-    return ops.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
+    if version == 1:
+        return ops.signed_constant_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in))
+    return ops.seeded_fill_(out, int(seed), int(layer), gain / math.sqrt(fan_in), version)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .errors import SupsupError
+from .seed_format import DEFAULT_SEED_FORMAT, SEED_FORMAT_VERSIONS
 
 BINARISERS = ("topk", "threshold")
 DENSITY_SCHEDULES = ("uniform", "erdos_renyi")
@@ -44,6 +45,13 @@ class SupsupConfig:
             the wrapped layer's own weight, kept frozen and saved with the model).
         seed: seed of the signed-constant base weights, an int in ``[0, 2**32)`` (:data:`SEED_RANGE`).
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
+        seed_format: how the signed-constant base is regenerated from the seed
+            (:mod:`supsup_fast.seed_format`): ``1`` (one hash per weight; the default, and what every
+            bank saved before format 2 holds) or ``2`` (one hash per 32-weight word). With ``2``, a
+            float32 :class:`~supsup_fast.nn.MaskedLinear` on CPU applying one frozen task to a few
+            rows runs the ternary kernel, which reads only the mask words, and its dense weight is
+            materialised only when another path needs it. The two formats are different bases: a
+            bank records its format and refuses a model with the other.
         score_init: ``"kaiming_uniform"`` (``U(+-1/sqrt(fan_in))``) or ``"transfer"`` (a new
             task's scores start at the running mean of the earlier tasks' final scores).
         keep_bias: keep the wrapped layer's bias, frozen. ``None`` (the default) keeps it over a pretrained
@@ -65,6 +73,7 @@ class SupsupConfig:
     base: str = "signed_constant"
     seed: int = 0
     gain: float = math.sqrt(2.0)
+    seed_format: int = DEFAULT_SEED_FORMAT
     score_init: str = "kaiming_uniform"
     keep_bias: Optional[bool] = None
     per_task_norm: bool = True
@@ -106,6 +115,10 @@ class SupsupConfig:
             )
         set_("seed", check_seed(self.seed, "SupsupConfig.seed"))
         set_("gain", _real("gain", self.gain, "a positive number", lambda v: v > 0.0))
+        if not _is_int(self.seed_format) or int(self.seed_format) not in SEED_FORMAT_VERSIONS:
+            raise SupsupError(f"SupsupConfig.seed_format must be one of {SEED_FORMAT_VERSIONS} (the seed formats of "
+                              f"supsup_fast.seed_format), got {self.seed_format!r}")
+        set_("seed_format", int(self.seed_format))
         if self.keep_bias is None:  # resolved once: the pretrained network is kept whole, SupSup's own has no bias
             set_("keep_bias", self.base == "pretrained")
         elif not isinstance(self.keep_bias, bool):

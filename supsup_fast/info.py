@@ -40,6 +40,7 @@ def collect() -> dict:
         "extension_error": EXT_ERROR,
         "extension_cuda": ext_has_cuda(),
         "cpu_avx512_gemm": avx512_gemm_state(),
+        "ternary_kernel": ternary_kernel_state(),
         "forced": os.environ.get(ops.ENV_BACKEND, ""),
         "backends": {
             b.name: ("available" if b.available else f"unavailable: {b.why_unavailable}") for b in ops.backends()
@@ -59,6 +60,15 @@ def avx512_gemm_state() -> str:
     return "yes" if _C.avx512_enabled() else "no (switched off: SUPSUP_FAST_NO_AVX512=1 or _C.set_avx512_enabled)"
 
 
+def ternary_kernel_state() -> str:
+    """The instruction set of the ternary CPU kernel (supsup_fast.ternary), or why there is none."""
+    if not EXT_LOADED:
+        return "none (extension not loaded)"
+    from . import _C
+
+    return _C.ternary_isa()
+
+
 def render(info: dict) -> str:
     lines = [f"supsup_fast on {info['device']} ({info['threads']} threads)"]
     lines += [f"  {k}: {info[k]}" for k in ("python", "torch", "triton", "cuda_available")]
@@ -67,6 +77,7 @@ def render(info: dict) -> str:
            if info["extension_loaded"] else f"NOT loaded ({info['extension_error']})")
     lines.append(f"  compiled extension: {ext}" + (" with CUDA kernels" if info["extension_cuda"] else ""))
     lines.append(f"  AVX-512 masked GEMM: {info['cpu_avx512_gemm']}")
+    lines.append(f"  ternary kernel (supsup_fast.ternary): {info['ternary_kernel']}")
     if info["forced"]:
         lines.append(f"  forced by {ops.ENV_BACKEND}: {info['forced']}")
     lines.append("backends (highest priority first):")

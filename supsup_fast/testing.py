@@ -217,6 +217,23 @@ def _cases() -> list[OpCase]:
         c.append(OpCase("signed_constant_fill_", "x".join(map(str, shape)),
                         lambda d, dev, s, shape=shape: (torch.empty(shape, dtype=d, device=dev), 2**32 - 1 - s, 4,
                                                         0.3)))
+    for shape in ((4, 6), (3, 5, 5), (5, 70)):  # the ternary kernels' seed formats, both
+        for v in (1, 2):
+            c.append(OpCase("seeded_fill_", "x".join(map(str, shape)) + f"-v{v}",
+                            lambda d, dev, s, shape=shape, v=v: (torch.empty(shape, dtype=d, device=dev), 2**32 - 1 - s,
+                                                                 4, 0.3, v)))
+    for m, n, k, bias in (((1,), 7, 1, False), ((3,), 21, 31, True), ((2, 3), 9, 33, False), ((17,), 40, 100, True),
+                          ((1,), 12, 784, False)):
+        for v in (1, 2):
+            name = f"M{'x'.join(map(str, m))}-N{n}-K{k}" + ("-bias" if bias else "") + f"-v{v}"
+            c.append(OpCase("ternary_linear", name,
+                            lambda d, dev, s, m=m, n=n, k=k, bias=bias, v=v: (
+                                randn((*m, k), d, s, dev), random_bank(1, n, k, s + 1, device=dev)[0], 4321 + s, 9,
+                                0.37, randn((n,), d, s + 2, dev) if bias else None, v)))
+            c.append(OpCase("ternary_linear_grad_input", name,
+                            lambda d, dev, s, m=m, n=n, k=k, v=v: (
+                                randn((*m, n), d, s, dev), random_bank(1, n, k, s + 1, device=dev)[0], k, 4321 + s, 9,
+                                0.37, v)))
     for n, k, keep in ((7, 13, 30), (64, 100, 3200), (3, 70_001, 1)):
         def scores(dtype, device, seed, n=n, k=k):
             s = randn((n, k), torch.float32, seed, device)

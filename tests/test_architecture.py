@@ -19,12 +19,13 @@ PACKAGE = ROOT / "supsup_fast"
 
 # Imports run one way: a module may import modules of its own layer or lower ones, never higher.
 LAYERS = [
-    ("supsup_fast.errors", "supsup_fast.format", "supsup_fast.config", "supsup_fast.objectives"),
+    ("supsup_fast.errors", "supsup_fast.format", "supsup_fast.config", "supsup_fast.objectives",
+     "supsup_fast.seed_format"),
     ("supsup_fast.ops._registry",),
     ("supsup_fast.ops", "supsup_fast.kernels"),
     ("supsup_fast.base_weights",),
     ("supsup_fast.backends", "supsup_fast.reference", "supsup_fast._native", "supsup_fast._gpu_backends"),
-    ("supsup_fast.binarise", "supsup_fast.binarize", "supsup_fast.nn"),
+    ("supsup_fast.binarise", "supsup_fast.binarize", "supsup_fast.nn", "supsup_fast.ternary"),
     ("supsup_fast.model_tasks",),
     ("supsup_fast.convert",),
     ("supsup_fast.training", "supsup_fast.inference", "supsup_fast.nns", "supsup_fast.hopfield",

@@ -19,4 +19,7 @@ TORCH_LIBRARY_IMPL(supsup_fast_C, CPU, m) {
   m.impl("masked_linear_grouped", &supsup::masked_linear_grouped);
   m.impl("masked_linear_seeded", &supsup::masked_linear_seeded);
   m.impl("signed_constant_fill_", &supsup::signed_constant_fill_);
+  m.impl("seeded_fill_", &supsup::seeded_fill_);
+  m.impl("ternary_linear", &supsup::ternary_linear);
+  m.impl("ternary_linear_grad_input", &supsup::ternary_linear_grad_input);
 }

@@ -39,6 +39,10 @@ def _impls() -> dict:
         "masked_linear_grouped_grad_input": _composite.grouped_grad_input_by_task(C.masked_linear_grad_input.default),
         "masked_linear_seeded": C.masked_linear_seeded.default,
         "signed_constant_fill_": C.signed_constant_fill_.default,
+        "seeded_fill_": C.seeded_fill_.default,
+        # bound without the dispatcher, as masked_linear (the GIL released)
+        "ternary_linear": _C.ternary_linear_cpu,
+        "ternary_linear_grad_input": C.ternary_linear_grad_input.default,
         "largest_k": C.largest_k.default,
         "topk_words": C.topk_words.default,
         "threshold_words": C.threshold_words.default,
@@ -52,6 +56,14 @@ def backend() -> Backend:
                        why_unavailable=f"compiled extension not loaded ({EXT_ERROR})")
     return Backend(
         name=NAME, priority=PRIORITY, devices=("cpu",), impls=_impls(),
-        # the binarisers' selections are compiled for float32 scores
-        op_dtypes={"largest_k": _F32, "topk_words": _F32, "threshold_words": _F32},
+        # the binarisers' selections are compiled for float32 scores, the ternary kernels for float32
+        op_dtypes={"largest_k": _F32, "topk_words": _F32, "threshold_words": _F32,
+                   "ternary_linear": _F32, "ternary_linear_grad_input": _F32},
     )
+
+
+def ternary_isa() -> str:
+    """The instruction set the ternary CPU kernels run on here (``avx512``, ``avx2``, ``scalar``), or
+    ``none`` without the extension. ``SUPSUP_FAST_NO_AVX512=1`` switches AVX-512 off, as for the
+    masked GEMM."""
+    return _C.ternary_isa() if EXT_LOADED else "none"

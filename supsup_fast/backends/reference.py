@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .. import seed_format
 from ..base_weights import hash32, layer_key, signed_constant_signs  # noqa: F401  (the hash spec)
 from ..format import WORD_BITS, words_per_row
 from ..objectives import entropy, g_objective  # noqa: F401  (kept importable from here)
@@ -180,6 +181,43 @@ def masked_linear_seeded(x, mask_words, seed, layer, scale, bias=None):
     weight = torch.empty(mask_words.shape[0], x.shape[-1], dtype=x.dtype, device=x.device)
     signed_constant_fill_(weight, seed, layer, scale)
     return masked_linear(x, weight, mask_words, bias)
+
+
+# --------------------------------------------------------------------------------------
+# The seed formats (supsup_fast.seed_format): the fill, and the ternary layer
+# --------------------------------------------------------------------------------------
+def seeded_fill_(out: torch.Tensor, seed: int, layer: int, scale: float, format_version: int) -> None:
+    """``out = +-scale`` over ``out``'s ``[N, K]`` view, the signs in seed format ``format_version``.
+
+    Version 1 is :func:`signed_constant_fill_`. The constant is formed in float32, then cast.
+    """
+    n = out.shape[0]
+    k = out.numel() // n if n else 0
+    signs = seed_format.signs(seed, layer, (n, k), format_version, out.device)
+    c = torch.tensor(scale, dtype=torch.float32, device=out.device)
+    out.copy_(torch.where(signs, c, -c).to(out.dtype).reshape(out.shape))
+
+
+def _ternary_weight(mask_words, n, k, seed, layer, scale, dtype, device, format_version):
+    """``W * M``: the signed constant ``+-scale`` of seed format ``format_version`` under the mask."""
+    weight = torch.empty(n, k, dtype=dtype, device=device)
+    seeded_fill_(weight, seed, layer, scale, format_version)
+    return apply_mask(weight, mask_words)
+
+
+def ternary_linear(x, mask_words, seed, layer, scale, bias=None, format_version=2):
+    """``x (W * M)^T + b`` with ``W = +-scale`` regenerated in seed format ``format_version``: ternary
+    weights ``{-scale, 0, +scale}``, nothing stored but the mask."""
+    w = _ternary_weight(mask_words, mask_words.shape[0], x.shape[-1], seed, layer, scale, x.dtype, x.device,
+                        format_version)
+    return F.linear(x, w, bias)
+
+
+def ternary_linear_grad_input(grad_out, mask_words, k, seed, layer, scale, format_version=2):
+    """``dL/dx = dL/dy (W * M)``."""
+    w = _ternary_weight(mask_words, mask_words.shape[0], k, seed, layer, scale, grad_out.dtype, grad_out.device,
+                        format_version)
+    return grad_out @ w
 
 
 # --------------------------------------------------------------------------------------

@@ -55,6 +55,18 @@ def _on_tensor_device(fn):
     return run
 
 
+def _ternary_linear(mm):
+    """``ternary_linear`` by seed format: format 1 is ``masked_linear_seeded``'s base, format 2 the
+    word-hashed one (the signs of 32 weights per hash, read with the mask words)."""
+
+    def ternary_linear(x, mask_words, seed, layer, scale, bias=None, format_version=2):
+        if format_version == 1:
+            return mm.masked_linear_seeded(x, mask_words, seed, layer, scale, bias)
+        return mm.ternary_linear(x, mask_words, seed, layer, scale, bias)
+
+    return ternary_linear
+
+
 def triton_impls() -> dict:
     """The Triton launchers, keyed by op name (raises ImportError without triton)."""
     mods = _import_triton_kernels()
@@ -74,6 +86,7 @@ def triton_impls() -> dict:
         "masked_linear_grouped_grad_input": mm.masked_linear_grouped_grad_input,
         "masked_linear_seeded": mm.masked_linear_seeded,
         "signed_constant_fill_": mo.signed_constant_fill_,
+        "ternary_linear": _ternary_linear(mm),
     }
     impls = {op: _on_tensor_device(fn) for op, fn in launchers.items()}
     impls["masked_conv2d"] = _composite.conv2d_over_apply_mask(impls["apply_mask"])

@@ -169,8 +169,9 @@ def model_fingerprint(mods: Mods) -> tuple[dict, list]:
                 "config": configs.index(cfg),
             }
             if signed:
-                seed, layer_id = (int(v) for v in m.base_id.tolist())
-                entry.update(seed=seed, gain=float(m.config.gain), signs_sha256=_signs_digest(m.weight))
+                seed, layer_id = (int(v) for v in m.base_id.tolist()[:2])  # [seed, layer(, format)]
+                entry.update(seed=seed, gain=float(m.config.gain), seed_format=int(m.seed_format),
+                             signs_sha256=_signs_digest(m.weight))
             layers.append(entry)
         else:
             norms.append({
@@ -194,13 +195,22 @@ def model_fingerprint(mods: Mods) -> tuple[dict, list]:
 
 
 _LAYER_KEYS = ("name", "type", "weight_shape", "packed_shape", "layer_id", "base", "has_bias", "seed", "gain",
-               "signs_sha256")
+               "seed_format", "signs_sha256")
 _NORM_KEYS = ("name", "type", "num_features", "affine", "init_stats")
 _PER_TASK_KEYS = ("name", "type", "fields")
 #: The config fields that decide what a stored mask means (how it was chosen, over which base); the
 #: others are covered by the fingerprint (``keep_bias``: ``has_bias``, ``per_task_norm``: the norms) or
 #: concern tasks not yet learned (``score_init``) or a capacity checked when tasks are loaded (``max_tasks``).
-_CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain")
+_CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain", "seed_format")
+#: What a bank written before a key existed means by its absence (banks before seed format 2 are format 1)
+_LAYER_DEFAULTS = {"seed_format": 1}
+_CONFIG_DEFAULTS = {"seed_format": 1}
+
+
+def _saved(entry: dict, key: str, signed: bool, defaults: dict):
+    if key in entry or not signed:
+        return entry.get(key)
+    return defaults.get(key)
 
 
 def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: Optional[list] = None,
@@ -227,8 +237,10 @@ def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: 
                 f"the model's are {bn[:8]}{' ...' if len(bn) > 8 else ''}"
             )
         for ea, eb in zip(a, b):
+            signed = isinstance(ea, dict) and ea.get("base") == "signed_constant"
             for k in keys:
-                va, vb = ea.get(k), eb.get(k)
+                va = _saved(ea, k, signed, _LAYER_DEFAULTS) if isinstance(ea, dict) else None
+                vb = eb.get(k)
                 if k == "init_stats":  # absent in banks written before it was recorded: no kept statistics
                     va, vb = bool(va), bool(vb)
                 if va != vb:
@@ -270,10 +282,11 @@ def _check_configs(saved: dict, saved_configs: list, model_fp: dict, model_confi
             raise BankFileError(f"{path}: corrupted manifest: layer '{eb['name']}' names config {i!r}")
         a, b = saved_configs[i], model_configs[eb["config"]]
         for k in _CONFIG_KEYS:
-            if a.get(k) != b.get(k):
+            va = _saved(a, k, True, _CONFIG_DEFAULTS)
+            if va != b.get(k):
                 raise BankFileError(
                     f"{path} was saved from a model configured differently: layer '{eb['name']}' has {k} "
-                    f"{a.get(k)!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
+                    f"{va!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
                 )
 
 

@@ -48,7 +48,7 @@ def masked_modules(model: nn.Module) -> list[MaskedLayerBase]:
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's masked layers."""
     for m in masked_modules(model):
-        return m.weight.device
+        return m.bank.device  # not m.weight: a lazy base would be regenerated for it
     raise SupsupError(f"{type(model).__name__} has no masked layers; convert it with convert_(model, config)")
 
 

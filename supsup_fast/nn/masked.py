@@ -40,6 +40,7 @@ from ..binarise import binarise, binarise_words, kept_count, straight_through_si
 from ..config import SupsupConfig, check_seed
 from ..errors import SupsupError
 from ..format import gemm_shape, words_per_row
+from ..ops._registry import kernel
 from .base import TaskModule, _as_task_id
 
 
@@ -77,14 +78,29 @@ class MaskedLayerBase(TaskModule):
         self.score_init = config.score_init
         n, k = gemm_shape(shape)
 
+        self._weight_shape = shape
+        self.seed_format = 1  # of a signed-constant base; a pretrained one has none
+        self._lazy_weight = False
         if weight is None:
             if config.base == "pretrained":
                 raise SupsupError(f"{type(self).__name__}: base='pretrained' needs the wrapped layer's weight")
             dtype = torch.float32 if dtype is None else dtype
-            w = _signed_constant(config.seed, self.layer_id, shape, config.gain, dtype, device)
+            if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                raise SupsupError(f"{type(self).__name__}: dtype must be fp16/bf16/fp32/fp64, got {dtype}")
+            self.seed_format = config.seed_format
+            self._base_seed, self._gain = config.seed, config.gain
+            # +-scale: the base's one value, as the seeded kernels take it; the buffer keeps the
+            # weight's dtype and device through .to() while the weight itself may be absent
+            self._scale = config.gain / math.sqrt(k)
+            scale = torch.tensor(self._scale, dtype=torch.float32).to(device=device, dtype=dtype)
+            self.register_buffer("base_scale", scale, persistent=False)
+            # a layer the ternary kernel can serve is regenerated on first use, not on construction
+            self._lazy_weight = self._ternary_capable()
+            w = None if self._lazy_weight else self._regenerate_weight()
             self.register_buffer("weight", w, persistent=False)
-            self.register_buffer("base_id", torch.tensor([config.seed, self.layer_id], dtype=torch.int64,
-                                                         device=device))
+            # format 1 keeps the id every bank saved before format 2 holds
+            base_id = [config.seed, self.layer_id] + ([self.seed_format] if self.seed_format != 1 else [])
+            self.register_buffer("base_id", torch.tensor(base_id, dtype=torch.int64, device=device))
         else:
             if tuple(weight.shape) != shape:
                 raise SupsupError(f"{type(self).__name__}: weight has shape {tuple(weight.shape)}, expected {shape}")
@@ -92,24 +108,54 @@ class MaskedLayerBase(TaskModule):
                 raise SupsupError(f"{type(self).__name__}: weight must be floating, got {weight.dtype}")
             # an explicit weight is a pretrained base whatever config.base says: it is saved
             self.register_buffer("weight", weight.detach().clone(), persistent=True)
+        ref = self.weight if self._buffers["weight"] is not None else self.base_scale
         if bias is not None:
             if tuple(bias.shape) != (n,):
                 raise SupsupError(f"{type(self).__name__}: bias has shape {tuple(bias.shape)}, expected ({n},)")
-            bias = bias.detach().clone().to(self.weight.dtype)
+            bias = bias.detach().clone().to(ref.dtype)
         self.register_buffer("bias", bias)
-        self.register_buffer("bank", torch.zeros((0, n, words_per_row(k)), dtype=torch.int32,
-                                                 device=self.weight.device))
+        self.register_buffer("bank", torch.zeros((0, n, words_per_row(k)), dtype=torch.int32, device=ref.device))
         self._bank_store: Optional[torch.Tensor] = None  # geometric-growth storage behind `bank`
         self.register_parameter("scores", None)
         # running mean of frozen tasks' scores ("transfer" init); allocated at the first freeze
         self.register_buffer("score_mean", None)
         self._score_mean_count = 0
 
+    # ---- the base weight: regenerated on first use where the ternary kernel serves ---------
+    def _ternary_capable(self) -> bool:
+        """Whether this layer's task forward can run the ternary kernel (:meth:`_ternary_serves`)."""
+        return False
+
+    def _regenerate_weight(self) -> torch.Tensor:
+        s = self.base_scale
+        return _signed_constant(self._base_seed, self.layer_id, self._weight_shape, self._gain, s.dtype, s.device,
+                                format_version=self.seed_format)
+
+    def __getattr__(self, name: str):
+        # `weight` of a lazy signed-constant base: regenerated (and kept) when something reads it;
+        # the ternary forward never does, and drops it (_release_weight)
+        if name == "weight":
+            d = self.__dict__
+            buffers = d.get("_buffers")
+            if d.get("_lazy_weight") and buffers is not None and buffers.get("weight") is None:
+                w = buffers["weight"] = self._regenerate_weight()
+                return w
+        return super().__getattr__(name)
+
+    def _release_weight(self) -> None:
+        if self._buffers.get("weight") is not None:
+            self._buffers["weight"] = None
+
+    @property
+    def weight_resident(self) -> bool:
+        """Whether the dense base weight is in memory now (a lazy base regenerates it on demand)."""
+        return self._buffers.get("weight") is not None
+
     # ---- sizes -------------------------------------------------------------------------
     @property
     def gemm_shape(self) -> tuple[int, int]:
         """``(N, K)``: the GEMM view of the weight the masks cover."""
-        return gemm_shape(self.weight.shape)
+        return gemm_shape(self._weight_shape)
 
     @property
     def num_tasks(self) -> int:
@@ -124,7 +170,7 @@ class MaskedLayerBase(TaskModule):
         return self.bank.numel() * self.bank.element_size()
 
     def _reference_tensor(self) -> torch.Tensor:
-        return self.weight
+        return self.bank  # on the layer's device, without regenerating a lazy weight
 
     # ---- task protocol -----------------------------------------------------------------
     def begin_task(self, task: Optional[int] = None) -> int:
@@ -233,7 +279,7 @@ class MaskedLayerBase(TaskModule):
         t = _as_task_id(t)
         if not 0 <= t < self.num_tasks:
             raise SupsupError(f"{type(self).__name__}: task id {t} out of range: num_tasks={self.num_tasks}")
-        return ops.unpack(self.bank[t], self.weight.shape)
+        return ops.unpack(self.bank[t], self._weight_shape)
 
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -287,7 +333,7 @@ class MaskedLayerBase(TaskModule):
                 saved = state_dict[key].tolist()
                 raise SupsupError(
                     f"{name} at '{prefix}': the state dict was saved over the signed-constant base "
-                    f"[seed, layer_id]={saved}, this layer regenerates {self.base_id.tolist()}"
+                    f"[seed, layer_id(, seed_format if not 1)]={saved}, this layer regenerates {self.base_id.tolist()}"
                 )
         key = prefix + "bank"
         if key in state_dict:
@@ -296,22 +342,23 @@ class MaskedLayerBase(TaskModule):
             if bank.dtype != torch.int32 or bank.dim() != 3 or tuple(bank.shape[1:]) != want:
                 raise SupsupError(
                     f"{name} at '{prefix}': saved bank is {bank.dtype} {tuple(bank.shape)}, expected int32 "
-                    f"[T, {want[0]}, {want[1]}] for weight {tuple(self.weight.shape)}"
+                    f"[T, {want[0]}, {want[1]}] for weight {self._weight_shape}"
                 )
             if self.max_tasks is not None and bank.shape[0] > self.max_tasks:
                 raise SupsupError(f"{name} at '{prefix}': saved bank holds {bank.shape[0]} tasks, "
                                   f"more than max_tasks={self.max_tasks}")
             self.bank = torch.empty(bank.shape, dtype=torch.int32, device=self.bank.device)
             self._bank_store = None
-        w = self.weight
+        w = self._buffers["weight"]  # a lazy base stays absent: only its dtype and device are needed
+        w = self.base_scale if w is None else w
         key = prefix + "scores"
         if key in state_dict and self.scores is None:
-            self.scores = nn.Parameter(torch.empty_like(w))
+            self.scores = nn.Parameter(torch.empty(self._weight_shape, dtype=w.dtype, device=w.device))
         elif key not in state_dict and self.scores is not None:
             self.scores = None
         key = prefix + "score_mean"
         if key in state_dict and self.score_mean is None:
-            self.score_mean = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+            self.score_mean = torch.empty(self._weight_shape, dtype=torch.float32, device=w.device)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         # the transfer mean's count is the number of tasks that fed it
@@ -319,13 +366,32 @@ class MaskedLayerBase(TaskModule):
         self._mode_after_load()
 
     def extra_repr(self) -> str:
-        base = "pretrained" if getattr(self, "base_id", None) is None else f"signed_constant(layer_id={self.layer_id})"
+        base = "pretrained" if getattr(self, "base_id", None) is None else (
+            f"signed_constant(layer_id={self.layer_id}" + (f", seed_format={self.seed_format})"
+                                                          if self.seed_format != 1 else ")"))
         dens = f", density={self.density:.4g}" if self.binariser == "topk" else ""
         return (f"{self._shape_repr()}, tasks={self.num_tasks}, mode={self.mode!r}, task_id={self.task_id}, "
                 f"binariser={self.binariser!r}{dens}, base={base}, bias={self.bias is not None}")
 
     def _shape_repr(self) -> str:  # pragma: no cover - overridden
         return ""
+
+
+#: The most rows (``x.numel() / in_features``) a format-2 MaskedLinear sends to the ternary kernel in
+#: task mode. Measured (bench/ternary_table.py, 1 and 2 threads, 2026-12-01, shared 2-core Zen 4):
+#: faster than ``masked_linear`` at every FC-1024 / LeNet / 4096x4096 shape up to M = 64; at
+#: M = 128 the 100x100 layer is slower (43 vs 40 us at 1 thread).
+TERNARY_MAX_ROWS = 64
+
+def _ternary_kernel_serves(x: torch.Tensor) -> bool:
+    """Whether the compiled kernel (not the reference, which regenerates the weight per call) would
+    run ``ternary_linear`` on ``x``: the registry's cached choice, so a forced backend is obeyed."""
+    try:
+        impl = kernel("ternary_linear", (x,))
+    except Exception:  # no backend serves it: the masked path does
+        return False
+    cpu = ops.get_backend("cpu_ext")
+    return cpu.available and impl is cpu.impls.get("ternary_linear")
 
 
 class MaskedLinear(MaskedLayerBase):
@@ -364,7 +430,21 @@ class MaskedLinear(MaskedLayerBase):
             dtype=module.weight.dtype, device=module.weight.device,
         )
 
+    def _ternary_capable(self) -> bool:
+        return self.seed_format == 2
+
+    def _ternary_serves(self, x: torch.Tensor) -> bool:
+        """The ternary kernel serves this task forward: a format-2 signed-constant base, float32 on
+        CPU with the compiled kernel, and at most :data:`TERNARY_MAX_ROWS` rows (where it was measured
+        faster than the masked GEMM at every layer shape, ``bench/results/ternary/``)."""
+        return (self._lazy_weight and x.dtype is torch.float32 and x.is_cpu
+                and x.numel() <= TERNARY_MAX_ROWS * self.in_features
+                and self._buffers["base_scale"].dtype is torch.float32 and _ternary_kernel_serves(x))
+
     def _forward_words(self, x, words):
+        if self._ternary_serves(x):
+            self._release_weight()  # GG inference keeps the mask bits only
+            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self.bias, 2)
         return ops.masked_linear(x, self.weight, words, self.bias)
 
     def _forward_rows(self, x, ids):

@@ -10,6 +10,7 @@ fake kernel (``torch.compile``, ``opcheck``) and its autograd, in the module of 
 ``bank``       ``superpose``, ``mask_dots`` (the superposition and its alpha gradient)
 ``grouped``    ``masked_linear_grouped`` and its input gradient (one task per row)
 ``seeded``     ``signed_constant_fill_``, ``masked_linear_seeded`` (the base regenerated from its seed)
+``ternary``    ``seeded_fill_``, ``ternary_linear`` and its input gradient (seed formats 1 and 2, mask words only)
 ``binarise``   ``largest_k``, ``topk_words``, ``threshold_words`` (the binarisers' selections)
 =============  ==========================================================================
 
@@ -32,7 +33,7 @@ what serves every op. Eager calls skip the dispatcher where nothing is lost (:mo
 
 # isort: off
 # the op modules define their ops on import, in this order (the order `info` lists them in)
-from . import bits, linear, conv, bank, grouped, seeded, binarise  # noqa: F401
+from . import bits, linear, conv, bank, grouped, seeded, ternary, binarise  # noqa: F401
 # isort: on
 from ..errors import BackendError
 from ._registry import (
@@ -60,6 +61,7 @@ from .linear import (
     masked_weight_grad_sign,
 )
 from .seeded import masked_linear_seeded, signed_constant_fill_
+from .ternary import seeded_fill_, ternary_linear, ternary_linear_grad_input
 
 
 def __getattr__(name: str):
@@ -75,5 +77,6 @@ __all__ = [
     "pack", "unpack", "pack_masks", "unpack_masks", "apply_mask", "masked_linear", "masked_linear_grad_input",
     "masked_weight_grad", "masked_weight_grad_sign", "masked_conv2d", "superpose", "mask_dots",
     "masked_linear_grouped", "masked_linear_grouped_grad_input", "masked_linear_seeded", "signed_constant_fill_",
+    "seeded_fill_", "ternary_linear", "ternary_linear_grad_input",
     "largest_k", "topk_words", "threshold_words",
 ]
