@@ -16,6 +16,13 @@ from .run_control import resume_config, signals_as_interrupts
 _RESULT_FILES = {"hopfield": ("hopfield_results.json",)}  # (run: run_dir claims its folder, see --resume)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag's default in its help, except a default of None, which the help itself explains."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def _cmd_info(args) -> int:
     from .. import info
 
@@ -102,7 +109,7 @@ def _add_run(sub) -> None:
         "run", help="run a continual-learning experiment (default: PermutedMNIST-5k, LeNet-300-100, GNu)",
         description="Train one supermask per task on a frozen signed-constant network, then report GG accuracy, "
                     "accuracy and task-inference accuracy without task identity, bytes per task and time.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     from .presets import PRESETS, describe
 
@@ -221,7 +228,7 @@ def _add_hopfield(sub) -> None:
                     "Also on the same masks: the paper's plain gradient and a modern Hopfield memory of the packed "
                     "masks. Reports Hamming distance per step, steps to converge, accuracy of exact and recovered "
                     "masks and bytes; --stress adds a synthetic test with many random masks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsHelp,
     )
     g = ph.add_argument_group("network and task masks")
     g.add_argument("--hidden", type=_positive_int, nargs="+", default=d.hidden, help="hidden layer sizes (masked units)")

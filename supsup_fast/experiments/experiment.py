@@ -375,7 +375,8 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False)
                "per_task": [], "vs_tasks": [], "train_seconds": 0.0}
     if resume:
         saved = run_dir.restore(model, cfg.out_dir)
-        results.update({k: saved[k] for k in ("per_task", "vs_tasks", "train_seconds")})
+        results.update({k: saved[k] for k in ("per_task", "vs_tasks", "train_seconds", "accuracy_matrix")
+                        if k in saved})
     else:
         run_dir.write_json(os.path.join(cfg.out_dir, "results.json"), {**results, "complete": False})
     if cfg.scenario == "NNs":

@@ -81,7 +81,7 @@ def test_preset_sets_the_papers_rotated_configuration_and_flags_override_it(monk
 
     seen = []
 
-    def fake_run(cfg):
+    def fake_run(cfg, **kwargs):
         seen.append(cfg)
         raise experiment.SupsupError("stop here")
 
@@ -238,7 +238,8 @@ def test_every_flag_has_help_and_run_flags_show_their_default():
             assert a.help, f"supsup-fast {name} {a.option_strings}: no help"
     for name in ("run", "hopfield"):  # (info's flags are switches)
         assert isinstance(sub.choices[name].formatter_class("x"), argparse.ArgumentDefaultsHelpFormatter)
-    assert "number of tasks (default: 20)" in " ".join(sub.choices["run"].format_help().split())
+    assert "number of tasks (default: every task of a split benchmark, 20 of the others)" in " ".join(
+        sub.choices["run"].format_help().split())
 
 
 def test_out_never_overwrites_an_earlier_run_silently(tmp_path, capsys):

@@ -27,7 +27,7 @@ from supsup_fast.cli import build_parser
 from supsup_fast.errors import SupsupError
 from supsup_fast.experiments import experiment
 
-TINY = ["--tasks", "2", "--iterations", "2", "--batch-size", "4", "--eval-images", "4",
+TINY = ["--tasks", "2", "--iterations", "2", "--check-every", "2", "--batch-size", "4", "--eval-images", "4",
         "--test-batch-size", "256", "--no-progress"]
 #: rough cost of a value in a tiny run (unlisted values cost 1): only a tie-break of the covering array
 COST = {"mnist5k": 3, "resnet18": 4, "fc1024": 2, "gradient_descent": 2, "NNs": 2}
