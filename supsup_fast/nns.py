@@ -32,7 +32,7 @@ carry no information (data no mask fits), ``S * max(nu)`` grows with ``S``, whil
 mask fits it shrinks (that mask's advantage is shared among more slots). On PermutedMNIST-5k
 with LeNet-300-100 the two met at 24 masks: ``S * max(nu)`` was 1.03-1.11 at the first batch of
 each of tasks 1-23 (novel) and at least 1.40 within them, but 1.14 at the first batch of task 24,
-so task 24 and every later one were trained into mask 12 (100-task run in ``bench/results/``).
+so task 24 and every later one were trained into mask 12 (a 100-task run; its results were not kept).
 Hence a second test (``own_entropy``, on by default): when the belief test picks a trained mask,
 that mask's *own* network (``alpha = e_j``) is run on the check batch, and if its mean output
 entropy exceeds ``own_entropy * log(outputs)`` the data is novel after all. A mask on its own
