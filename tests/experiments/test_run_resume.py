@@ -37,6 +37,12 @@ def _figures(obj):
     return obj
 
 
+def _interruptible():
+    """In the child: Ctrl-C interrupts, even where this process was started with SIGINT ignored (a
+    background job of a non-interactive shell), which the child would otherwise inherit."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _results(out):
     return json.loads((out / "results.json").read_text())
 
@@ -74,7 +80,7 @@ def uninterrupted(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_killed_run_resumes_to_the_uninterrupted_results(sig, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = _cli([*RUN, "--out", str(out)])
+    proc = _cli([*RUN, "--out", str(out)], preexec_fn=_interruptible)
     _wait_for_tasks(out, 1, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
