@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import platform
 import re
 import time
 from dataclasses import dataclass, field
@@ -31,24 +30,13 @@ import torch
 
 import supsup_fast
 from supsup_fast import ops, testing
-from supsup_fast.info import avx512_gemm_state
+from supsup_fast.info import avx512_gemm_state, cpu_model
 from supsup_fast.testing import rel_error
 
 
 # ======================================================================================
 # Machine description (pytest-benchmark's machine_info)
 # ======================================================================================
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_slug(device: str) -> str:
     """``cpu-amd-epyc-2c`` / ``cuda-nvidia-h100-80gb-hbm3``: the results folder of a machine."""
     if device == "cuda":

@@ -30,7 +30,7 @@ import torch
 
 from supsup_fast import checkpoint, convert, training
 from supsup_fast.config import SupsupConfig
-from supsup_fast.experiments import data, experiment, metrics, models
+from supsup_fast.experiments import data, experiment, metrics, models, run_dir
 
 
 def _checkpoints(tasks: int) -> list[int]:
@@ -45,7 +45,7 @@ def _write_outputs(results: dict, out: str, plots: bool) -> None:
         diag = m["gg_diagonal"][: max(rows)] if kind == "gg" and rows else None
         m[f"{kind}_metrics"] = metrics.summarise(rows, diag)
     results["peak_memory"] = experiment._peak_memory(results["config"]["device"])
-    experiment._write_json(os.path.join(out, "results.json"), results)
+    run_dir.write_json(os.path.join(out, "results.json"), results)
     if plots and results["vs_tasks"]:
         experiment.plot(results, os.path.join(out, "accuracy_vs_tasks.png"))
         metrics.plot_accuracy_matrix(m, os.path.join(out, "accuracy_matrix.png"),

@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from supsup_fast import checkpoint, convert
 from supsup_fast.config import SupsupConfig
 from supsup_fast.experiments import models
 from supsup_fast.experiments.experiment import ExperimentConfig, build_benchmark, eval_protocol, measure_task_inference
+from supsup_fast.info import cpu_model
 
 DEFAULT_VARIANTS = ["one_shot", "binary", "gradient_descent", "shortlist:auto"]
 
@@ -79,17 +79,6 @@ def within(confusion: list, d: int) -> float:
     total = sum(map(sum, confusion))
     near = sum(c for i, row in enumerate(confusion) for j, c in enumerate(row) if abs(i - j) <= d)
     return near / max(total, 1)
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:

@@ -11,6 +11,18 @@ from . import ops
 from .backends._ext import EXT_ERROR, EXT_LOADED, EXT_MODULE, ext_has_cuda
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` where there is one, else what ``platform`` says)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def collect() -> dict:
     """Versions, extension status, every backend (with why it is unavailable) and the op -> backend table."""
     try:

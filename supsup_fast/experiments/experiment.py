@@ -406,7 +406,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False)
         bank_path = os.path.join(cfg.out_dir, "bank")
         save_bank(model, bank_path, metadata={"experiment": asdict(cfg)})
         results["bank_path"] = bank_path
-    _write_json(os.path.join(cfg.out_dir, "results.json"), results)
+    run_dir.write_json(os.path.join(cfg.out_dir, "results.json"), results)
     results["plot_path"] = plot(results, os.path.join(cfg.out_dir, "accuracy_vs_tasks.png"))
     if "accuracy_matrix" in results:
         c = results["config"]
@@ -426,30 +426,14 @@ def _peak_memory(device: str) -> dict:
     return got
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` where there is one)."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment() -> dict:
     from .. import __version__
-    from ..info import collect
+    from ..info import collect, cpu_model
 
     info = collect()
-    return {"supsup_fast": __version__, "cpu_model": _cpu_model(),
+    return {"supsup_fast": __version__, "cpu_model": cpu_model(),
             **{k: info[k] for k in ("python", "torch", "triton", "device", "threads", "extension_loaded")}}
 
-
-_write_json = run_dir.write_json
 
 
 def plot(results: dict, path: str) -> Optional[str]:

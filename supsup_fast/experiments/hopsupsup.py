@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 from .. import hopfield, objectives
 from ..errors import SupsupError
 from ..modern_hopfield import ModernHopfieldMaskMemory
-from . import data
+from . import data, run_dir
 
 __all__ = ["HopSupSupConfig", "MEMORIES", "run_hopsupsup", "hopsupsup_table", "plot_hopsupsup", "stress_test",
            "entropy_gradient_diagnosis"]
@@ -383,7 +382,7 @@ def run_hopsupsup(cfg: Optional[HopSupSupConfig] = None, **overrides) -> dict:
     results["seconds"] = time.perf_counter() - t_start
     results["environment"]["load_average_end"] = _load_average()
     os.makedirs(cfg.out_dir, exist_ok=True)
-    _write_json(os.path.join(cfg.out_dir, RESULTS_JSON), results)
+    run_dir.write_json(os.path.join(cfg.out_dir, RESULTS_JSON), results)
     results["plot_path"] = plot_hopsupsup(results, os.path.join(cfg.out_dir, RESULTS_PNG))
     return results
 
@@ -488,31 +487,12 @@ def _load_average() -> Optional[list]:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment() -> dict:
     from .. import __version__
-    from ..info import collect
+    from ..info import collect, cpu_model
 
     info = collect()
     return {**{k: info[k] for k in ("python", "torch", "threads", "extension_loaded")},
-            "supsup_fast": __version__, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
+            "supsup_fast": __version__, "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
             "load_average_start": _load_average()}
 
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
