@@ -15,6 +15,8 @@
 #include <cstring>
 #include <optional>
 
+#include "seed_format.h"
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SUPSUP_AVX2 1
@@ -42,24 +44,13 @@ struct Acc<double> {
 template <typename T>
 using acc_t = typename Acc<T>::type;
 
-// lowbias32 finaliser; must match reference.hash32 bit for bit.
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
+// The seed formats' hash and layer key (seed_format.h, the one transcription of seed_format.py).
+using supsup_seed::hash32;
+using supsup_seed::layer_key;
 
-// reference.layer_key: hash32(layer ^ hash32(seed)) on the low 32 bits of each.
-inline uint32_t layer_key(int64_t seed, int64_t layer) {
-  return hash32(static_cast<uint32_t>(layer) ^ hash32(static_cast<uint32_t>(seed)));
-}
-
-// The signed constant at flat index `idx` is +c when bit 0 of hash32(idx ^ key) is set.
+// Version 1: the signed constant at flat index `idx` is +c when bit 0 of hash32(idx ^ key) is set.
 inline bool hash_sign(int64_t idx, uint32_t key) {
-  return hash32(static_cast<uint32_t>(idx) ^ key) & 1u;
+  return supsup_seed::v1_sign(static_cast<uint64_t>(idx), key);
 }
 
 // ---- input checks (TORCH_CHECK messages name the argument and what is wrong) ----

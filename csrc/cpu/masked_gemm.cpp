@@ -36,12 +36,9 @@
 #include <cstring>
 #include <memory>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define SUPSUP_AVX512_DISPATCH 1
-#include <immintrin.h>
-#else
-#define SUPSUP_AVX512_DISPATCH 0
-#endif
+#include "cpu/avx512.h"
+
+#define SUPSUP_AVX512_DISPATCH SUPSUP_AVX512_TARGET
 
 namespace supsup {
 
@@ -75,7 +72,6 @@ struct Problem {
 };
 
 #if SUPSUP_AVX512_DISPATCH
-#define SUPSUP_AVX512 __attribute__((target("avx512f")))
 
 // 64-byte aligned float scratch owned by the calling thread; grows, never shrinks.
 struct Scratch {
@@ -94,34 +90,9 @@ struct Scratch {
   }
 };
 
-// r[j] lane i <- r[i] lane j.
-SUPSUP_AVX512 inline void transpose16(__m512* r) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i)
-    for (int h = 0; h < 2; ++h) {
-      const __m512d p = _mm512_castps_pd(t[4 * i + h]), q = _mm512_castps_pd(t[4 * i + 2 + h]);
-      u[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(p, q));
-      u[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(p, q));
-    }
-  // u[4 g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c
-  for (int c = 0; c < 4; ++c) {
-    const __m512 ab_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), ab_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 cd_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44),
-                 cd_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
-  }
-}
-
 // Forward: outputs [n0, n0 + cols) (cols <= 32) of W * M, transposed into dst [panel_rows][width],
 // width = 16 or 32; zeros past k and past the last output.
-SUPSUP_AVX512 void pack_rows_transposed(const Problem& p, int64_t n0, int64_t cols, int64_t width, float* dst) {
+SUPSUP_AVX512_FN void pack_rows_transposed(const Problem& p, int64_t n0, int64_t cols, int64_t width, float* dst) {
   const int64_t steps = p.panel_rows / kLanes;
   const __mmask16 tail = p.wk % kLanes ? static_cast<__mmask16>((1u << (p.wk % kLanes)) - 1) : __mmask16(0xFFFF);
   for (int64_t s = 0; s < steps; ++s) {
@@ -146,7 +117,7 @@ SUPSUP_AVX512 void pack_rows_transposed(const Problem& p, int64_t n0, int64_t co
 
 // dL/dx: columns [c0, c0 + cols) of W * M (c0 a multiple of 16), row by row into
 // dst [panel_rows][width]; zeros past the last column.
-SUPSUP_AVX512 void pack_columns(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
+SUPSUP_AVX512_FN void pack_columns(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
   for (int64_t h = 0; h < width / kLanes; ++h) {
     const int64_t left = cols - h * kLanes;
     const __mmask16 in_cols = left >= kLanes ? __mmask16(0xFFFF)
@@ -161,7 +132,7 @@ SUPSUP_AVX512 void pack_columns(const Problem& p, int64_t c0, int64_t cols, int6
   }
 }
 
-SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
+SUPSUP_AVX512_FN void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_t width, float* dst) {
   if (p.transposed)
     pack_rows_transposed(p, c0, cols, width, dst);
   else
@@ -171,8 +142,8 @@ SUPSUP_AVX512 void pack_panel(const Problem& p, int64_t c0, int64_t cols, int64_
 // y[r0 + i, n0 + j] (+)= sum over k in [k0, k1) of a[r0 + i, k] panel[k, j], for i < MR and
 // j < cols (<= 16 NV). The first K block starts from the bias, later ones add to y.
 template <int NV, int MR>
-SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols, int64_t k0,
-                               int64_t k1) {
+SUPSUP_AVX512_FN void microkernel(const Problem& p, const float* panel, int64_t r0, int64_t n0, int64_t cols,
+                                  int64_t k0, int64_t k1) {
   constexpr int64_t width = NV * kLanes;
   __m512 acc[MR][NV];
   for (auto& row : acc)
@@ -206,8 +177,8 @@ SUPSUP_AVX512 void microkernel(const Problem& p, const float* panel, int64_t r0,
 
 // The microkernel for `rows` (<= 8) rows of x and a panel `cols` wide.
 template <int NV>
-SUPSUP_AVX512 void microkernel_rows(const Problem& p, const float* panel, int64_t r0, int64_t rows, int64_t n0,
-                                    int64_t cols, int64_t k0, int64_t k1) {
+SUPSUP_AVX512_FN void microkernel_rows(const Problem& p, const float* panel, int64_t r0, int64_t rows, int64_t n0,
+                                       int64_t cols, int64_t k0, int64_t k1) {
   switch (rows) {
     case 8:
       return microkernel<NV, 8>(p, panel, r0, n0, cols, k0, k1);
@@ -229,7 +200,7 @@ SUPSUP_AVX512 void microkernel_rows(const Problem& p, const float* panel, int64_
 }
 
 // Rows [r0, r1) x outputs [c0, c1) of y (c0 a multiple of 32).
-SUPSUP_AVX512 void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+SUPSUP_AVX512_FN void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
   if (r0 >= r1 || c0 >= c1) return;
   thread_local Scratch buffer;
   const int64_t panels = (c1 - c0 + kNR - 1) / kNR;
@@ -265,7 +236,7 @@ SUPSUP_AVX512 void gemm_block(const Problem& p, int64_t r0, int64_t r1, int64_t 
 }
 
 // Splits rows into `tm` and outputs (in 32-wide panels) into `tn` parts; part `t` of tn * tm.
-SUPSUP_AVX512 void gemm_part(const Problem& p, int64_t tn, int64_t tm, int64_t t) {
+SUPSUP_AVX512_FN void gemm_part(const Problem& p, int64_t tn, int64_t tm, int64_t t) {
   const int64_t row_blocks = (p.m + kMR - 1) / kMR, panels = (p.outputs + kNR - 1) / kNR;
   const int64_t i = t / tn, j = t % tn;
   const int64_t r0 = std::min(p.m, row_blocks * i / tm * kMR), r1 = std::min(p.m, row_blocks * (i + 1) / tm * kMR);

@@ -44,6 +44,7 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
+#include "cpu/avx512.h"
 #include "cpu/bits.h"
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
@@ -60,12 +61,7 @@
 #include <string>
 #include <vector>
 
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
-#define SUPSUP_TERNARY_AVX512 1
-#define SUPSUP_AVX512_FN __attribute__((target("avx512f")))
-#else
-#define SUPSUP_TERNARY_AVX512 0
-#endif
+#define SUPSUP_TERNARY_AVX512 SUPSUP_AVX512_TARGET
 
 namespace supsup {
 
@@ -415,30 +411,6 @@ SUPSUP_AVX512_FN inline __m512i hash16(__m512i x) {
   x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
   x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
   return x;
-}
-
-// r[j] lane i <- r[i] lane j (16 x 16 dwords).
-SUPSUP_AVX512_FN inline void transpose16(__m512* r) {
-  __m512 t[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i)
-    for (int h = 0; h < 2; ++h) {
-      const __m512d p = _mm512_castps_pd(t[4 * i + h]), q = _mm512_castps_pd(t[4 * i + 2 + h]);
-      u[4 * i + 2 * h] = _mm512_castpd_ps(_mm512_unpacklo_pd(p, q));
-      u[4 * i + 2 * h + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(p, q));
-    }
-  for (int c = 0; c < 4; ++c) {
-    const __m512 ab_lo = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), ab_hi = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
-    const __m512 cd_lo = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44),
-                 cd_hi = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
-    r[c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0x88);
-    r[4 + c] = _mm512_shuffle_f32x4(ab_lo, cd_lo, 0xDD);
-    r[8 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0x88);
-    r[12 + c] = _mm512_shuffle_f32x4(ab_hi, cd_hi, 0xDD);
-  }
 }
 
 SUPSUP_AVX512_FN inline __mmask16 first_lanes(int64_t count) {
