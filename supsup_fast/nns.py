@@ -68,7 +68,7 @@ from .errors import SupsupError
 from .nn import TaskBatchNorm
 from .nn._model import masked_modules, model_device, preserved_mode, task_modules
 from .objectives import entropy_rows, objective_rows
-from .training import OptimizerFactory, make_optimizer
+from .training import OptimizerFactory, check_finite_loss, make_optimizer
 
 
 def is_novel(grad_alpha: torch.Tensor, k: int, epsilon: float = 2.0 ** -3) -> bool:
@@ -325,8 +325,13 @@ class NNsTrainer:
 
     # ---- the stream ---------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One batch: the novelty check when due, then a training step of the chosen mask; returns the loss."""
+        """One batch: the novelty check when due, then a training step of the chosen mask; returns the loss.
+
+        A batch holding NaN / inf (or a non-finite loss) is refused with :class:`SupsupError` before the
+        check and the update: it would otherwise decide a novelty test and poison the mask's scores."""
         x, y = x.to(self.device), y.to(self.device)
+        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise SupsupError(f"NNsTrainer.step (batch {self.batches_seen}): x holds NaN or inf; nothing was updated")
         if self.current is None:
             self._allocate()
         elif self.batches_seen > 0 and self.batches_seen % self.check_every == 0:
@@ -334,6 +339,7 @@ class NNsTrainer:
         self.model.train()
         logits = self.model(x)
         loss = self.loss_fn(logits, y)
+        check_finite_loss(loss, f"NNsTrainer.step (batch {self.batches_seen})")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -80,6 +80,13 @@ def _split(batch):
     return batch[0], batch[1]
 
 
+def check_finite_loss(loss: torch.Tensor, where: str) -> None:
+    """Refuse a NaN / inf loss before it reaches the optimizer (it would turn every score it touches to NaN)."""
+    if not bool(torch.isfinite(loss.detach()).all()):
+        raise SupsupError(f"{where}: the loss is not finite ({float(loss.detach().float().sum())}): the batch or the "
+                          "model's output holds NaN or inf; nothing was updated")
+
+
 def fit_task(
     model: nn.Module,
     batches: Iterable,
@@ -113,6 +120,9 @@ def fit_task(
     Returns:
         ``{"task", "losses", "accuracy" (running training accuracy per step), "iterations", "seconds"}``.
         The model is left in ``"task"`` mode on the new task; on an exception the task stays open.
+
+    A loss that is not finite (a NaN / inf in the batch or the model's output) stops training with a
+    :class:`SupsupError` before that step's update, so no score is touched by it (one device sync a step).
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise SupsupError(f"iterations must be a positive int, got {iterations!r}")
@@ -134,6 +144,7 @@ def fit_task(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             logits = model(x)
             loss = loss_fn(logits, y)
+            check_finite_loss(loss, f"fit_task (task {t}, step {step})")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -270,3 +270,20 @@ def test_checks_leave_the_open_tasks_batchnorm_statistics_untouched():
     g = tr.slot_gradients(x * 3 + 1)
     assert g.shape == (5,) and torch.isfinite(g).all()
     assert torch.equal(bn.task_mean, before[0]) and torch.equal(bn.task_var, before[1])
+
+
+def test_a_batch_with_nan_is_refused_before_the_check_and_the_update():
+    model = net()
+    tr = nns.NNsTrainer(model, "adam", lr=0.02, check_every=2)
+    a = blob_task(0)
+    tr.step(*a(32, 0))
+    tr.step(*a(32, 1))
+    before = [p.detach().clone() for p in convert.task_parameters(model)]
+    x, y = a(32, 2)
+    x[7, 0] = float("nan")
+    with pytest.raises(SupsupError, match=r"batch 2\): x holds NaN or inf"):
+        tr.step(x, y)
+    assert tr.history == [] and tr.batches_seen == 2  # the check due at batch 2 did not run on it
+    assert all(torch.equal(p0, p1.detach()) for p0, p1 in zip(before, convert.task_parameters(model)))
+    tr.step(*a(32, 3))  # the stream goes on
+    assert len(tr.history) == 1

@@ -184,3 +184,27 @@ def test_evaluate_restores_mode_and_training_flag():
     training.evaluate(model, batches_of(blob_task(0), 64, 5), task=0)
     assert model.training
     assert all(m.mode == "task" and m.task_id == 1 for m in convert.masked_layers(model))
+
+
+@pytest.mark.parametrize("poison", ["nan_input", "inf_loss"])
+def test_a_non_finite_loss_stops_training_before_any_update(poison):
+    model = net()
+    good = batches_of(blob_task(0), 64, seed=1)
+    x_bad, y_bad = good[1][0].clone(), good[1][1]
+    loss_fn = torch.nn.functional.cross_entropy
+    if poison == "nan_input":
+        x_bad[3, 5] = float("nan")
+    else:
+        def loss_fn(logits, y, calls=[0]):  # finite on the first batch, inf on the second
+            calls[0] += 1
+            return torch.nn.functional.cross_entropy(logits, y) * (float("inf") if calls[0] == 2 else 1.0)
+    seen = []
+    with pytest.raises(SupsupError, match=r"task 0, step 1\).*loss is not finite.*nothing was updated"):
+        training.fit_task(model, [good[0], (x_bad, y_bad)], iterations=2, optimizer="adam", lr=0.05,
+                          progress=False, loss_fn=loss_fn,
+                          on_step=lambda step, loss: seen.append([p.detach().clone() for p in
+                                                                  convert.task_parameters(model)]) and None)
+    # the scores are those after the first (finite) step: the refused step touched none of them
+    after = [p.detach() for p in convert.task_parameters(model)]
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], after))
+    assert all(bool(torch.isfinite(p).all()) for p in after)
