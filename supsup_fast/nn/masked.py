@@ -142,6 +142,16 @@ class MaskedLayerBase(TaskModule):
                 return w
         return super().__getattr__(name)
 
+    # The forward reads its tensors from ``_buffers`` directly: every ``self.<buffer>`` goes through
+    # nn.Module.__getattr__ (and the override above), about 1 us a name, several names a layer call.
+    def _weight_now(self) -> torch.Tensor:
+        """``self.weight`` (regenerated first where it is a lazy base that is not resident)."""
+        w = self._buffers.get("weight")
+        return w if w is not None else self.weight
+
+    def _bias_now(self) -> Optional[torch.Tensor]:
+        return self._buffers["bias"] if "bias" in self._buffers else self.bias
+
     def _release_weight(self) -> None:
         if self._buffers.get("weight") is not None:
             self._buffers["weight"] = None
@@ -284,10 +294,11 @@ class MaskedLayerBase(TaskModule):
     # ---- forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode
+        buffers = self._buffers
         if mode == "task":
-            return self._forward_words(x, self.bank.index_select(0, self.task_index).squeeze(0))
+            return self._forward_words(x, buffers["bank"].index_select(0, buffers["task_index"]).squeeze(0))
         if mode == "superpose":
-            return self._forward_dense(x, ops.superpose(self.weight, self.bank, self.alpha))
+            return self._forward_dense(x, ops.superpose(self._weight_now(), buffers["bank"], self.alpha))
         if mode == "rows":
             return self._forward_rows(x, self._rows_of(x))
         scores = self.scores
@@ -444,8 +455,8 @@ class MaskedLinear(MaskedLayerBase):
     def _forward_words(self, x, words):
         if self._ternary_serves(x):
             self._release_weight()  # GG inference keeps the mask bits only
-            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self.bias, 2)
-        return ops.masked_linear(x, self.weight, words, self.bias)
+            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
+        return ops.masked_linear(x, self._weight_now(), words, self._bias_now())
 
     def _forward_rows(self, x, ids):
         if x.dim() < 2:
@@ -457,11 +468,11 @@ class MaskedLinear(MaskedLayerBase):
         return y.reshape(tuple(x.shape[:-1]) + (self.out_features,))
 
     def _forward_dense(self, x, weight):
-        return F.linear(x, weight, self.bias)
+        return F.linear(x, weight, self._bias_now())
 
     def _forward_train(self, x, words, scores, score_sign):
         # the op's score gradient (dL/dy^T x) * W is exactly dL/dM, times dM/dS (sign(S) for top-k)
-        return ops.masked_linear(x, self.weight, words, self.bias, scores=scores, score_sign=score_sign)
+        return ops.masked_linear(x, self._weight_now(), words, self._bias_now(), scores=scores, score_sign=score_sign)
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -541,15 +552,15 @@ class MaskedConv2d(MaskedLayerBase):
         )
 
     def _forward_words(self, x, words):
-        return ops.masked_conv2d(x, self.weight, words, self.bias, self.stride, self.padding, self.dilation,
-                                 self.groups)
+        return ops.masked_conv2d(x, self._weight_now(), words, self._bias_now(), self.stride, self.padding,
+                                 self.dilation, self.groups)
 
     def _forward_dense(self, x, weight):
-        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x, weight, self._bias_now(), self.stride, self.padding, self.dilation, self.groups)
 
     def _forward_train(self, x, words, scores, score_sign):
         # W * M from the bits, with the straight-through gradient dL/dW_eff * W (* sign(S) for top-k) into S
-        return self._forward_dense(x, ops.apply_mask(self.weight, words, scores=scores, score_sign=score_sign))
+        return self._forward_dense(x, ops.apply_mask(self._weight_now(), words, scores=scores, score_sign=score_sign))
 
     def _shape_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
