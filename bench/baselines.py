@@ -154,14 +154,16 @@ def exact_superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tenso
     return weight.double() * acc.view(weight.shape)
 
 
-def exact_mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+def exact_mask_dots(v: torch.Tensor, bank: torch.Tensor, rows: bool = False) -> torch.Tensor:
+    """Float64 ``<v, M_t>`` for every task: ``[T]``; with ``rows``, ``v`` is ``[R, N, K]`` and the result ``[R, T]``."""
     k = v.shape[-1]
-    flat = v.reshape(-1).double()
+    flat = v.reshape(v.shape[0] if rows else 1, -1).double()
     parts = []
     for s in range(0, bank.shape[0], STACK_CHUNK):
         m = ops.unpack_masks(bank[s:s + STACK_CHUNK], k, torch.float64)
-        parts.append(m.view(m.shape[0], -1) @ flat)
-    return torch.cat(parts)
+        parts.append(flat @ m.view(m.shape[0], -1).t())
+    out = torch.cat(parts, 1)
+    return out if rows else out[0]
 
 
 # ======================================================================================
@@ -270,6 +272,27 @@ def exact_alpha_grad(weights: Sequence[torch.Tensor], banks: Sequence[torch.Tens
         z = torch.cat([h[..., :num_real].detach(), h[..., num_real:]], dim=-1)
         gs = torch.autograd.grad(torch.logsumexp(z, dim=-1).mean(), effs)
     return sum(exact_mask_dots(g * w.double(), b) for g, w, b in zip(gs, weights, banks))
+
+
+def exact_alpha_grad_rows(weights: Sequence[torch.Tensor], banks: Sequence[torch.Tensor], x: torch.Tensor,
+                          num_real: int = NUM_REAL) -> torch.Tensor:
+    """Per-example one-shot alpha-gradients ``[B, T]`` in float64: row ``r``'s own G objective's gradient,
+    ``sum_l <G_l,r * W_l, M_l,t>`` with ``G_l,r = d obj_r / d W_eff,l``."""
+    t = banks[0].shape[0]
+    alpha = torch.full((t,), 1.0 / t, dtype=torch.float64, device=x.device)
+    effs = [exact_superpose(w, b, alpha).requires_grad_() for w, b in zip(weights, banks)]
+    per_layer = [[] for _ in effs]
+    with torch.enable_grad():
+        for r in range(x.shape[0]):
+            h = x[r:r + 1].reshape(1, -1).double()
+            for i, w_eff in enumerate(effs):
+                h = F.linear(h, w_eff)
+                if i < len(effs) - 1:
+                    h = F.relu(h)
+            z = torch.cat([h[..., :num_real].detach(), h[..., num_real:]], dim=-1)
+            for acc, g, w in zip(per_layer, torch.autograd.grad(torch.logsumexp(z, dim=-1).sum(), effs), weights):
+                acc.append(g * w.double())
+    return sum(exact_mask_dots(torch.stack(v), b, rows=True) for v, b in zip(per_layer, banks))
 
 
 # ======================================================================================

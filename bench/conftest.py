@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from harness import Runner, measure_gpu_roofline
+from harness import Runner, measure_cpu_roofline, measure_gpu_roofline
 
 import supsup_fast
 
@@ -90,11 +90,12 @@ def device(request) -> str:
 
 
 @pytest.fixture(scope="session")
-def roofline(device):
-    """Copy bandwidth and matmul throughput of this GPU, measured in this run (``None`` on CPU)."""
-    if device != "cuda":
+def roofline(device, request):
+    """Copy bandwidth and matmul throughput of this GPU or CPU, measured in this run (``None`` when timing is
+    off): each timed case with known bytes / flops records its floor beside its time."""
+    if request.config.getoption("benchmark_disable", False):
         return None
-    return measure_gpu_roofline()
+    return measure_gpu_roofline() if device == "cuda" else measure_cpu_roofline()
 
 
 @pytest.fixture(scope="session")

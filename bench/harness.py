@@ -169,6 +169,53 @@ def measure_gpu_roofline() -> dict:
     return out
 
 
+def copy_bandwidth(nbytes: int, repeats: int = 9) -> float:
+    """Copy bandwidth in GB/s (bytes read + bytes written per second, as STREAM's Copy counts them) of a buffer
+    of ``nbytes``: the best of ``repeats`` timings (what the machine can do; other processes only slow it)."""
+    a = torch.empty(nbytes // 4).uniform_()
+    b = torch.empty_like(a)
+    b.copy_(a)
+    inner = max(1, (64 << 20) // nbytes)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            b.copy_(a)
+        times.append((time.perf_counter() - t0) / inner)
+    return 2 * nbytes / min(times) / 1e9
+
+
+def measure_cpu_roofline() -> dict:
+    """This CPU's copy bandwidth over 256 MiB (far beyond any cache: the memory's speed) and float32 matmul
+    throughput (2048^3), with the torch threads the benchmarks use, measured now (best of several)."""
+    out = {"copy_GBps": copy_bandwidth(256 << 20), "threads": torch.get_num_threads()}
+    n = 2048
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    x @ y
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x @ y
+        best = min(best, time.perf_counter() - t0)
+    out["matmul_TFLOPs_float32"] = 2 * n**3 / best / 1e12
+    return out
+
+
+def roofline_floor(case: "Case", roofline: Optional[dict], dtype: str = "float32") -> Optional[float]:
+    """The fewest seconds ``case`` can take on a machine of ``roofline``: its bytes over the copy bandwidth or
+    its flops over the matmul throughput, whichever is longer; ``None`` where neither is known."""
+    if roofline is None or (case.bytes is None and case.flops is None):
+        return None
+    floor = 0.0
+    if case.bytes is not None:
+        floor = max(floor, case.bytes / (roofline["copy_GBps"] * 1e9))
+    if case.flops is not None:
+        peak = roofline.get(f"matmul_TFLOPs_{dtype}", roofline.get("matmul_TFLOPs_bfloat16"))
+        if peak:
+            floor = max(floor, case.flops / (peak * 1e12))
+    return floor or None
+
+
 @dataclass
 class Runner:
     size: str
@@ -234,6 +281,17 @@ class Runner:
                 self._time_cuda(benchmark, case, fn, info, graph)
             else:
                 self._time_cpu(benchmark, fn)
+                if self.enabled and self.roofline is not None:
+                    self._record_floor(case, benchmark.stats.stats.median, info)
+
+    def _record_floor(self, case: Case, seconds: float, info: dict) -> None:
+        """The machine's roofline and this case's floor beside its time (``pct_of_floor``: 100 = at the floor)."""
+        info.update({f"machine_{k}": v for k, v in self.roofline.items()})
+        dtype = str(case.params.get("dtype", "bfloat16" if self.device == "cuda" else "float32"))
+        floor = roofline_floor(case, self.roofline, dtype)
+        if floor is not None and seconds > 0:
+            info["floor_ms"] = floor * 1e3
+            info["pct_of_floor"] = 100.0 * floor / seconds
 
     def _time_cpu(self, benchmark, fn):
         if not self.enabled:
@@ -264,17 +322,7 @@ class Runner:
         if case.flops is not None:
             info["TFLOPs"] = case.flops / t / 1e12
         if self.roofline is not None:
-            info.update({f"machine_{k}": v for k, v in self.roofline.items()})
-            floor = 0.0
-            if case.bytes is not None:
-                floor = max(floor, case.bytes / (self.roofline["copy_GBps"] * 1e9))
-            if case.flops is not None:
-                dt = str(case.params.get("dtype", "bfloat16"))
-                peak = self.roofline.get(f"matmul_TFLOPs_{dt}", self.roofline["matmul_TFLOPs_bfloat16"])
-                floor = max(floor, case.flops / (peak * 1e12))
-            if floor > 0:
-                info["floor_ms"] = floor * 1e3
-                info["pct_of_floor"] = 100.0 * floor / t
+            self._record_floor(case, t, info)
         # pytest-benchmark's own rounds time host-synchronised calls; the report uses time_s
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=3, iterations=1)
         benchmark.extra_info["time_s"] = t

@@ -14,7 +14,6 @@ Each provider's output is checked against float64 on the weights it uses before 
 from __future__ import annotations
 
 import math
-import time
 from typing import Callable
 
 import torch
@@ -104,19 +103,3 @@ def fewest_bytes(provider: str, n: int, k: int, m: int) -> float:
 def table_lookups(n: int, k: int, m: int) -> int:
     """Lookups the ternary kernel makes: 2 planes x 8 groups per mask word x rows x rows of x."""
     return 2 * 8 * ((k + 31) // 32) * n * m
-
-
-def copy_bandwidth(nbytes: int, repeats: int = 9) -> float:
-    """Copy bandwidth in GB/s (bytes read + bytes written per second) of a buffer of ``nbytes``:
-    the best of ``repeats`` timings (what the machine can do; other processes only slow it down)."""
-    a = torch.empty(nbytes // 4).uniform_()
-    b = torch.empty_like(a)
-    b.copy_(a)
-    inner = max(1, (64 << 20) // nbytes)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            b.copy_(a)
-        times.append((time.perf_counter() - t0) / inner)
-    return 2 * nbytes / min(times) / 1e9

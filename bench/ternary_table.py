@@ -29,7 +29,7 @@ sys.path.insert(0, BENCH_DIR)
 
 import ternary_cases as tc  # noqa: E402
 import torch  # noqa: E402
-from harness import cpu_model, device_slug, versions  # noqa: E402
+from harness import copy_bandwidth, cpu_model, device_slug, versions  # noqa: E402
 
 from supsup_fast import ternary  # noqa: E402
 
@@ -93,10 +93,10 @@ def lookup_rate(n: int, k: int, m: int, t: float, fixed: float):
 
 def run(shapes, rows, budget_s, threads) -> dict:
     torch.set_num_threads(1)  # one thread's copy bandwidth, then the run's
-    copy_1t = {"dram": tc.copy_bandwidth(256 << 20), "llc": tc.copy_bandwidth(8 << 20)}
+    copy_1t = {"dram": copy_bandwidth(256 << 20), "llc": copy_bandwidth(8 << 20)}
     torch.set_num_threads(threads)
-    copy_dram = max(tc.copy_bandwidth(256 << 20), copy_1t["dram"])
-    copy_llc = max(tc.copy_bandwidth(8 << 20), copy_1t["llc"])
+    copy_dram = max(copy_bandwidth(256 << 20), copy_1t["dram"])
+    copy_llc = max(copy_bandwidth(8 << 20), copy_1t["llc"])
     results = []
     with torch.no_grad():
         for n, k in shapes:

@@ -95,10 +95,13 @@ def params_task_inference(size, device):
                     "banks": [layer.bank for layer in layers], "x": one_image(device)}
 
         bank_bytes = sum(fmt.packed_nbytes((n, k), t) for n, k in bl.NETS[net])
+        nk = sum(n * k for n, k in bl.NETS[net])
+        # floor: the bank read twice (the forward's W * sum_t alpha_t M_t, the backward's <G * W, M_t>) with the
+        # float32 weights, over the copy bandwidth measured in the same run
         case = Case(family="task_inference", id=f"{net}-T{t}",
                     params={"net": net, "T": t, "dtype": "float32", "bank_bytes": bank_bytes,
-                            "stack_bytes": bl.stack_bytes(net, t)},
-                    build=build)
+                            "stack_bytes": bl.stack_bytes(net, t), "bank_passes": 2},
+                    build=build, bytes=2 * bank_bytes + 2 * 4 * nk)
         providers = [sf(b) for b in fast_backends("mask_dots", device)] + ["official", "stack_matvec"]
         for p in providers:
             yield case, p
@@ -154,6 +157,53 @@ def test_task_inference(benchmark, runner, device, size, case, provider):
     tol = tolerance(torch.float32, device, terms=sum(w.numel() for w in d["weights"]))
     runner.run(benchmark, case, provider, fn, expected=expected, check=check, tol=tol,
                context=ops.force_backend(backend) if backend else None, extra=extra, graph=False)
+
+
+# ======================================================================================
+# Per-example task inference of a batch, against the machine's floor
+# ======================================================================================
+def _rows_grid(size: str):
+    if size == "tiny":
+        return [("lenet", 3, 4)]
+    return [(net, t, 8) for net in ("lenet", "fc1024") for t in (250, 2500)]
+
+
+def params_task_inference_rows(size, device):
+    for net, t, b in _rows_grid(size):
+        def build(net=net, t=t, b=b):
+            model, layers = converted_model(net, t, device)
+            return {"model": model, "weights": [layer.weight for layer in layers],
+                    "banks": [layer.bank for layer in layers], "x": torch.rand(b, 1, 28, 28, device=device)}
+
+        nk = sum(n * k for n, k in bl.NETS[net])
+        bank_bytes = sum(fmt.packed_nbytes((n, k), t) for n, k in bl.NETS[net])
+        # floor: the bank read twice (the forward's W * sum_t alpha_t M_t, the backward's <G_r * W, M_t>) with
+        # the float32 weights, or B * T * N * K multiply-adds (a [B, NK] x [NK, T] product) at matmul speed
+        case = Case(family="task_inference_rows", id=f"{net}-T{t}-B{b}",
+                    params={"net": net, "T": t, "B": b, "dtype": "float32", "bank_bytes": bank_bytes,
+                            "bank_passes": 2},
+                    build=build, bytes=2 * bank_bytes + 2 * 4 * nk, flops=2 * b * t * nk)
+        for p in [sf(be) for be in fast_backends("mask_dots", device)]:
+            yield case, p
+
+
+def test_task_inference_rows(benchmark, runner, device, case, provider):
+    """Every row's own one-shot inference (``batch_mode="per_example"``): B images, one gradient row each."""
+    d = runner.inputs(case)
+    model, x = d["model"], d["x"]
+
+    def fn():
+        return inference.infer_task(model, x, method="one_shot", objective="g", num_real=bl.NUM_REAL,
+                                    batch_mode="per_example")
+
+    def check(out):
+        assert out.task_ids.shape == (x.shape[0],)
+        return [out.grads[0]]
+
+    tol = tolerance(torch.float32, device, terms=sum(w.numel() for w in d["weights"]))
+    runner.run(benchmark, case, provider, fn, check=check, tol=tol, graph=False,
+               expected=lambda: [bl.exact_alpha_grad_rows(d["weights"], d["banks"], x)],
+               context=ops.force_backend(backend_of(provider)))
 
 
 # ======================================================================================

@@ -50,3 +50,31 @@ def test_readme_cpu_tables_come_from_the_newest_result():
         readme = f.read()
     text, _ = report.report(RESULTS[-1])
     assert text in readme
+
+
+def _bench(family, case, provider, median, **info):
+    return {"group": f"{family}[{case}]", "name": f"test_{family}[{case}-{provider}]", "stats": {"median": median},
+            "extra_info": {"family": family, "case": case, "provider": provider, **info}}
+
+
+def test_floor_columns_and_the_bandwidth_target(tmp_path):
+    """A run with the CPU roofline: each table gains the floor and every fast provider's time over it, and task
+    inference at T = 2500 is held to 1.5x its floor."""
+    floor = {"floor_ms": 10.0, "bank_passes": 2, "machine_copy_GBps": 17.8}
+    doc = {"machine_info": {}, "benchmarks": [
+        _bench("task_inference", "lenet-T2500", "supsup_fast[cpu_ext]", 0.014, **floor),
+        _bench("task_inference", "lenet-T2500", "official", 2.0),
+        _bench("task_inference", "fc1024-T2500", "supsup_fast[cpu_ext]", 0.020, **floor),
+    ]}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    _, results = report.load(str(path))
+    text = report.table("task_inference", [r for r in results if r.family == "task_inference"])
+    head, _, *rows = text.splitlines()
+    assert "| floor | supsup_fast[cpu_ext] / floor |" in head
+    lenet = next(r for r in rows if r.startswith("| lenet-T2500 "))
+    assert lenet.endswith("| 10 ms | 1.4× |"), lenet
+    targets = report.targets(results)
+    assert "| task inference ≤ 1.5× its bandwidth floor | lenet-T2500 | met (goal <= 1.5×) |" in targets
+    assert "| task inference ≤ 1.5× its bandwidth floor | fc1024-T2500 | NOT met (goal <= 1.5×) |" in targets
+    assert "the bank read 2× at 17.8 GB/s" in targets
