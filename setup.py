@@ -1,9 +1,11 @@
 """Build script: compiles the C++ (and, when possible, CUDA) extension ``supsup_fast._C``.
 
 * ``pip install --no-build-isolation .`` (or ``-e .``) builds against the installed torch with ninja.
-* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA and nvcc is found; they
-  are compiled for ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``; torch's default otherwise), without
-  ``--use_fast_math`` (subnormals and IEEE division as in the reference).
+* CUDA sources (``csrc/cuda``) are added when the installed torch has CUDA, nvcc is found and there is
+  a target: a visible GPU (compiled for it) or ``TORCH_CUDA_ARCH_LIST`` (e.g. ``9.0``, to build on a
+  machine without one). A CUDA torch on a machine with neither builds the CPU kernels only: torch's
+  fallback would compile every architecture it knows, which takes far longer than the CPU build.
+  No ``--use_fast_math`` (subnormals and IEEE division as in the reference).
 * ``SUPSUP_FAST_NO_EXT=1`` skips native code; a failed native build warns and installs the pure
   Python package (set ``SUPSUP_FAST_STRICT_BUILD=1`` to make it an error instead).
 * The build never takes its CPU target from the build machine, so a wheel runs on any CPU of its
@@ -66,7 +68,16 @@ def _extensions():
     std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 14) else "-std=c++17"
     include_dirs = [os.path.join(ROOT, "csrc")]
     define_macros = []
-    with_cuda = torch.version.cuda is not None and ce.CUDA_HOME is not None and not os.environ.get("SUPSUP_FAST_NO_CUDA")
+    with_cuda = False
+    if torch.version.cuda is not None and not os.environ.get("SUPSUP_FAST_NO_CUDA"):
+        if ce.CUDA_HOME is None:
+            _warn("torch has CUDA but nvcc/CUDA_HOME was not found: building the CPU kernels only")
+        elif not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            _warn("torch has CUDA and nvcc is found, but no GPU is visible and TORCH_CUDA_ARCH_LIST is not set: "
+                  "building the CPU kernels only (set TORCH_CUDA_ARCH_LIST, e.g. 9.0, to compile the CUDA "
+                  "kernels for a GPU elsewhere)")
+        else:
+            with_cuda = True
     cu = []
     if with_cuda:
         cu = rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
@@ -74,8 +85,6 @@ def _extensions():
         # pip-installed CUDA wheels ship headers (cusparse.h, ...) that a bare toolkit may lack
         site = os.path.dirname(os.path.dirname(torch.__file__))
         include_dirs += sorted(glob.glob(os.path.join(site, "nvidia", "cu*", "include")))
-    elif torch.version.cuda is not None:
-        _warn("torch has CUDA but nvcc/CUDA_HOME was not found: building the CPU kernels only")
     exts = []
     for name, arch in _cpu_variants().items():
         cxx = ["-O3", "-fopenmp", std, *arch]

@@ -1,27 +1,21 @@
-"""Shared by the integration tests. They need frameworks the main environment lacks (timm, torchvision,
-transformers, peft, avalanche-lib). Where they are missing the tests skip, except under
-``SUPSUP_FAST_INTEGRATIONS=require`` (set by CI's second environment, which installs them): there a missing
-framework fails, so CI cannot pass by skipping."""
+"""Shared by the integration tests. They need frameworks the library does not depend on (timm, torchvision,
+transformers, peft, avalanche-lib): README's set-up installs them. Where one is missing its tests skip, or
+fail under ``SUPSUP_FAST_STRICT_TESTS=1`` (``_require``)."""
 
 import importlib
-import os
 import warnings
 
-import pytest
+from _require import missing
 
 import supsup_fast as sf
 
-REQUIRED = os.environ.get("SUPSUP_FAST_INTEGRATIONS", "") == "require"
-
 
 def need(module: str):
-    """Import ``module``, or skip (fail where the integrations are required)."""
+    """Import ``module``, or skip (fail under strict tests) when it cannot be imported."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        if REQUIRED:
-            pytest.fail(f"SUPSUP_FAST_INTEGRATIONS=require but {module} cannot be imported: {e}")
-        pytest.skip(f"{module} is not installed", allow_module_level=True)
+        missing(f"{module} cannot be imported ({e})")
 
 
 def convert(model, config=None, **kw):
