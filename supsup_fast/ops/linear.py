@@ -311,8 +311,8 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
     """
     if _autocast.enabled(x.device.type):  # cast like F.linear under torch.autocast
         x, weight, bias, scores = _autocast.linear_args(x, weight, bias, scores)
-    _check_linear(x, weight, mask_words, bias)
     if scores is None:
+        _check_linear(x, weight, mask_words, bias)
         args = (x, weight, mask_words, bias)
         if direct(args):  # call("masked_linear", ...), inlined: the GEMV-sized inference hot path
             return kernel("masked_linear", args)(*args)
