@@ -4,14 +4,22 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import long_run  # noqa: E402
 
 
-def test_a_resumed_long_run_equals_one_that_ran_through(tmp_path):
+@pytest.fixture(autouse=True)
+def _one_thread():
+    saved = torch.get_num_threads()  # restored: the bench session's machine_info reads it at the end
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def test_a_resumed_long_run_equals_one_that_ran_through(tmp_path):
     common = ["--tasks", "3", "--iterations", "8", "--eval-images", "10"]
     assert long_run.main([*common, "--out", str(tmp_path / "through")]) == 0
     assert long_run.main([*common, "--stop-after", "2", "--out", str(tmp_path / "resumed")]) == 0
