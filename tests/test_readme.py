@@ -53,3 +53,15 @@ def test_readme_avalanche_example_runs(tmp_path):
     assert stream and min(stream[-5:]) > 0.5, proc.stdout[-3000:]
     assert (tmp_path / "avalanche_logs" / "eval_results.csv").is_file()
     assert any((tmp_path / "tb_logs").iterdir())
+
+
+def test_ci_stops_at_a_failing_command_inside_a_line(tmp_path):
+    """`set -e` alone would go on after `false && ...` (a failure inside an && list): .ci/run must stop there,
+    and keep the shell's state (an activated venv) from one line to the next."""
+    (tmp_path / ".ci").mkdir()
+    (tmp_path / ".ci" / "run").write_text((ROOT / ".ci" / "run").read_text())
+    block = "X=kept && echo first $X\necho second $X\nfalse && echo never\necho ran-$((1 + 1))\n"
+    (tmp_path / "README.md").write_text(f"<!-- ci:begin -->\n```bash\n{block}```\n<!-- ci:end -->\n")
+    proc = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "first kept\nsecond kept\n" in proc.stdout and "ran-2" not in proc.stdout, proc.stdout
