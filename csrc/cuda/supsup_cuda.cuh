@@ -12,25 +12,16 @@
 
 #include <cuda_runtime.h>
 
+#include "../seed_format.h"
+
 namespace supsup_cuda {
 
 // Element types the launchers read and write (bool travels as kU8).
 enum class DType : int { kF16 = 0, kBF16, kF32, kF64, kU8, kI8, kI16, kI32, kI64 };
 
-// The counter-based hash of reference.py (lowbias32 on uint32).
-__host__ __device__ inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
-
-// hash32(layer ^ hash32(seed)), both taken modulo 2**32 (Python's `& 0xFFFFFFFF`).
-inline uint32_t layer_key(int64_t seed, int64_t layer) {
-  return hash32(static_cast<uint32_t>(layer) ^ hash32(static_cast<uint32_t>(seed)));
-}
+// The seed formats' hash and layer key: seed_format.h, the one transcription of seed_format.py.
+using supsup_seed::hash32;
+using supsup_seed::layer_key;
 
 // masks [rows, k] (non-zero = kept, any DType) -> words [rows, ceil(k/32)]. One warp ballot per word.
 cudaError_t pack_masks(const void* masks, DType dtype, int32_t* words, int64_t rows, int64_t k, cudaStream_t stream);
