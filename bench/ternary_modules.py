@@ -18,18 +18,17 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from harness import cpu_model, device_slug, versions  # noqa: E402
-from ternary_table import measure  # noqa: E402
+from harness import device_slug  # noqa: E402
+from ternary_table import machine_record, measure  # noqa: E402
 from torch import nn  # noqa: E402
 
 import supsup_fast as sf  # noqa: E402
-from supsup_fast import SupsupConfig, ternary  # noqa: E402
+from supsup_fast import SupsupConfig  # noqa: E402
 
 MODELS = {"lenet-300-100": [784, 300, 100, 10], "fc-1024-1024": [784, 1024, 1024, 100]}
 PROVIDERS = ["dense", "seed_format_1[masked_linear]", "seed_format_2[ternary_linear]"]
@@ -111,10 +110,7 @@ def run(threads: int, budget_s: float, rows, tasks: int) -> dict:
             print(f"  {name} M={r}: " + ", ".join(f"{p} {times[p]['median_s'] * 1e6:.1f} us" for p in PROVIDERS),
                   file=sys.stderr)
     return {
-        "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
-                    "device_slug": device_slug("cpu"), "platform": platform.platform(),
-                    "kernel_isa": ternary.kernel_isa(), "loadavg_before": os.getloadavg(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **versions()},
+        "machine": machine_record(threads),
         "budget_s": budget_s, "results": results,
     }
 

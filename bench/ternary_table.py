@@ -51,6 +51,14 @@ def _stats(samples: list[float]) -> dict:
     return {"median_s": statistics.median(s), "p10_s": q[1], "iqr_s": q[14] - q[4], "rounds": len(s)}
 
 
+def machine_record(threads: int) -> dict:
+    """What a ternary result file says about the machine, the kernel and the software."""
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
+            "device_slug": device_slug("cpu"), "platform": platform.platform(),
+            "kernel_isa": ternary.kernel_isa(), "loadavg_before": os.getloadavg(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **versions()}
+
+
 def measure(fns: dict, budget_s: float, min_rounds: int = 15, max_rounds: int = 2000) -> dict:
     """Per-call seconds of each provider over interleaved rounds: median, 10th percentile, IQR.
 
@@ -117,10 +125,7 @@ def run(shapes, rows, budget_s, threads) -> dict:
                 print(f"  {n}x{k} M={m}: dense {times[DENSE]['median_s'] * 1e6:.1f} us, ternary {t_tern * 1e6:.1f} us",
                       file=sys.stderr)
     return {
-        "machine": {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads,
-                    "device_slug": device_slug("cpu"), "platform": platform.platform(),
-                    "kernel_isa": ternary.kernel_isa(), "loadavg_before": os.getloadavg(),
-                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **versions()},
+        "machine": machine_record(threads),
         "copy_GBps_dram": copy_dram, "copy_GBps_llc": copy_llc, "copy_GBps_one_thread": copy_1t,
         "budget_s": budget_s, "results": results,
     }
