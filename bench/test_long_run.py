@@ -5,18 +5,17 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import long_run  # noqa: E402
 
+from supsup_fast.testing import torch_threads  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    saved = torch.get_num_threads()  # restored: the bench session's machine_info reads it at the end
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+    with torch_threads(1):  # restored after: the bench session's machine_info reads the count at the end
+        yield
 
 
 def test_a_resumed_long_run_equals_one_that_ran_through(tmp_path):

@@ -29,6 +29,7 @@ sum |terms|`` (:func:`summation_bound`), a bound on the rounding of any summatio
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -89,6 +90,18 @@ def assert_rel_close(out: torch.Tensor, exact: torch.Tensor, dtype: Optional[tor
 # ======================================================================================
 # Random inputs (seeded: every test and benchmark is reproducible)
 # ======================================================================================
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the body with ``n`` torch CPU threads, then restore the count. Tests of tiny tensors use one: it is
+    the fastest there and immune to a busy 2-core machine."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 

@@ -15,3 +15,11 @@ def backend(request):
     """Every test using it runs once per CPU backend, with that backend forced for every op."""
     with ops.force_backend(request.param):
         yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (``testing.torch_threads``); modules of tiny-tensor tests opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    with testing.torch_threads(1):
+        yield

@@ -13,14 +13,7 @@ from supsup_fast.binarize import kept_count
 from supsup_fast.convert import erdos_renyi_densities, layer_id_for
 from supsup_fast.nn import MaskedConv2d, MaskedLayerBase, MaskedLinear, TaskBatchNorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is fastest, and immune to a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------

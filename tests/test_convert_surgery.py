@@ -13,13 +13,7 @@ from supsup_fast import ConversionWarning, SupsupConfig, SupsupError
 from supsup_fast.nn import MaskedConv2d, MaskedLinear, SamePadConv2d, TaskBatchNorm, TaskBatchNormAct, TaskDense
 from supsup_fast.nn.wrappers import same_padding
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def convnet(bias=True):

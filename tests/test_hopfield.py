@@ -7,14 +7,7 @@ from supsup_fast import hopfield as H
 from supsup_fast import reference
 from supsup_fast.errors import SupsupError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tests run many tiny ops; extra threads only add contention on a busy CI machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _patterns(n, d, seed):

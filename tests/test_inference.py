@@ -14,14 +14,7 @@ from supsup_fast.config import SupsupConfig
 from supsup_fast.errors import SupsupError
 from supsup_fast.nn import MaskedLayerBase, MaskedLinear, TaskBatchNorm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny networks: threads only add contention on a shared CI machine
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------

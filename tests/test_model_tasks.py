@@ -7,13 +7,7 @@ from torch import nn
 import supsup_fast as sf
 from supsup_fast import SupsupConfig, SupsupError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp():

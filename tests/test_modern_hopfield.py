@@ -14,12 +14,7 @@ from supsup_fast.modern_hopfield import ModernHopfieldMaskMemory
 RTOL, ATOL = 1e-5, 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _masks(n, d, seed):

@@ -15,12 +15,7 @@ from supsup_fast.nn import MaskedLayerBase
 D, C, H = 32, 10, 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_task(i):

@@ -11,12 +11,7 @@ from supsup_fast.errors import SupsupError
 D, C, S = 20, 10, 10  # inputs, real classes, superfluous outputs
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blob_task(i):
