@@ -198,15 +198,23 @@ def alpha_gradients(
     if x.dim() < 1 or x.shape[0] == 0:
         raise SupsupError(f"x must be a batch with at least one row, got shape {tuple(x.shape)}")
     chunk_elements = _positive_int(chunk_elements, "chunk_elements")
-    with model_in_use(model), eval_mode(model), preserved_mode(model), torch.enable_grad():
+    with model_in_use(model), eval_mode(model), preserved_mode(model):
+        return _alpha_gradients(model, task_modules(model), x, alpha, rows_fn, per_example, chunk_elements, logits_fn)
+
+
+def _alpha_gradients(model, layers, x, alpha, rows_fn, per_example: bool, chunk_elements: int, logits_fn):
+    """:func:`alpha_gradients` on checked arguments, with the model held, in eval mode and its modes restored
+    by the caller (task inference runs several passes under one such hold)."""
+    with torch.enable_grad():
         leaf = alpha.detach().clone().float().requires_grad_(True)
-        leaf = convert.set_superposition(model, leaf, requires_grad=True)
+        for layer in layers:
+            layer.set_superposition(leaf)
         if not per_example:
             obj = _rows(rows_fn, model(x), x.shape[0], logits_fn).mean()
             (g,) = torch.autograd.grad(obj, leaf, allow_unused=True)
             g = torch.zeros_like(leaf) if g is None else g.detach()
-            return g if bool(torch.isfinite(obj)) else torch.full_like(g, math.nan)  # no gradient of a NaN
-        return _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn)
+            return g if math.isfinite(obj.item()) else torch.full_like(g, math.nan)  # no gradient of a NaN
+        return _per_example_gradients(model, layers, x, leaf, rows_fn, chunk_elements, logits_fn)
 
 
 def _positive_int(v, name: str) -> int:
@@ -239,8 +247,7 @@ def _rows(rows_fn, logits: torch.Tensor, batch: int, logits_fn: Optional[Callabl
     return out
 
 
-def _per_example_gradients(model, x, leaf, rows_fn, chunk_elements, logits_fn=None) -> torch.Tensor:
-    layers = task_modules(model)
+def _per_example_gradients(model, layers, x, leaf, rows_fn, chunk_elements, logits_fn=None) -> torch.Tensor:
     records: list[tuple[nn.Module, torch.Tensor, list]] = []
 
     def hook(layer, inputs, output):
@@ -415,7 +422,7 @@ def infer_task(
     ``shortlist_rows`` configure ``"shortlist"``. The model runs in ``eval()`` mode; its modes are restored
     afterwards. Units whose input or gradients are not finite get :data:`NO_TASK`.
     """
-    with model_in_use(model), eval_mode(model):
+    with model_in_use(model), eval_mode(model), preserved_mode(model):
         return _infer_task(model, x, method, objective, num_real, batch_mode, rows, candidates, lr, threshold,
                            max_steps, shortlist, shortlist_by, shortlist_rows, chunk_elements, logits_fn)
 
@@ -440,10 +447,11 @@ def _infer_task(model, x, method, objective, num_real, batch_mode, rows, candida
     finite_rows = _finite_rows(x).to(cand.device)
     failed = ~finite_rows if per_example else ~finite_rows.all().reshape(1)
 
+    layers = task_modules(model)
+
     def grads_of(xs: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """``[U, T]`` gradients: one row for batch mode, one per row of ``xs`` otherwise."""
-        g = alpha_gradients(model, xs, alpha, objective=rows_fn, per_example=per_example,
-                            chunk_elements=chunk_elements, logits_fn=logits_fn)
+        g = _alpha_gradients(model, layers, xs, alpha, rows_fn, per_example, chunk_elements, logits_fn)
         return g if per_example else g.unsqueeze(0)
 
     units = x.shape[0] if per_example else 1

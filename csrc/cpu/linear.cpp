@@ -301,6 +301,44 @@ at::Tensor masked_linear_grad_input(const at::Tensor& grad_out, const at::Tensor
 
 namespace {
 
+// One row (a GEMV's backward, M = 1): dL/dy^T x is an outer product, one rounded product per element
+// whatever computes it, so it is fused with the epilogue in one pass -- the same bits as the GEMM
+// path, without its tiles' set-up (most of a small layer's weight gradient).
+at::Tensor outer_weight_grad(const at::Tensor& g, const at::Tensor& xx, const at::Tensor& w, const at::Tensor& sg) {
+  const int64_t n = w.size(0), k = n ? w.numel() / n : 0;
+  at::Tensor out = at::empty(w.sizes(), w.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_grad", [&] {
+    using A = acc_t<scalar_t>;
+    const A* gs = g.data_ptr<A>();
+    const A* xs = xx.data_ptr<A>();
+    const scalar_t* ws = w.data_ptr<scalar_t>();
+    const scalar_t* ss = sg.defined() ? sg.data_ptr<scalar_t>() : nullptr;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(k, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const A gr = gs[r];
+        const scalar_t* wr = ws + r * k;
+        scalar_t* orow = o + r * k;
+        if (ss == nullptr) {
+          for (int64_t j = 0; j < k; ++j) {
+            const A d = gr * xs[j];
+            orow[j] = static_cast<scalar_t>(d * static_cast<A>(wr[j]));
+          }
+          continue;
+        }
+        const scalar_t* sr = ss + r * k;
+        for (int64_t j = 0; j < k; ++j) {
+          const A v = static_cast<A>(sr[j]);
+          const A sign = v > A(0) ? A(1) : v < A(0) ? A(-1) : A(0);  // 0 for 0 and NaN, as torch.sign
+          const A d = gr * xs[j];
+          orow[j] = static_cast<scalar_t>(d * static_cast<A>(wr[j]) * sign);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 // (dL/dy^T x) * W, times sign(S) when `sign_of` is given (the top-k binariser's dM/dS), in the
 // GEMM's epilogue: one parallel pass over the GEMM result.
 at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
@@ -326,8 +364,9 @@ at::Tensor weight_grad_impl(const char* op, const at::Tensor& grad_out, const at
   // float32 accumulation (float64 for float64), as the reference does for low precision
   const auto acc = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor g = grad_out.reshape({-1, n}).to(acc), xx = x.reshape({-1, k}).to(acc);
-  const at::Tensor dense = deterministic_mm(g.t(), xx);  // [N, K]
   const at::Tensor w = weight.contiguous();
+  if (g.size(0) == 1) return outer_weight_grad(g.contiguous(), xx.contiguous(), w, sg);
+  const at::Tensor dense = deterministic_mm(g.t(), xx);  // [N, K]
   // in the GEMM result's own buffer when no cast is needed
   at::Tensor out = w.scalar_type() == acc ? dense.view(w.sizes()) : at::empty(w.sizes(), w.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "masked_weight_grad", [&] {

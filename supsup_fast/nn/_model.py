@@ -61,7 +61,10 @@ def preserved_mode(model: nn.Module):
         yield
     finally:
         for m, (mode, task_id, alpha, rows) in zip(mods, saved):
-            m.mode, m.task_id = mode, task_id
+            if m.mode != mode:  # nn.Module's __setattr__ is slow: set what changed
+                m.mode = mode
+            if m.task_id != task_id:
+                m.task_id = task_id
             m.__dict__["alpha"] = alpha
             m.__dict__["row_tasks"] = rows
 
@@ -71,12 +74,14 @@ def eval_mode(model: nn.Module):
     """Every module in ``eval()`` (so no batch statistics couple rows or update running statistics, no
     dropout), each module's own ``training`` flag restored on exit."""
     flags = [(m, m.training) for m in model.modules()]
-    model.eval()
+    if any(flag for _, flag in flags):  # already all in eval: nothing to switch (task inference's common case)
+        model.eval()
     try:
         yield
     finally:
         for m, flag in flags:
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
 
 
 class _Guard:

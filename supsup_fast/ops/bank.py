@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from ..format import words_per_row
 from ._checks import check_float, check_same_device, check_words, gemm_nk, require
 from ._define import define, on_first
-from ._fastpath import call, fast
+from ._fastpath import call, direct, fast, plain_eager
+from ._registry import FLOAT_DTYPES, kernel
 
 
 def _superpose_setup(ctx, inputs, output):
@@ -32,6 +34,15 @@ def _superpose_bwd(ctx, grad):
 
 
 def _check_superpose(weight, bank, alpha) -> None:
+    # the common case in one expression; any failure re-runs the checks that name the problem
+    if isinstance(weight, torch.Tensor) and isinstance(bank, torch.Tensor) and isinstance(alpha, torch.Tensor):
+        shape, dev = bank.shape, weight.device
+        n, k = gemm_nk(weight) if weight.dim() >= 1 else (-1, -1)
+        if (weight.dtype in FLOAT_DTYPES and bank.dtype == torch.int32 and len(shape) == 3
+                and shape[1] == n and shape[2] == words_per_row(k)
+                and alpha.dim() == 1 and alpha.shape[0] == shape[0] and alpha.is_floating_point()
+                and bank.device == dev and alpha.device == dev):
+            return
     check_float("weight", weight)
     n, k = gemm_nk(weight)
     check_words("bank", bank, n, k, 1)
@@ -76,10 +87,30 @@ define("mask_dots(Tensor v, Tensor bank) -> Tensor", dispatch=on_first, fake=_ma
        backward=_mask_dots_bwd, setup_context=_mask_dots_setup, check=_check_mask_dots)
 
 
+class _SuperposeEager(torch.autograd.Function):
+    """``superpose``'s autograd for plain eager tensors, without the dispatcher's autograd wrapper (the
+    kernel is the registry's, the backward is the op's own): task inference's forward runs it once a
+    layer, with alpha requiring grad. See :mod:`._fastpath`."""
+
+    @staticmethod
+    def forward(ctx, weight, bank, alpha, kernel_fn):
+        _superpose_setup(ctx, (weight, bank, alpha), None)
+        return kernel_fn(weight, bank, alpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (*_superpose_bwd(ctx, grad), None)
+
+
 def superpose(weight: torch.Tensor, bank: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``W * sum_t alpha_t M_t`` over a bank ``[T, N, W]``, skipping ``alpha_t = 0``."""
     _check_superpose(weight, bank, alpha)
-    return call("superpose", weight, bank, alpha)
+    args = (weight, bank, alpha)
+    if direct(args):
+        return kernel("superpose", args)(*args)
+    if torch.is_grad_enabled() and plain_eager(args):
+        return _SuperposeEager.apply(*args, kernel("superpose", args))
+    return call("superpose", *args)
 
 
 def mask_dots(v: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
