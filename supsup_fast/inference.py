@@ -484,6 +484,9 @@ def _finite_over(g: torch.Tensor, alive: torch.Tensor) -> torch.Tensor:
 
 def _pass(x, alpha, todo, grads_of, per_row: bool):
     """Gradients ``[U, T]`` for the units in ``todo`` (NaN for the others) and the number of passes."""
+    if todo.shape[0] == 1 and bool(todo[0]):  # one unit (batch mode, or one row): nothing to pick or scatter
+        sub, passes = _grads_grouped(x, alpha, grads_of, per_row)
+        return sub.float(), passes
     g = torch.full(alpha.shape, math.nan, dtype=torch.float32, device=alpha.device)
     idx = torch.nonzero(todo).flatten()
     if idx.numel() == 0:
