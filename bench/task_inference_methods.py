@@ -8,8 +8,9 @@
 and benchmark are rebuilt from the run's config, the bank is loaded, and each variant is measured
 by :func:`supsup_fast.experiment.measure_task_inference` -- the CLI's own measurement, protocol
 included (class-mixed test batches, seeded) -- on exactly the images the run used. Variants:
-``one_shot``, ``binary``, ``gradient_descent``, ``shortlist:<by>[:<size>[:<rows>]]`` (``by``: ``auto``,
-``rows``, ``one_shot`` or ``binary``; a size of at least the number of tasks scores every task). Inference settings other than the method (objective, batch mode, rows) are the
+``one_shot``, ``binary``, ``gradient_descent``, ``shortlist:<by>[:<size>[:<rows>[:<score>]]]`` (``by``:
+``auto``, ``rows``, ``one_shot`` or ``binary``; a size of at least the number of tasks scores every task;
+``score``: ``entropy`` or ``margin``). Inference settings other than the method (objective, batch mode, rows) are the
 run's unless overridden.
 
 Time: every repeat measures all variants one after another (side by side on the same machine
@@ -40,20 +41,23 @@ DEFAULT_VARIANTS = ["one_shot", "binary", "gradient_descent", "shortlist:auto"]
 
 
 def parse_variant(text: str) -> dict:
-    """``"shortlist:rows:4:16"`` -> ``{"method": "shortlist", "shortlist_by": "rows", "shortlist": 4,
-    "shortlist_rows": 16}`` (the last two optional: the config's values)."""
+    """``"shortlist:rows:4:16:margin"`` -> ``{"method": "shortlist", "shortlist_by": "rows", "shortlist": 4,
+    "shortlist_rows": 16, "shortlist_score": "margin"}`` (the last three optional: the config's values)."""
     parts = text.split(":")
     if parts[0] != "shortlist":
         if len(parts) != 1:
-            raise SystemExit(f"variant {text!r}: only shortlist takes parameters (shortlist:<by>[:<size>[:<rows>]])")
+            raise SystemExit(f"variant {text!r}: only shortlist takes parameters "
+                             "(shortlist:<by>[:<size>[:<rows>[:<score>]]])")
         return {"method": parts[0]}
-    if not 2 <= len(parts) <= 4:
-        raise SystemExit(f"variant {text!r}: write shortlist:<by>[:<size>[:<rows>]]")
+    if not 2 <= len(parts) <= 5:
+        raise SystemExit(f"variant {text!r}: write shortlist:<by>[:<size>[:<rows>[:<score>]]]")
     out = {"method": "shortlist", "shortlist_by": parts[1]}
     if len(parts) > 2:
         out["shortlist"] = int(parts[2])
     if len(parts) > 3:
         out["shortlist_rows"] = int(parts[3])
+    if len(parts) > 4:
+        out["shortlist_score"] = parts[4]
     return out
 
 

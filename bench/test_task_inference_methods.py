@@ -44,3 +44,6 @@ def test_methods_table_on_a_saved_run(tmp_path, capsys):
     assert rows["shortlist:auto"]["confusion"] == rows["shortlist:rows:3"]["confusion"]
     assert tim.parse_variant("shortlist:rows:4:16") == {"method": "shortlist", "shortlist_by": "rows", "shortlist": 4,
                                                         "shortlist_rows": 16}
+    assert tim.parse_variant("shortlist:rows:4:16:margin") == {"method": "shortlist", "shortlist_by": "rows",
+                                                               "shortlist": 4, "shortlist_rows": 16,
+                                                               "shortlist_score": "margin"}

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from supsup_fast import convert, format, inference, reference
+from supsup_fast import convert, format, inference, objectives, reference
 from supsup_fast.config import SupsupConfig
 from supsup_fast.errors import SupsupError
 from supsup_fast.nn import MaskedLayerBase, MaskedLinear, TaskBatchNorm
@@ -118,6 +118,20 @@ def test_objectives_match_reference_means():
     torch.testing.assert_close(inference.g_rows(z, 4).mean(), reference.g_objective(z, 4))
 
 
+def test_margin_is_the_top_logit_minus_the_runner_up():
+    z = torch.randn(9, 13) * 3
+    z[2, 4] = z[2, 7] = 50.0  # a tie at the top: margin 0
+    top = z.sort(-1, descending=True).values
+    torch.testing.assert_close(objectives.margin_rows(z), top[:, 0] - top[:, 1])
+    assert float(objectives.margin_rows(z)[2]) == 0.0
+    torch.testing.assert_close(objectives.score_rows("margin")(z), top[:, 1] - top[:, 0])  # lower is better
+    assert objectives.score_rows("entropy") is inference.entropy_rows
+    with pytest.raises(SupsupError, match="at least 2 outputs"):
+        objectives.margin_rows(torch.randn(3, 1))
+    with pytest.raises(SupsupError, match="unknown shortlist score"):
+        objectives.score_rows("nope")
+
+
 def test_g_objective_gradient_is_softmax_on_superfluous_and_zero_on_real():
     z = (torch.randn(6, 12) * 2).requires_grad_(True)
     num_real = 5
@@ -223,26 +237,33 @@ def test_gradient_descent_steps_follow_softmax_chain_rule():
 # --------------------------------------------------------------------------------------
 # Shortlist: the gradient narrows, each survivor's own forward pass decides
 # --------------------------------------------------------------------------------------
-def own_mask_scores(model, x, tasks):
-    """Each task's mean output entropy over the rows of ``x`` under its own mask, one plain forward per task."""
+def own_mask_scores(model, x, tasks, score="entropy"):
+    """Each task's mean score over the rows of ``x`` under its own mask, one plain forward per task: the
+    output entropy, or the negated gap between the two largest logits (``score="margin"``)."""
     out = []
     for t in tasks:
         convert.set_task(model, t)
         with torch.no_grad():
-            out.append(float(reference.entropy(model(x))))
+            z = model(x)
+        if score == "entropy":
+            out.append(float(reference.entropy(z)))
+        else:
+            top = z.sort(-1, descending=True).values
+            out.append(float((top[:, 1] - top[:, 0]).mean()))
     return out
 
 
-@pytest.mark.parametrize("seed,objective", [(s, o) for s in range(4) for o in ("entropy", "g")])
-def test_shortlist_of_every_task_picks_the_lowest_own_mask_score(seed, objective):
+@pytest.mark.parametrize("seed,objective,score", [(s, o, "entropy") for s in range(4) for o in ("entropy", "g")]
+                         + [(s, "g", "margin") for s in range(4)])
+def test_shortlist_of_every_task_picks_the_lowest_own_mask_score(seed, objective, score):
     gen = torch.Generator().manual_seed(300 + seed)
     t = int(torch.randint(2, 10, (1,), generator=gen))
     model = store_random_tasks(mlp([10, 15, 13, 9], seed), t, seed=seed)
     x = torch.randn(6, 10, generator=gen) * 2
     num_real = 4 if objective == "g" else None
-    want = own_mask_scores(model, x, range(t))  # entropy, whatever objective the gradient would use
+    want = own_mask_scores(model, x, range(t), score)  # whatever objective the gradient would use
     res = inference.infer_task(model, x, method="shortlist", shortlist=t, objective=objective, num_real=num_real,
-                               rows=None)
+                               rows=None, shortlist_score=score)
     assert res.passes == 0 and res.candidates.tolist() == [list(range(t))]  # no gradient pass needed
     torch.testing.assert_close(res.scores[0].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-4, atol=1e-5)
     assert int(res.task_ids[0]) == min(range(t), key=lambda i: (want[i], i))
@@ -250,8 +271,8 @@ def test_shortlist_of_every_task_picks_the_lowest_own_mask_score(seed, objective
     torch.testing.assert_close(res.confidence[0].double(), n_conf, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
+@pytest.mark.parametrize("seed,score", [(s, sc) for s in range(4) for sc in ("entropy", "margin")])
+def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed, score):
     gen = torch.Generator().manual_seed(400 + seed)
     t, size = 11, 3
     model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
@@ -261,17 +282,35 @@ def test_shortlist_scores_the_survivors_of_binary_search_or_one_shot(seed):
     while len(alive) > size:
         g = explicit_grad(model, x, uniform(t, alive), "entropy")
         alive = sorted(sorted(alive, key=lambda i: (float(g[i]), i))[: (len(alive) + 1) // 2])
-    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="binary", rows=None)
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="binary", rows=None,
+                               shortlist_score=score)
     assert res.passes == 2 and res.candidates.tolist() == [alive]
-    scores = own_mask_scores(model, x, alive)
+    scores = own_mask_scores(model, x, alive, score)
     assert int(res.task_ids[0]) == alive[min(range(len(alive)), key=lambda i: (scores[i], i))]
     # one-shot: the `size` lowest gradients of one pass at alpha uniform
     g = explicit_grad(model, x, uniform(t), "entropy")
     lowest = sorted(sorted(range(t), key=lambda i: (float(g[i]), i))[:size])
-    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="one_shot", rows=None)
+    res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by="one_shot", rows=None,
+                               shortlist_score=score)
     assert res.passes == 1 and res.candidates.tolist() == [lowest]
-    scores = own_mask_scores(model, x, lowest)
+    scores = own_mask_scores(model, x, lowest, score)
     assert int(res.task_ids[0]) == lowest[min(range(size), key=lambda i: (scores[i], i))]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_shortlist_score_auto_is_the_margin_over_rows_and_the_entropy_of_one_row(seed):
+    gen = torch.Generator().manual_seed(700 + seed)
+    model = store_random_tasks(mlp([12, 17, 9], seed), 7, seed=seed)
+    x = torch.randn(10, 12, generator=gen) * 2
+    for batch_mode, rows, same_as in (("batch", None, "margin"), ("batch", 1, "entropy"), ("per_example", 1, "entropy")):
+        kw = dict(method="shortlist", shortlist=7, rows=rows, batch_mode=batch_mode)
+        auto = inference.infer_task(model, x, **kw)
+        want = inference.infer_task(model, x, shortlist_score=same_as, **kw)
+        assert torch.equal(auto.scores, want.scores) and torch.equal(auto.task_ids, want.task_ids)
+    # the two scores rank differently here, so the test above can tell them apart
+    kw = dict(method="shortlist", shortlist=7, rows=None, batch_mode="per_example")
+    assert not torch.equal(inference.infer_task(model, x, shortlist_score="margin", **kw).scores,
+                           inference.infer_task(model, x, shortlist_score="entropy", **kw).scores)
 
 
 def test_shortlist_is_right_on_rotated_mnist_where_the_uniform_alpha_gradient_is_not():
@@ -303,28 +342,28 @@ def test_shortlist_is_right_on_rotated_mnist_where_the_uniform_alpha_gradient_is
     assert hits["one_shot"] < batches and hits["binary"] < batches, hits
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_shortlist_by_rows_narrows_on_the_first_rows_and_decides_on_all(seed):
+@pytest.mark.parametrize("seed,score", [(s, "entropy") for s in range(3)] + [(s, "margin") for s in range(3)])
+def test_shortlist_by_rows_narrows_on_the_first_rows_and_decides_on_all(seed, score):
     gen = torch.Generator().manual_seed(500 + seed)
     t, size, first = 9, 3, 4
     model = store_random_tasks(mlp([12, 17, 9], seed), t, seed=seed)
     x = torch.randn(10, 12, generator=gen) * 2
-    pre = own_mask_scores(model, x[:first], range(t))
+    pre = own_mask_scores(model, x[:first], range(t), score)
     kept = sorted(sorted(range(t), key=lambda i: (pre[i], i))[:size])
     for by in ("rows", "auto"):  # auto is rows in batch mode
         res = inference.infer_task(model, x, method="shortlist", shortlist=size, shortlist_by=by, shortlist_rows=first,
-                                   rows=None)
+                                   rows=None, shortlist_score=score)
         assert res.passes == 0 and res.candidates.tolist() == [kept]
-        final = own_mask_scores(model, x, kept)
+        final = own_mask_scores(model, x, kept, score)
         torch.testing.assert_close(res.scores[0].double(), torch.tensor(final, dtype=torch.float64), rtol=1e-4,
                                    atol=1e-5)
         assert int(res.task_ids[0]) == kept[min(range(size), key=lambda i: (final[i], i))]
     # per example there are no other rows to narrow on: every candidate is scored on the row itself
     res = inference.infer_task(model, x[:3], method="shortlist", shortlist=size, shortlist_by="rows",
-                               batch_mode="per_example")
+                               batch_mode="per_example", shortlist_score=score)
     assert res.candidates.tolist() == [list(range(t))] * 3
     for r in range(3):
-        own = own_mask_scores(model, x[r:r + 1], range(t))
+        own = own_mask_scores(model, x[r:r + 1], range(t), score)
         assert int(res.task_ids[r]) == min(range(t), key=lambda i: (own[i], i))
 
 
@@ -357,6 +396,8 @@ def test_shortlist_arguments_are_checked():
         inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_by="nope")
     with pytest.raises(SupsupError, match="shortlist_rows"):
         inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_rows=0)
+    with pytest.raises(SupsupError, match="unknown shortlist score"):
+        inference.infer_task(model, torch.randn(2, 4), method="shortlist", shortlist_score="nope")
 
 
 # --------------------------------------------------------------------------------------

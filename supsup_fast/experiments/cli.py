@@ -59,7 +59,8 @@ def _cmd_run(args) -> int:
         lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method,
         compare_methods=args.compare_methods,
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, shortlist=args.shortlist,
-        shortlist_by=args.shortlist_by, shortlist_rows=args.shortlist_rows, eval_images=args.eval_images,
+        shortlist_by=args.shortlist_by, shortlist_rows=args.shortlist_rows,
+        shortlist_score=args.shortlist_score, eval_images=args.eval_images,
         test_batch_size=args.test_batch_size, checkpoints=args.checkpoints or [], device=args.device,
         seed=args.seed, out_dir=args.out, progress=_progress(args), save_bank=not args.no_bank,
         eval_seed=args.eval_seed, preset=args.preset, check_every=args.check_every,
@@ -155,6 +156,9 @@ def _add_run(sub) -> None:
                         "rows), one_shot, binary (stopped early); auto: rows in batch mode, one_shot per example")
     g.add_argument("--shortlist-rows", type=_positive_int, default=16,
                    help="method shortlist, --shortlist-by rows: rows of the batch the first scoring uses")
+    g.add_argument("--shortlist-score", choices=inference.SHORTLIST_SCORES, default="auto",
+                   help="method shortlist: what the candidates' own outputs are compared by: entropy, or margin "
+                        "(top logit minus the runner-up; the larger wins); auto: margin in batch mode over >= 2 rows, entropy for one row")
     g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
                    help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--check-every", type=_positive_int, default=100,

@@ -72,6 +72,7 @@ class ExperimentConfig:
     shortlist: int = 4  # method "shortlist": the most candidates scored by their own networks on all rows
     shortlist_by: str = "auto"  # method "shortlist": how they are chosen (inference.SHORTLIST_BY)
     shortlist_rows: int = 16  # method "shortlist", shortlist_by "rows": rows the first scoring uses
+    shortlist_score: str = "auto"  # method "shortlist": what the own outputs are compared by (inference.SHORTLIST_SCORES)
     eval_images: int = 100
     test_batch_size: int = 128
     eval_seed: int = 0
@@ -111,6 +112,8 @@ class ExperimentConfig:
             need(isinstance(v, int) and v >= 1, f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
         need(self.shortlist_by in inference.SHORTLIST_BY,
              f"--shortlist-by must be one of {inference.SHORTLIST_BY}, got {self.shortlist_by!r}")
+        need(self.shortlist_score in inference.SHORTLIST_SCORES,
+             f"--shortlist-score must be one of {inference.SHORTLIST_SCORES}, got {self.shortlist_score!r}")
         need(self.batch_mode in inference.BATCH_MODES, f"--batch-mode must be one of {inference.BATCH_MODES}")
         need(self.rows is None or (isinstance(self.rows, int) and self.rows >= 1),
              f"--rows must be a positive integer or 'all', got {self.rows!r}")
@@ -187,7 +190,7 @@ def default_checkpoints(tasks: int) -> list[int]:
 def _infer_kwargs(cfg: ExperimentConfig, num_real: int, method: Optional[str] = None) -> dict:
     return dict(method=method or cfg.method, objective=cfg.objective, num_real=num_real if cfg.objective == "g" else None,
                 batch_mode=cfg.batch_mode, rows=cfg.rows, shortlist=cfg.shortlist, shortlist_by=cfg.shortlist_by,
-                shortlist_rows=cfg.shortlist_rows)
+                shortlist_rows=cfg.shortlist_rows, shortlist_score=cfg.shortlist_score)
 
 
 def eval_indices(size: int, count: int) -> torch.Tensor:

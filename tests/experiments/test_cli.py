@@ -267,3 +267,16 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert cli._progress(args) is True
     assert cli._progress(cli.build_parser().parse_args(["run", "--no-progress"])) is False
+
+
+def test_shortlist_score_is_checked_and_reaches_inference():
+    from supsup_fast.errors import SupsupError
+    from supsup_fast.experiments.cli import build_parser
+    from supsup_fast.experiments.experiment import ExperimentConfig, _infer_kwargs
+
+    with pytest.raises(SupsupError, match="--shortlist-score must be one of"):
+        ExperimentConfig(shortlist_score="nope").validate()
+    cfg = ExperimentConfig(shortlist_score="margin")
+    cfg.validate()
+    assert _infer_kwargs(cfg, 10)["shortlist_score"] == "margin"
+    assert build_parser().parse_args(["run", "--shortlist-score", "margin"]).shortlist_score == "margin"
