@@ -35,10 +35,10 @@ Methods (``infer_task(method=...)``):
   margin when a score is a mean over two or more rows (batch mode: it separates look-alike masks
   better, RotatedMNIST at FC-1024 100% of batches against the entropy's 96.9%), the entropy when it
   is one row's (per example, or a batch of one row: a single margin is a noisy gap, PermutedMNIST
-  single images 90.1% against 99.9%). Either is used whatever
-  ``objective`` the gradient narrows by: the G objective has no value to compare across networks
-  (its real-class logits are detached for the gradient only). Confidence: ``max softmax(-n * score)`` over the final survivors, ``n`` the
-  rows a score averages (1 per example).
+  single images 90.1% against 99.9%). Either is used whatever ``objective`` the gradient narrows
+  by: the G objective has no value to compare across networks (its real-class logits are detached
+  for the gradient only). Confidence: ``max softmax(-n * score)`` over the final survivors, ``n``
+  the rows a score averages (1 per example).
 
 Batch handling (``batch_mode=...``):
 

@@ -12,10 +12,10 @@ batch mean (:func:`entropy`, :func:`g_objective`).
 
 The shortlist method compares candidates by a *value* of each one's own output, lower is better
 (:func:`score_rows`): the entropy, or the negated logit margin ``-(z_(1) - z_(2))`` (top logit
-minus the runner-up). The margin reads only the two leading logits, so the mass a network leaves
-on its superfluous neurons does not blur it: averaged over a batch it separates RotatedMNIST's
-neighbouring angles at FC-1024 where the entropy does not; one row's margin is a single gap and
-noisier than its entropy (``"auto"``: the margin for a mean over rows, the entropy for one row).
+minus the runner-up). Averaged over a batch the margin separates RotatedMNIST's neighbouring
+angles at FC-1024 where the entropy does not (the entropy of the real classes' logits alone does
+no better); one row's margin is a single gap, noisier than its entropy (``"auto"`` in
+:func:`~supsup_fast.inference.infer_task`: the margin for a mean over rows, the entropy for one row).
 """
 
 from __future__ import annotations

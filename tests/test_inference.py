@@ -302,7 +302,8 @@ def test_shortlist_score_auto_is_the_margin_over_rows_and_the_entropy_of_one_row
     gen = torch.Generator().manual_seed(700 + seed)
     model = store_random_tasks(mlp([12, 17, 9], seed), 7, seed=seed)
     x = torch.randn(10, 12, generator=gen) * 2
-    for batch_mode, rows, same_as in (("batch", None, "margin"), ("batch", 1, "entropy"), ("per_example", 1, "entropy")):
+    cases = (("batch", None, "margin"), ("batch", 1, "entropy"), ("per_example", 1, "entropy"))
+    for batch_mode, rows, same_as in cases:
         kw = dict(method="shortlist", shortlist=7, rows=rows, batch_mode=batch_mode)
         auto = inference.infer_task(model, x, **kw)
         want = inference.infer_task(model, x, shortlist_score=same_as, **kw)

@@ -158,7 +158,8 @@ def _add_run(sub) -> None:
                    help="method shortlist, --shortlist-by rows: rows of the batch the first scoring uses")
     g.add_argument("--shortlist-score", choices=inference.SHORTLIST_SCORES, default="auto",
                    help="method shortlist: what the candidates' own outputs are compared by: entropy, or margin "
-                        "(top logit minus the runner-up; the larger wins); auto: margin in batch mode over >= 2 rows, entropy for one row")
+                        "(top logit minus the runner-up; the larger wins); auto: the margin for a mean over two or "
+                        "more rows (batch mode), the entropy for one row")
     g.add_argument("--compare-methods", nargs="+", choices=inference.METHODS, default=[],
                    help="also measure these inference methods on the same masks after the last task")
     g.add_argument("--check-every", type=_positive_int, default=100,
