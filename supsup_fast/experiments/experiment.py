@@ -439,6 +439,21 @@ def _environment() -> dict:
 
 
 
+def _log_tick_labels(xs: list) -> list:
+    """Labels for ticks at every checkpoint of a log axis: a checkpoint less than 1.8x the last labelled
+    one stays unlabelled (300, 400, ..., 1000 would print over each other); the last is always labelled."""
+    shown, last = [False] * len(xs), None
+    for i, x in enumerate(xs):
+        if last is None or x >= 1.8 * last:
+            shown[i], last = True, x
+    if not shown[-1]:
+        prev = max(i for i in range(len(xs) - 1) if shown[i])
+        if xs[-1] < 1.8 * xs[prev] and prev > 0:
+            shown[prev] = False
+        shown[-1] = True
+    return [str(x) if keep else "" for x, keep in zip(xs, shown)]
+
+
 def plot(results: dict, path: str) -> Optional[str]:
     """Accuracy and task-inference accuracy vs number of tasks, with GG accuracy on the same images.
 
@@ -484,7 +499,7 @@ def plot(results: dict, path: str) -> Optional[str]:
     if xs and max(xs) >= 20:
         ax.set_xscale("log")
         ax.set_xticks(xs)
-        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xticklabels(_log_tick_labels(xs))
         ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

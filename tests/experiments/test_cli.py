@@ -280,3 +280,14 @@ def test_shortlist_score_is_checked_and_reaches_inference():
     cfg.validate()
     assert _infer_kwargs(cfg, 10)["shortlist_score"] == "margin"
     assert build_parser().parse_args(["run", "--shortlist-score", "margin"]).shortlist_score == "margin"
+
+
+def test_log_axis_labels_every_checkpoint_that_does_not_crowd_the_last_labelled_one():
+    from supsup_fast.experiments.experiment import _log_tick_labels
+
+    xs = [1, 2, 5, 10, 20, 50, 100, 200, 300, 400, 500, 600, 700, 800, 900, 1000]
+    assert _log_tick_labels(xs) == ["1", "2", "5", "10", "20", "50", "100", "200", "", "400", "", "", "", "", "",
+                                    "1000"]
+    assert _log_tick_labels([1, 2, 5, 10, 20]) == ["1", "2", "5", "10", "20"]
+    # the last is always labelled; the labelled one before it gives way when too close
+    assert _log_tick_labels([1, 2, 5, 10, 20, 50, 100, 150, 200, 250])[-4:] == ["100", "", "", "250"]
