@@ -469,9 +469,7 @@ def _infer_task(model, x, method, objective, num_real, batch_mode, rows, candida
             raise SupsupError(f"unknown shortlist_by {shortlist_by!r}; expected one of {SHORTLIST_BY}")
         if isinstance(shortlist_rows, bool) or not isinstance(shortlist_rows, int) or shortlist_rows < 1:
             raise SupsupError(f"shortlist_rows must be a positive int, got {shortlist_rows!r}")
-        if shortlist_score == "auto":  # a score of one row: the entropy; a mean over a batch's rows: the margin
-            shortlist_score = "entropy" if per_example or x.shape[0] == 1 else "margin"
-        value_fn = score_rows(shortlist_score)
+        value_fn = score_rows(shortlist_score, one_row=per_example or x.shape[0] == 1)
         by = ("one_shot" if per_example else "rows") if shortlist_by == "auto" else shortlist_by
         return _shortlist(model, x, cand, units, grads_of, per_example, value_fn, shortlist, by, shortlist_rows,
                           chunk_elements, failed)

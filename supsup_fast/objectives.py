@@ -14,8 +14,8 @@ The shortlist method compares candidates by a *value* of each one's own output, 
 (:func:`score_rows`): the entropy, or the negated logit margin ``-(z_(1) - z_(2))`` (top logit
 minus the runner-up). Averaged over a batch the margin separates RotatedMNIST's neighbouring
 angles at FC-1024 where the entropy does not (the entropy of the real classes' logits alone does
-no better); one row's margin is a single gap, noisier than its entropy (``"auto"`` in
-:func:`~supsup_fast.inference.infer_task`: the margin for a mean over rows, the entropy for one row).
+no better); one row's margin is a single gap, noisier than its entropy (``"auto"``: the margin
+for a mean over rows, the entropy for one row).
 """
 
 from __future__ import annotations
@@ -51,8 +51,11 @@ def margin_rows(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def score_rows(score: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The per-row value the shortlist compares candidates by, lower is better: ``"entropy"`` or ``"margin"``."""
+def score_rows(score: str, *, one_row: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The per-row value the shortlist compares candidates by, lower is better: ``"entropy"``, ``"margin"``,
+    or ``"auto"``: the entropy when a score is one row's (``one_row``), the margin for a mean over rows."""
+    if score == "auto":
+        score = "entropy" if one_row else "margin"
     if score == "entropy":
         return entropy_rows
     if score == "margin":

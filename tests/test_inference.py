@@ -126,6 +126,8 @@ def test_margin_is_the_top_logit_minus_the_runner_up():
     assert float(objectives.margin_rows(z)[2]) == 0.0
     torch.testing.assert_close(objectives.score_rows("margin")(z), top[:, 1] - top[:, 0])  # lower is better
     assert objectives.score_rows("entropy") is inference.entropy_rows
+    assert objectives.score_rows("auto", one_row=True) is inference.entropy_rows
+    torch.testing.assert_close(objectives.score_rows("auto")(z), top[:, 1] - top[:, 0])
     with pytest.raises(SupsupError, match="at least 2 outputs"):
         objectives.margin_rows(torch.randn(3, 1))
     with pytest.raises(SupsupError, match="unknown shortlist score"):
