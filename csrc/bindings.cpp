@@ -3,6 +3,7 @@
 
 #include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
+#include "eager.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "supsup_fast compiled kernels; the ops live in torch.ops.supsup_fast_C";
@@ -20,6 +21,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // sign words for tests, and which ISA runs (a switch to compare them bit for bit)
   m.def("ternary_linear_cpu", &supsup::ternary_linear, "ternary_linear's CPU kernel, called directly",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  // a plain eager call of ternary_linear in one native call, or None (eager.h)
+  m.def("ternary_linear_eager", &supsup::ternary_linear_eager);
   m.def("seed_sign_words", &supsup::seed_sign_words, pybind11::arg("n"), pybind11::arg("k"), pybind11::arg("seed"),
         pybind11::arg("layer"), pybind11::arg("format_version"));
   m.def("ternary_isa", &supsup::ternary_isa);

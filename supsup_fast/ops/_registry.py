@@ -61,6 +61,10 @@ class Backend:
         checks: ``op -> check``; a check gets the op's arguments and returns why these inputs are
             declined (``None`` to accept). Ops without a check are decided on device and dtype alone,
             once, and their choice is cached.
+        eager: ``op -> (device type, dtype, entry)``: a native entry that runs a plain eager call of
+            ``op`` (the op's own arguments) on this backend's kernel for that device and dtype in one
+            call, checking the arguments itself, and returns ``None`` for any call it does not serve
+            (see :func:`eager_entry`).
     """
 
     name: str
@@ -70,6 +74,7 @@ class Backend:
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     op_dtypes: dict[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
     checks: dict[str, Check] = field(default_factory=dict)
+    eager: dict[str, tuple[str, torch.dtype, Callable]] = field(default_factory=dict)
     available: bool = True
     why_unavailable: str = ""
 
@@ -97,12 +102,27 @@ class Backend:
 _BACKENDS: dict[str, Backend] = {}
 _CANDIDATES: dict[tuple, list[Backend]] = {}  # (op, device, dtype, forced name) -> backends passing static checks
 _KERNELS: dict[tuple, Callable] = {}  # (op, device, dtype, SUPSUP_FAST_BACKEND) -> kernel, when no check can decline
+_EAGER: dict[tuple, Optional[Callable]] = {}  # (op, SUPSUP_FAST_BACKEND) -> eager entry, or None
 _forced_override: Optional[dict[str, str]] = None
+
+# ``os.environ.get`` of an unset variable costs ~0.7 us (a KeyError raised and caught inside
+# ``os._Environ``), more than a small kernel's dispatch; the mapping's own dict answers the same
+# question in ~0.05 us and sees every change made through ``os.environ``.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_BACKEND) if hasattr(os.environ, "encodekey") else ENV_BACKEND
+
+
+def _env_backend_raw():
+    """``SUPSUP_FAST_BACKEND`` as stored (``None`` when unset): a cache key, read on every call."""
+    if _ENV_DATA is None:
+        return os.environ.get(ENV_BACKEND)
+    return _ENV_DATA.get(_ENV_KEY)
 
 
 def _clear_choice_caches() -> None:
     _CANDIDATES.clear()
     _KERNELS.clear()
+    _EAGER.clear()
 
 
 def register_backend(backend: Backend) -> None:
@@ -133,6 +153,9 @@ def _parse_forced(text: str) -> dict[str, str]:
     return forced
 
 
+_NOTHING_FORCED: dict[str, str] = {}
+
+
 @functools.lru_cache(maxsize=8)
 def _parse_forced_cached(text: str) -> dict[str, str]:
     return _parse_forced(text)
@@ -142,6 +165,8 @@ def forced_backends() -> dict[str, str]:
     """``{op or '*': backend}`` from :func:`force_backend` or ``SUPSUP_FAST_BACKEND``."""
     if _forced_override is not None:
         return _forced_override
+    if _env_backend_raw() is None:
+        return _NOTHING_FORCED
     return _parse_forced_cached(os.environ.get(ENV_BACKEND, ""))
 
 
@@ -212,7 +237,7 @@ def kernel(op: str, args: tuple) -> Callable:
     takes effect at once (:func:`force_backend` and :func:`register_backend` clear it).
     """
     device_type, dtype = _DISPATCH[op](args)
-    key = (op, device_type, dtype, os.environ.get(ENV_BACKEND, ""))
+    key = (op, device_type, dtype, _env_backend_raw())
     impl = _KERNELS.get(key)
     if impl is not None:
         return impl
@@ -221,6 +246,34 @@ def kernel(op: str, args: tuple) -> Callable:
         impl = _KERNELS[key] = cands[0].impls[op]
         return impl
     return choose(op, device_type, dtype, args).impls[op]
+
+
+def eager_entry(op: str) -> Optional[Callable]:
+    """The eager entry (:attr:`Backend.eager`) of the backend that the registry picks for ``op`` on
+    the entry's device and dtype, or ``None``: no backend has one, it is not the one picked there
+    (a forced backend, a higher-priority one), or a per-input check could decline its inputs.
+
+    Calls the entry declines (other devices, dtypes, tensors with autograd to record...) go the
+    usual way, so an entry changes no choice of the registry: it skips its Python only.
+    """
+    key = (op, _env_backend_raw())
+    try:
+        return _EAGER[key]
+    except KeyError:
+        pass
+    entry = None
+    for b in backends():
+        if op in b.eager:
+            device_type, dtype, fn = b.eager[op]
+            try:
+                cands = _candidates(op, device_type, dtype)
+            except BackendError:
+                cands = []
+            if cands and cands[0] is b and op not in b.checks:
+                entry = fn
+            break
+    _EAGER[key] = entry
+    return entry
 
 
 def run(op: str, *args):

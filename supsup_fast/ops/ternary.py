@@ -27,7 +27,7 @@ from ..seed_format import SEED_FORMAT_VERSIONS
 from ._checks import check_bias, check_float, check_same_device, check_words, flat, require
 from ._define import define, on_first
 from ._fastpath import call, direct, fast
-from ._registry import kernel
+from ._registry import eager_entry, kernel
 
 
 def _check_scale(scale) -> None:
@@ -82,9 +82,10 @@ def _check_ternary(x, mask_words, seed, layer, scale, bias, format_version=2) ->
             and type(format_version) is int and isinstance(x, torch.Tensor) and x.is_floating_point()
             and x.dim() >= 1 and isinstance(mask_words, torch.Tensor) and mask_words.dtype == torch.int32
             and mask_words.dim() == 2 and mask_words.shape[1] == (x.shape[-1] + 31) >> 5
-            and mask_words.device == x.device
+            and ((x.is_cpu and mask_words.is_cpu) or mask_words.device == x.device)
             and (bias is None or (isinstance(bias, torch.Tensor) and bias.shape == (mask_words.shape[0],)
-                                  and bias.dtype == x.dtype and bias.device == x.device))):
+                                  and bias.dtype == x.dtype
+                                  and ((x.is_cpu and bias.is_cpu) or bias.device == x.device)))):
         return
     check_float("x", x)
     require(x.dim() >= 1, lambda: f"x needs at least 1 dim [..., K], got shape {tuple(x.shape)}")
@@ -134,9 +135,15 @@ def ternary_linear(x, mask_words, seed: int, layer: int, scale: float, bias=None
     """
     if type(scale) is int:
         scale = float(scale)
+    if not torch.compiler.is_compiling():  # a small layer's GG inference: one native call
+        entry = eager_entry("ternary_linear")
+        if entry is not None:
+            y = entry(x, mask_words, seed, layer, scale, bias, format_version)
+            if y is not None:
+                return y
     _check_ternary(x, mask_words, seed, layer, scale, bias, format_version)
     args = (x, mask_words, seed, layer, scale, bias, format_version)
-    if direct(args):  # call("ternary_linear", ...), inlined: the GEMV-sized inference hot path
+    if direct(args):  # call("ternary_linear", ...), inlined
         return kernel("ternary_linear", args)(*args)
     return call("ternary_linear", *args)
 

@@ -310,3 +310,110 @@ def test_non_finite_inputs_follow_dense_semantics(version):
         fin = want.isfinite()
         assert _rel(got[fin], want[fin]) <= TOL[torch.float32]
     assert want_y.isnan().any() and want_y.isinf().any() and want_gx.isinf().any()
+
+
+# ---- the eager entry: a plain float32 CPU call in one native call, every other call the checked way ----
+def _eager_args(bias=True):
+    x, words, b, _ = _inputs(3, 37, 70, 31)
+    return [x, words, 20, 3, 0.17, b if bias else None, 2]
+
+
+@needs_ext
+@pytest.mark.parametrize("bias", [True, False])
+def test_eager_entry_serves_plain_calls_bit_for_bit(bias):
+    args = _eager_args(bias)
+    entry = _C.ternary_linear_eager
+    with torch.no_grad():
+        got = entry(*args)
+        assert got is not None
+        assert torch.equal(got, _C.ternary_linear_cpu(*args))
+    args[0].requires_grad_(False)
+    assert torch.equal(entry(*args), _C.ternary_linear_cpu(*args))  # grad mode on, nothing requires grad
+    # parameters are plain tensors too (a module's bias)
+    if bias:
+        args[5] = torch.nn.Parameter(args[5], requires_grad=False)
+        assert torch.equal(entry(*args), _C.ternary_linear_cpu(*args))
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@needs_ext
+@pytest.mark.parametrize("change", [
+    "x_requires_grad", "bias_requires_grad", "float64", "subclass", "x_list", "seed_negative", "seed_2_32",
+    "seed_bool", "seed_float", "layer_big", "scale_int", "scale_nan", "format_3", "format_bool", "bad_words_shape",
+    "words_int64", "bias_shape", "bias_float64", "bias_list",
+])
+def test_eager_entry_declines_what_it_does_not_serve(change):
+    args = _eager_args()
+    x, words, bias = args[0], args[1], args[5]
+    edit = {
+        "x_requires_grad": (0, x.clone().requires_grad_()), "bias_requires_grad": (5, bias.clone().requires_grad_()),
+        "float64": (0, x.double()), "subclass": (0, x.as_subclass(_Sub)), "x_list": (0, x.tolist()),
+        "seed_negative": (2, -1), "seed_2_32": (2, 1 << 32), "seed_bool": (2, True), "seed_float": (2, 20.0),
+        "layer_big": (3, 1 << 40), "scale_int": (4, 1), "scale_nan": (4, math.nan), "format_3": (6, 3),
+        "format_bool": (6, True), "bad_words_shape": (1, words[:, :1].contiguous()), "words_int64": (1, words.long()),
+        "bias_shape": (5, bias[:5]), "bias_float64": (5, bias.double()), "bias_list": (5, bias.tolist()),
+    }[change]
+    args[edit[0]] = edit[1]
+    assert _C.ternary_linear_eager(*args) is None
+
+
+@needs_ext
+def test_eager_entry_declines_under_dispatch_modes_and_transforms():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counting(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    args = _eager_args()
+    with Counting():
+        assert _C.ternary_linear_eager(*args) is None
+    seen = []
+
+    def per_row(x):
+        seen.append(_C.ternary_linear_eager(x, *args[1:]))
+        return ternary.ternary_linear(x, *args[1:])
+
+    rows = torch.func.vmap(per_row)(args[0])
+    assert seen == [None]  # a batched tensor is not one the kernel can read
+    assert torch.allclose(rows, ternary.ternary_linear(*args), rtol=1e-6, atol=1e-6)
+
+
+@needs_ext
+def test_eager_entry_follows_the_registry(monkeypatch):
+    from supsup_fast import ops
+    from supsup_fast.ops import _registry
+
+    assert _registry.eager_entry("ternary_linear") is _C.ternary_linear_eager
+    calls = []
+    ref = ops.get_backend("reference")
+    monkeypatch.setitem(ref.impls, "ternary_linear", lambda *a: calls.append(1) or reference.ternary_linear(*a))
+    _registry._clear_choice_caches()
+    args = _eager_args()
+    with ops.force_backend("ternary_linear=reference"):
+        assert _registry.eager_entry("ternary_linear") is None
+        ternary.ternary_linear(*args)
+    assert len(calls) == 1
+    monkeypatch.setenv("SUPSUP_FAST_BACKEND", "reference")
+    assert _registry.eager_entry("ternary_linear") is None
+    ternary.ternary_linear(*args)
+    assert len(calls) == 2
+    monkeypatch.delenv("SUPSUP_FAST_BACKEND")
+    assert _registry.eager_entry("ternary_linear") is _C.ternary_linear_eager
+    ternary.ternary_linear(*args)
+    assert len(calls) == 2
+
+
+@needs_ext
+def test_declined_eager_calls_still_get_clear_errors_and_gradients():
+    args = _eager_args()
+    with pytest.raises(SupsupError, match="mask_words"):
+        ternary.ternary_linear(args[0], args[1][:, :1].contiguous(), *args[2:])
+    with pytest.raises(SupsupError, match="seed"):
+        ternary.ternary_linear(args[0], args[1], -1, *args[3:])
+    x = args[0].clone().requires_grad_()
+    ternary.ternary_linear(x, *args[1:]).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,0 +1,81 @@
+// Eager entries (eager.h). Why: for a small layer the Python around a kernel -- argument checks,
+// the registry lookup, the dispatcher test -- costs more than the kernel (a 100x100 ternary GEMV
+// computes in about 1.5 us). Here the same tests are a few loads each. Anything unusual returns
+// None, and the caller's checked path (which names every problem) handles the call instead.
+#include "eager.h"
+
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
+#include <optional>
+
+#include "cpu/ops.h"
+
+namespace supsup {
+namespace {
+
+// tensors that carry a transform or a Python-level dispatch: vmap's batched and grad's wrapped tensors,
+// functionalization, __torch_dispatch__ subclasses seen from C++
+const c10::DispatchKeySet kNotPlain =
+    c10::DispatchKeySet({c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                         c10::DispatchKey::Functionalize, c10::DispatchKey::Python});
+
+// A torch.Tensor or nn.Parameter (no subclass), strided on CPU, with nothing for autograd to record.
+const at::Tensor* plain_cpu_tensor(PyObject* obj, bool grad_mode) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || (grad_mode && t.requires_grad()) ||
+      t.key_set().has_any(kNotPlain))
+    return nullptr;
+  return &t;
+}
+
+// an exact Python int in [lo, hi)
+std::optional<int64_t> exact_int(PyObject* obj, int64_t lo, int64_t hi) {
+  if (!PyLong_CheckExact(obj)) return std::nullopt;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || v < lo || v >= hi) {
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  return v;
+}
+
+constexpr int64_t kSeedEnd = int64_t{1} << 32;  // seeds and layer ids are 32-bit (config.check_seed)
+
+}  // namespace
+
+pybind11::object ternary_linear_eager(pybind11::handle x_obj, pybind11::handle words_obj, pybind11::handle seed_obj,
+                                      pybind11::handle layer_obj, pybind11::handle scale_obj, pybind11::handle bias_obj,
+                                      pybind11::handle version_obj) {
+  const pybind11::object none = pybind11::none();
+  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return none;
+  const bool grad_mode = at::GradMode::is_enabled();
+  const at::Tensor* x = plain_cpu_tensor(x_obj.ptr(), grad_mode);
+  const at::Tensor* words = plain_cpu_tensor(words_obj.ptr(), grad_mode);
+  if (x == nullptr || words == nullptr || x->scalar_type() != at::kFloat) return none;
+  std::optional<at::Tensor> bias;
+  if (!bias_obj.is_none()) {
+    const at::Tensor* b = plain_cpu_tensor(bias_obj.ptr(), grad_mode);
+    if (b == nullptr) return none;
+    bias = *b;
+  }
+  const auto seed = exact_int(seed_obj.ptr(), 0, kSeedEnd), layer = exact_int(layer_obj.ptr(), 0, kSeedEnd);
+  const auto version = exact_int(version_obj.ptr(), 1, 3);
+  if (!seed || !layer || !version || !PyFloat_CheckExact(scale_obj.ptr())) return none;
+  const double scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
+  if (!std::isfinite(scale)) return none;
+  at::Tensor y;
+  try {
+    pybind11::gil_scoped_release no_gil;
+    y = ternary_linear(*x, *words, *seed, *layer, scale, bias, *version);
+  } catch (const c10::Error&) {
+    return none;  // refused: the checked path says why
+  }
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
+}
+
+}  // namespace supsup
