@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // tensors only (autograd is recorded around it, never through it)
   m.def("masked_linear_cpu", &supsup::masked_linear, "masked_linear's CPU kernel, called directly",
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  // a plain eager float32 call of masked_linear in one native call, or None (eager.h)
+  m.def("masked_linear_eager", &supsup::masked_linear_eager);
   // the AVX-512 masked GEMM (masked_linear with more than a few rows, fp32): whether the CPU
   // has it, and a switch to compare it with the AVX2 path it replaces
   m.def("cpu_has_avx512", &supsup::cpu_has_avx512);

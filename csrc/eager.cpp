@@ -4,6 +4,7 @@
 // None, and the caller's checked path (which names every problem) handles the call instead.
 #include "eager.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -44,6 +45,25 @@ std::optional<int64_t> exact_int(PyObject* obj, int64_t lo, int64_t hi) {
   return v;
 }
 
+// What every entry needs of the thread's state: no dispatch mode (FakeTensorMode, a
+// TorchDispatchMode) and no CPU autocast region (the masked matmuls cast their inputs there).
+bool plain_thread_state() {
+  return !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+// An optional tensor argument: None, or a plain CPU tensor. False when it is neither.
+bool optional_tensor(pybind11::handle obj, bool grad_mode, std::optional<at::Tensor>& out) {
+  if (obj.is_none()) return true;
+  const at::Tensor* t = plain_cpu_tensor(obj.ptr(), grad_mode);
+  if (t == nullptr) return false;
+  out = *t;
+  return true;
+}
+
+pybind11::object wrap(at::Tensor&& y) {
+  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
+}
+
 constexpr int64_t kSeedEnd = int64_t{1} << 32;  // seeds and layer ids are 32-bit (config.check_seed)
 
 }  // namespace
@@ -52,17 +72,13 @@ pybind11::object ternary_linear_eager(pybind11::handle x_obj, pybind11::handle w
                                       pybind11::handle layer_obj, pybind11::handle scale_obj, pybind11::handle bias_obj,
                                       pybind11::handle version_obj) {
   const pybind11::object none = pybind11::none();
-  if (c10::impl::TorchDispatchModeTLS::any_modes_set()) return none;
+  if (!plain_thread_state()) return none;
   const bool grad_mode = at::GradMode::is_enabled();
   const at::Tensor* x = plain_cpu_tensor(x_obj.ptr(), grad_mode);
   const at::Tensor* words = plain_cpu_tensor(words_obj.ptr(), grad_mode);
-  if (x == nullptr || words == nullptr || x->scalar_type() != at::kFloat) return none;
   std::optional<at::Tensor> bias;
-  if (!bias_obj.is_none()) {
-    const at::Tensor* b = plain_cpu_tensor(bias_obj.ptr(), grad_mode);
-    if (b == nullptr) return none;
-    bias = *b;
-  }
+  if (x == nullptr || words == nullptr || x->scalar_type() != at::kFloat || !optional_tensor(bias_obj, grad_mode, bias))
+    return none;
   const auto seed = exact_int(seed_obj.ptr(), 0, kSeedEnd), layer = exact_int(layer_obj.ptr(), 0, kSeedEnd);
   const auto version = exact_int(version_obj.ptr(), 1, 3);
   if (!seed || !layer || !version || !PyFloat_CheckExact(scale_obj.ptr())) return none;
@@ -75,7 +91,29 @@ pybind11::object ternary_linear_eager(pybind11::handle x_obj, pybind11::handle w
   } catch (const c10::Error&) {
     return none;  // refused: the checked path says why
   }
-  return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
+  return wrap(std::move(y));
+}
+
+pybind11::object masked_linear_eager(pybind11::handle x_obj, pybind11::handle weight_obj, pybind11::handle words_obj,
+                                     pybind11::handle bias_obj) {
+  const pybind11::object none = pybind11::none();
+  if (!plain_thread_state()) return none;
+  const bool grad_mode = at::GradMode::is_enabled();
+  const at::Tensor* x = plain_cpu_tensor(x_obj.ptr(), grad_mode);
+  const at::Tensor* weight = plain_cpu_tensor(weight_obj.ptr(), grad_mode);
+  const at::Tensor* words = plain_cpu_tensor(words_obj.ptr(), grad_mode);
+  std::optional<at::Tensor> bias;
+  if (x == nullptr || weight == nullptr || words == nullptr || x->scalar_type() != at::kFloat ||
+      !optional_tensor(bias_obj, grad_mode, bias))
+    return none;
+  at::Tensor y;
+  try {
+    pybind11::gil_scoped_release no_gil;
+    y = masked_linear(*x, *weight, *words, bias);
+  } catch (const c10::Error&) {
+    return none;
+  }
+  return wrap(std::move(y));
 }
 
 }  // namespace supsup

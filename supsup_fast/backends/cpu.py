@@ -59,8 +59,9 @@ def backend() -> Backend:
         # the binarisers' selections are compiled for float32 scores, the ternary kernels for float32
         op_dtypes={"largest_k": _F32, "topk_words": _F32, "threshold_words": _F32,
                    "ternary_linear": _F32, "ternary_linear_grad_input": _F32},
-        # GG inference of a small ternary layer: checks, registry and kernel in one native call
-        eager={"ternary_linear": ("cpu", torch.float32, _C.ternary_linear_eager)},
+        # GG inference of a small layer: checks, registry and kernel in one native call
+        eager={"ternary_linear": ("cpu", torch.float32, _C.ternary_linear_eager),
+               "masked_linear": ("cpu", torch.float32, _C.masked_linear_eager)},
     )
 
 
