@@ -60,7 +60,17 @@ bool optional_tensor(pybind11::handle obj, bool grad_mode, std::optional<at::Ten
   return true;
 }
 
-pybind11::object wrap(at::Tensor&& y) {
+// The kernel's result, computed without the GIL, or None where the kernel refuses its arguments
+// (the checked path then says why).
+template <typename Kernel>
+pybind11::object run_or_none(Kernel&& kernel) {
+  at::Tensor y;
+  try {
+    pybind11::gil_scoped_release no_gil;
+    y = kernel();
+  } catch (const c10::Error&) {
+    return pybind11::none();
+  }
   return pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(std::move(y)));
 }
 
@@ -84,14 +94,7 @@ pybind11::object ternary_linear_eager(pybind11::handle x_obj, pybind11::handle w
   if (!seed || !layer || !version || !PyFloat_CheckExact(scale_obj.ptr())) return none;
   const double scale = PyFloat_AS_DOUBLE(scale_obj.ptr());
   if (!std::isfinite(scale)) return none;
-  at::Tensor y;
-  try {
-    pybind11::gil_scoped_release no_gil;
-    y = ternary_linear(*x, *words, *seed, *layer, scale, bias, *version);
-  } catch (const c10::Error&) {
-    return none;  // refused: the checked path says why
-  }
-  return wrap(std::move(y));
+  return run_or_none([&] { return ternary_linear(*x, *words, *seed, *layer, scale, bias, *version); });
 }
 
 pybind11::object masked_linear_eager(pybind11::handle x_obj, pybind11::handle weight_obj, pybind11::handle words_obj,
@@ -106,14 +109,7 @@ pybind11::object masked_linear_eager(pybind11::handle x_obj, pybind11::handle we
   if (x == nullptr || weight == nullptr || words == nullptr || x->scalar_type() != at::kFloat ||
       !optional_tensor(bias_obj, grad_mode, bias))
     return none;
-  at::Tensor y;
-  try {
-    pybind11::gil_scoped_release no_gil;
-    y = masked_linear(*x, *weight, *words, bias);
-  } catch (const c10::Error&) {
-    return none;
-  }
-  return wrap(std::move(y));
+  return run_or_none([&] { return masked_linear(*x, *weight, *words, bias); });
 }
 
 }  // namespace supsup
