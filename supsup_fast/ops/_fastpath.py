@@ -12,6 +12,13 @@ layer's time (a 100x100 GEMV takes ~6 us). The direct call runs the same kernel 
 arguments, so results are bit-identical either way; every other call goes through the op, which is
 what ``torch.compile``, ``opcheck``, subclasses and autograd see.
 
+The smallest layers go one step further: an op whose chosen backend has an *eager entry*
+(:attr:`~._registry.Backend.eager`; ``ternary_linear`` and ``masked_linear`` on ``cpu_ext``) hands
+the whole call to one native function, which makes the same tests (plain tensors, nothing for
+autograd, no dispatch mode, functorch transform or CPU autocast) and the argument checks in C++
+and returns ``None`` for any call it does not serve; the op then runs its checked path below. A
+100x100 ternary layer at one row computes in ~1.5 us, and the Python around it cost ~4.5 us.
+
 Where autograd *does* have something to record, :func:`plain_eager` lets an op module record it
 with a plain ``torch.autograd.Function`` around the same kernel and the op's own backward, instead
 of the dispatcher's autograd wrapper (see ``linear.py`` and ``conv.py``).
