@@ -8,6 +8,7 @@
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <cmath>
 #include <optional>
@@ -46,9 +47,11 @@ std::optional<int64_t> exact_int(PyObject* obj, int64_t lo, int64_t hi) {
 }
 
 // What every entry needs of the thread's state: no dispatch mode (FakeTensorMode, a
-// TorchDispatchMode) and no CPU autocast region (the masked matmuls cast their inputs there).
+// TorchDispatchMode), no CPU autocast region (the masked matmuls cast their inputs there) and no
+// torch.jit.trace (which records the op only when it goes through the dispatcher).
 bool plain_thread_state() {
-  return !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::autocast::is_autocast_enabled(at::kCPU);
+  return !c10::impl::TorchDispatchModeTLS::any_modes_set() && !at::autocast::is_autocast_enabled(at::kCPU) &&
+         !torch::jit::tracer::isTracing();
 }
 
 // An optional tensor argument: None, or a plain CPU tensor. False when it is neither.

@@ -1,6 +1,6 @@
 """The one place where the ``torch.library`` dispatcher is skipped.
 
-When it is taken: the call is eager (not traced by ``torch.compile``, no dispatch mode such as
+When it is taken: the call is eager (not traced by ``torch.compile`` or ``torch.jit.trace``, no dispatch mode such as
 ``FakeTensorMode`` or ``TorchDispatchMode`` active, no functorch transform such as ``vmap``), every
 tensor argument is a plain ``torch.Tensor`` / ``nn.Parameter`` (no subclass), and -- for
 :func:`call` -- autograd has nothing to record (grad mode off, or no argument requires grad).
@@ -15,7 +15,7 @@ what ``torch.compile``, ``opcheck``, subclasses and autograd see.
 The smallest layers go one step further: an op whose chosen backend has an *eager entry*
 (:attr:`~._registry.Backend.eager`; ``ternary_linear`` and ``masked_linear`` on ``cpu_ext``) hands
 the whole call to one native function, which makes the same tests (plain tensors, nothing for
-autograd, no dispatch mode, functorch transform or CPU autocast) and the argument checks in C++
+autograd, no dispatch mode, tracer, functorch transform or CPU autocast) and the argument checks in C++
 and returns ``None`` for any call it does not serve; the op then runs its checked path below. A
 100x100 ternary layer at one row computes in ~1.5 us, and the Python around it cost ~4.5 us.
 
@@ -36,10 +36,11 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def traced() -> bool:
-    """Whether tensors are being traced or transformed: torch.compile, a dispatch mode, or a
-    functorch transform (a vmapped tensor has no storage a kernel could read)."""
+    """Whether tensors are being traced or transformed: torch.compile, torch.jit.trace (it records
+    only what goes through the dispatcher), a dispatch mode, or a functorch transform (a vmapped
+    tensor has no storage a kernel could read)."""
     return (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or torch._C._are_functorch_transforms_active())
+            or torch._C._are_functorch_transforms_active() or torch._C._get_tracing_state() is not None)
 
 
 def plain_eager(args) -> bool:

@@ -116,3 +116,26 @@ def test_inductor_task_mode_matches_eager():
     sf.set_task(model, 1)
     compiled = torch.compile(model, fullgraph=True)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed_format", [1, 2])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_jit_trace_records_the_ops_of_a_task(name, seed_format):
+    """torch.jit.trace records what goes through the dispatcher: the fast paths step aside while it
+    traces, so the traced module computes the task's output on new inputs (not a frozen constant)."""
+    import warnings
+
+    build, shape, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = sf.convert_(build(), SupsupConfig(density=0.5, seed=5, seed_format=seed_format))
+    sf.begin_task(model)
+    sf.freeze_task(model)
+    sf.set_task(model, 0)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
+        traced = torch.jit.trace(model, torch.randn(shape))
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(traced(x), traced(torch.randn(shape)))

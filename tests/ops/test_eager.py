@@ -4,7 +4,7 @@
 * an entry's result is bit-identical to its kernel's (it is the same kernel);
 * it declines (returns ``None``) whatever it does not serve: tensors with autograd to record,
   subclasses, other dtypes, bad scalars, arguments its kernel refuses, dispatch modes, vmap,
-  CPU autocast;
+  CPU autocast, torch.jit.trace;
 * the ops use an entry only where the registry picks its backend (a forced backend is obeyed),
   and calls it declines still get the checked path's clear errors, gradients and autocast casts.
 """
@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -110,13 +111,23 @@ def test_linear_entry_declines_what_it_does_not_serve(change):
 
 
 @pytest.mark.parametrize("op", sorted(ENTRIES))
-def test_entries_decline_under_dispatch_modes_autocast_and_vmap(op):
+def test_entries_decline_under_dispatch_modes_autocast_tracing_and_vmap(op):
     entry, _, make = ENTRIES[op]
     args = make()
     with _PassThrough():
         assert entry(*args) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert entry(*args) is None
+    traced = []
+
+    def record(*tensors):
+        traced.append(entry(*tensors, *args[len(tensors):]))
+        return tensors[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.trace's own deprecation notice
+        torch.jit.trace(record, tuple(args[:2]), check_trace=False)
+    assert traced == [None]  # the tracer records only what goes through the dispatcher
     seen = []
 
     def per_row(x):
