@@ -61,6 +61,15 @@ def direct(args) -> bool:
     return True
 
 
+def eager(name: str, *args):
+    """The result of ``name``'s eager entry (:func:`~._registry.eager_entry`) on these arguments, or
+    ``None`` where there is none, ``torch.compile`` is tracing, or the entry declines the call."""
+    if torch.compiler.is_compiling():
+        return None
+    entry = _registry.eager_entry(name)
+    return None if entry is None else entry(*args)
+
+
 def call(name: str, *args):
     """``torch.ops.supsup_fast.<name>(*args)``, or its kernel directly when :func:`direct` allows."""
     if direct(args):

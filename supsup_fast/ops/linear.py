@@ -22,8 +22,8 @@ from ..format import words_per_row
 from . import _autocast
 from ._checks import check_bias, check_float, check_same_device, check_scores, check_words, flat, gemm_nk, require
 from ._define import define, on_first
-from ._fastpath import call, direct, fast, plain_eager
-from ._registry import FLOAT_DTYPES, eager_entry, kernel
+from ._fastpath import call, direct, eager, fast, plain_eager
+from ._registry import FLOAT_DTYPES, kernel
 
 
 def _like_weight(weight, *rest):
@@ -309,12 +309,10 @@ def masked_linear(x, weight, mask_words, bias=None, scores=None, score_sign=Fals
     ``masked_weight_grad_sign`` op; on the compiled CPU backend the sign is applied in the
     weight-gradient GEMM's epilogue, with no pass of its own).
     """
-    if scores is None and not torch.compiler.is_compiling():  # a small layer's GG inference: one native call
-        entry = eager_entry("masked_linear")
-        if entry is not None:
-            y = entry(x, weight, mask_words, bias)
-            if y is not None:
-                return y
+    if scores is None:  # a small layer's GG inference: one native call where it can be
+        y = eager("masked_linear", x, weight, mask_words, bias)
+        if y is not None:
+            return y
     if _autocast.enabled(x.device.type):  # cast like F.linear under torch.autocast
         x, weight, bias, scores = _autocast.linear_args(x, weight, bias, scores)
     if scores is None:

@@ -26,8 +26,8 @@ from ..config import check_seed
 from ..seed_format import SEED_FORMAT_VERSIONS
 from ._checks import check_bias, check_float, check_same_device, check_words, flat, require
 from ._define import define, on_first
-from ._fastpath import call, direct, fast
-from ._registry import eager_entry, kernel
+from ._fastpath import call, direct, eager, fast
+from ._registry import kernel
 
 
 def _check_scale(scale) -> None:
@@ -135,12 +135,10 @@ def ternary_linear(x, mask_words, seed: int, layer: int, scale: float, bias=None
     """
     if type(scale) is int:
         scale = float(scale)
-    if not torch.compiler.is_compiling():  # a small layer's GG inference: one native call
-        entry = eager_entry("ternary_linear")
-        if entry is not None:
-            y = entry(x, mask_words, seed, layer, scale, bias, format_version)
-            if y is not None:
-                return y
+    # a small layer's GG inference: one native call where it can be
+    y = eager("ternary_linear", x, mask_words, seed, layer, scale, bias, format_version)
+    if y is not None:
+        return y
     _check_ternary(x, mask_words, seed, layer, scale, bias, format_version)
     args = (x, mask_words, seed, layer, scale, bias, format_version)
     if direct(args):  # call("ternary_linear", ...), inlined
