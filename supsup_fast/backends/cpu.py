@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ops import Backend
-from . import _composite
+from . import _composite, _shared_alpha
 from ._ext import _C, EXT_ERROR, EXT_LOADED
 
 NAME, PRIORITY = "cpu_ext", 10
@@ -33,7 +33,8 @@ def _impls() -> dict:
         "masked_weight_grad": C.masked_weight_grad.default,
         "masked_weight_grad_sign": masked_weight_grad_sign,
         "masked_conv2d": _composite.conv2d_over_apply_mask(C.apply_mask.default),
-        "superpose": C.superpose.default,
+        # a shared alpha (one-shot inference) from the bank's cached per-weight counts
+        "superpose": _shared_alpha.cached(C.superpose.default),
         "mask_dots": C.mask_dots.default,
         "masked_linear_grouped": C.masked_linear_grouped.default,
         "masked_linear_grouped_grad_input": _composite.grouped_grad_input_by_task(C.masked_linear_grad_input.default),

@@ -1,6 +1,8 @@
 """Ops over a whole bank of masks ``[T, N, ceil(K/32)]``: the superposition and its alpha gradient.
 
-* ``superpose(W, bank, alpha)`` -- ``W * sum_t alpha_t M_t``, skipping ``alpha_t = 0``;
+* ``superpose(W, bank, alpha)`` -- ``W * sum_t alpha_t M_t``, skipping ``alpha_t = 0``. On CPU an
+  alpha shared by every task (one-shot inference's ``1/T``) is served from the bank's per-weight mask
+  counts, counted once per bank (``backends/_shared_alpha.py``, bit-identical to the kernel);
 * ``mask_dots(v, bank)`` -- ``<v_r, M_t>`` for every row and task. With ``v = dL/dW_eff * W`` this
   is ``dL/dalpha`` of a superposition: it is ``superpose``'s alpha gradient.
 """
