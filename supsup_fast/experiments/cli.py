@@ -56,7 +56,8 @@ def _cmd_run(args) -> int:
     cfg = None if args.resume else ExperimentConfig(
         benchmark=args.benchmark, data=args.data, data_root=args.data_root, arch=args.arch, outputs=args.outputs,
         tasks=args.tasks, iterations=args.iterations, batch_size=args.batch_size, optimizer=args.optimizer,
-        lr=args.lr, binariser=args.binariser, density=args.density, scenario=args.scenario, method=args.method,
+        lr=args.lr, binariser=args.binariser, density=args.density, seed_format=args.seed_format,
+        scenario=args.scenario, method=args.method,
         compare_methods=args.compare_methods,
         objective=args.objective, batch_mode=args.batch_mode, rows=args.rows, shortlist=args.shortlist,
         shortlist_by=args.shortlist_by, shortlist_rows=args.shortlist_rows,
@@ -103,6 +104,7 @@ def _rows(text: str):
 
 def _add_run(sub) -> None:
     from .. import inference
+    from ..seed_format import DEFAULT_SEED_FORMAT, SEED_FORMAT_VERSIONS
     from . import models
     from .experiment import BENCHMARKS, SCENARIOS, SOURCES
 
@@ -132,6 +134,10 @@ def _add_run(sub) -> None:
     g.add_argument("--binariser", choices=("threshold", "topk"), default="threshold",
                    help="threshold: keep weights with score >= 0; topk: keep the --density largest scores")
     g.add_argument("--density", type=float, default=0.5, help="fraction of weights kept (topk binariser)")
+    g.add_argument("--seed-format", type=int, choices=SEED_FORMAT_VERSIONS, default=DEFAULT_SEED_FORMAT,
+                   help="how the signed-constant base is regenerated from the seed (supsup_fast.seed_format): "
+                        "1, one hash per weight; 2, one hash per 32-weight word, whose task forwards of up to 64 "
+                        "rows run the ternary kernel (default: %(default)s)")
     g = pr.add_argument_group("training")
     g.add_argument("--iterations", type=_positive_int, default=1000, help="batches per task")
     g.add_argument("--batch-size", type=_positive_int, default=128, help="training images per batch")

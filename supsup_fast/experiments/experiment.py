@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .. import convert, inference, training
 from ..config import SupsupConfig, check_seed
 from ..errors import SupsupError
+from ..seed_format import DEFAULT_SEED_FORMAT, SEED_FORMAT_VERSIONS
 from . import benchmark_spec, data, metrics, models, run_dir
 from .hopsupsup import hopsupsup_table, run_hopsupsup  # noqa: F401  (HopSupSup's runner, importable from here as before)
 
@@ -63,6 +64,7 @@ class ExperimentConfig:
     lr: float = 1e-4
     binariser: str = "threshold"
     density: float = 0.5
+    seed_format: int = DEFAULT_SEED_FORMAT  # how the signed-constant base is regenerated (supsup_fast.seed_format)
     scenario: str = "GNu"
     method: str = "shortlist"
     compare_methods: list = field(default_factory=list)
@@ -124,6 +126,8 @@ class ExperimentConfig:
         check_seed(self.seed, "--seed")
         need(0.0 < self.lr < 10.0, f"--lr must be in (0, 10), got {self.lr}")
         need(0.0 < self.density <= 1.0, f"--density is the fraction of weights kept, in (0, 1]; got {self.density}")
+        need(self.seed_format in SEED_FORMAT_VERSIONS and not isinstance(self.seed_format, bool),
+             f"--seed-format must be one of {SEED_FORMAT_VERSIONS}, got {self.seed_format!r}")
         if self.data == "cifar100":
             need(self.benchmark == "split", "--data cifar100 only supports --benchmark split (SplitCIFAR100)")
         if self.data in ("mnist", "cifar100"):
@@ -370,7 +374,7 @@ def run(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False)
     bench = build_benchmark(cfg)
     benchmark_spec.check_batch_sizes(cfg, bench)
     model = models.build(cfg.arch, cfg.outputs, bench.input_shape)
-    sup = SupsupConfig(binariser=cfg.binariser, density=cfg.density, seed=cfg.seed)
+    sup = SupsupConfig(binariser=cfg.binariser, density=cfg.density, seed=cfg.seed, seed_format=cfg.seed_format)
     convert.convert_(model, sup)
     model.to(cfg.device)
     results = {"config": asdict(cfg), "protocol": eval_protocol(cfg), "data": bench.describe(),

@@ -98,7 +98,10 @@ def resume(out_dir: str, config_cls):
     if unknown:
         raise SupsupError(f"--resume {out_dir}: the saved configuration has settings this version does not "
                           f"know: {unknown}")
-    cfg = config_cls(**res["config"])
+    saved = dict(res["config"])
+    if "seed_format" in known:
+        saved.setdefault("seed_format", 1)  # runs saved before the setting was recorded used seed format 1
+    cfg = config_cls(**saved)
     if cfg.scenario == "NNs":
         raise SupsupError(f"--resume {out_dir}: --scenario NNs runs cannot resume (the novelty test's state is not "
                           "saved per task); start it again with --overwrite")

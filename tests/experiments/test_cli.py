@@ -291,3 +291,34 @@ def test_log_axis_labels_every_checkpoint_that_does_not_crowd_the_last_labelled_
     assert _log_tick_labels([1, 2, 5, 10, 20]) == ["1", "2", "5", "10", "20"]
     # the last is always labelled; the labelled one before it gives way when too close
     assert _log_tick_labels([1, 2, 5, 10, 20, 50, 100, 150, 200, 250])[-4:] == ["100", "", "", "250"]
+
+
+def test_seed_format_flag_runs_and_is_recorded(tmp_path, capsys):
+    """``--seed-format 2`` trains and evaluates over the word-hashed base (task forwards of up to 64 rows run the
+    ternary kernel) and the run records it; ``--seed-format`` outside the known formats is refused by the parser."""
+    from supsup_fast.experiments.experiment import ExperimentConfig
+
+    out = tmp_path / "run"
+    rc = main(["run", "--tasks", "2", "--iterations", "30", "--eval-images", "16", "--no-progress",
+               "--out", str(out), "--lr", "1e-3", "--seed-format", "2"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["seed_format"] == 2
+    assert all(p["gg_accuracy"] > 0.3 for p in res["per_task"])
+    assert ExperimentConfig().seed_format == SupsupConfig().seed_format  # the library's default
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--seed-format", "3", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "--seed-format" in capsys.readouterr().err
+
+
+def test_resumed_runs_saved_without_a_seed_format_keep_format_1(tmp_path):
+    from dataclasses import asdict
+
+    from supsup_fast.experiments import run_dir
+    from supsup_fast.experiments.experiment import ExperimentConfig
+
+    saved = asdict(ExperimentConfig(seed_format=2))
+    del saved["seed_format"]  # a results file written before the setting was recorded
+    (tmp_path / "results.json").write_text(json.dumps({"config": saved, "complete": False}))
+    assert run_dir.resume(str(tmp_path), ExperimentConfig).seed_format == 1

@@ -48,7 +48,7 @@ def factors() -> dict:
             continue
         flag = action.option_strings[0]
         many = action.nargs in ("+", "*")
-        values = [[flag, v] for v in action.choices]
+        values = [[flag, str(v)] for v in action.choices]  # argv holds strings (--seed-format: ints)
         if action.default is None or (many and action.default == []) or action.default not in action.choices:
             values.insert(0, [])
         out[flag] = values
