@@ -396,10 +396,14 @@ class MaskedLayerBase(TaskModule):
 #: M = 128 the 100x100 layer is slower (43 vs 40 us at 1 thread).
 TERNARY_MAX_ROWS = 64
 
+@torch.compiler.assume_constant_result  # traced as its value: the registry's lookup cache is not guarded on
 def _ternary_kernel_serves() -> bool:
     """Whether the compiled kernel (not the reference, which regenerates the weight per call) runs
     float32 CPU calls of ``ternary_linear``: the registry picks the backend whose eager entry it is,
-    so a forced backend is obeyed (and without the extension there is none)."""
+    so a forced backend is obeyed (and without the extension there is none). Under ``torch.compile``
+    the answer is taken when a graph is traced (a graph traced before a backend is forced keeps calling
+    ``ternary_linear``, which then runs on the forced backend); tracing the lookup itself would guard
+    the graph on the registry's cache, whose first fill made every compiled task-mode model compile twice."""
     return eager_entry("ternary_linear") is not None
 
 
@@ -452,7 +456,8 @@ class MaskedLinear(MaskedLayerBase):
 
     def _forward_words(self, x, words):
         if self._ternary_serves(x):
-            self._release_weight()  # GG inference keeps the mask bits only
+            if not torch.compiler.is_compiling():  # a traced release would guard the graph on the weight's presence
+                self._release_weight()  # GG inference keeps the mask bits only
             return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
         return ops.masked_linear(x, self._weight_now(), words, self._bias_now())
 
