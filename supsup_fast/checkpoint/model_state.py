@@ -30,6 +30,7 @@ from ..errors import BankFileError, SupsupError
 from ..nn import MaskedLayerBase, TaskBatchNorm, TaskDense, TaskModule
 from ..nn._model import model_device, named_task_modules
 from ..nn.record import find_record, record_of
+from ..seed_format import sign_words
 from ._files import check_json, sha256_hex
 from ._manifest import dtype_name
 
@@ -99,6 +100,23 @@ def _signs_digest(weight: torch.Tensor) -> str:
     return sha256_hex(np.packbits(signs, bitorder="little").tobytes())
 
 
+def _sign_words_digest(words: torch.Tensor, k: int) -> str:
+    """:func:`_signs_digest` of the weight whose signs ``words`` holds (int32 ``[N, ceil(K/32)]``, bit set =
+    positive, as :func:`supsup_fast.seed_format.sign_words`), without regenerating the weight."""
+    rows = words.cpu().contiguous().numpy().astype("<i4", copy=False).view(np.uint8).reshape(words.shape[0], -1)
+    if k % 8 == 0:  # every row ends on a byte: the rows' bytes, concatenated
+        return sha256_hex(np.ascontiguousarray(rows[:, :k // 8]).tobytes())
+    bits = np.unpackbits(rows, axis=1, bitorder="little")[:, :k]
+    return sha256_hex(np.packbits(bits.reshape(-1), bitorder="little").tobytes())
+
+
+def _layer_signs_digest(m: MaskedLayerBase, seed: int, layer_id: int) -> str:
+    if m.weight_resident:
+        return _signs_digest(m.weight)
+    n, k = m.gemm_shape  # a lazy base (seed format 2): its sign words, 1 bit per weight
+    return _sign_words_digest(sign_words(seed, layer_id, n, k, int(m.seed_format)), k)
+
+
 def _config_dict(m: nn.Module) -> dict:
     cfg = getattr(m, "config", None)
     return check_json("config", dataclasses.asdict(cfg)) if cfg is not None else {}
@@ -161,7 +179,7 @@ def model_fingerprint(mods: Mods) -> tuple[dict, list]:
             entry = {
                 "name": name,
                 "type": type(m).__name__,
-                "weight_shape": list(m.weight.shape),
+                "weight_shape": list(m.weight_shape),
                 "packed_shape": list(m.bank.shape[1:]),
                 "layer_id": int(m.layer_id),
                 "base": "signed_constant" if signed else "pretrained",
@@ -171,7 +189,7 @@ def model_fingerprint(mods: Mods) -> tuple[dict, list]:
             if signed:
                 seed, layer_id = (int(v) for v in m.base_id.tolist()[:2])  # [seed, layer(, format)]
                 entry.update(seed=seed, gain=float(m.config.gain), seed_format=int(m.seed_format),
-                             signs_sha256=_signs_digest(m.weight))
+                             signs_sha256=_layer_signs_digest(m, seed, layer_id))
             layers.append(entry)
         else:
             norms.append({

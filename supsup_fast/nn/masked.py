@@ -163,6 +163,11 @@ class MaskedLayerBase(TaskModule):
 
     # ---- sizes -------------------------------------------------------------------------
     @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape (read without regenerating a lazy weight)."""
+        return tuple(self._weight_shape)
+
+    @property
     def gemm_shape(self) -> tuple[int, int]:
         """``(N, K)``: the GEMM view of the weight the masks cover."""
         return gemm_shape(self._weight_shape)

@@ -162,8 +162,9 @@ def test_error_names_the_kind_of_file(probe_results):
         assert all(word in d for d in by_case[case] if d.startswith("BankFileError")), (case, by_case[case])
 
 
-def test_eager_load_checks_every_tensor_before_allocating(tmp_path, monkeypatch):
-    save_bank(model(3), tmp_path / "b")
+@pytest.mark.parametrize("seed_format", [1, 2])  # format 2: the lazy base is not regenerated either
+def test_eager_load_checks_every_tensor_before_allocating(tmp_path, monkeypatch, seed_format):
+    save_bank(model(3, seed_format=seed_format), tmp_path / "b")
     doc = json.loads((tmp_path / "b" / checkpoint.MANIFEST).read_text())
     doc["body"]["tasks"] = [dict(doc["body"]["tasks"][0]) for _ in range(50_000)]
     doc["body_sha256"] = _files.sha256_hex(_files.canonical_json(doc["body"]).encode())
@@ -176,7 +177,7 @@ def test_eager_load_checks_every_tensor_before_allocating(tmp_path, monkeypatch)
         big.append(t.numel() * t.element_size())
         return t
 
-    dst = model(0)
+    dst = model(0, seed_format=seed_format)
     monkeypatch.setattr(torch, "empty", counting_empty)
     with pytest.raises(BankFileError, match="'3/1/mask' is missing"):
         load_bank(dst, tmp_path / "b")

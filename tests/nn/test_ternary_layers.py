@@ -186,3 +186,32 @@ def test_banks_refuse_a_model_of_the_other_format(tmp_path, saved, loaded):
     sf.set_task(same, 1)
     with torch.no_grad():
         same(torch.randn(3, 20))
+
+
+def test_banks_load_into_a_format_2_model_without_its_dense_weights(tmp_path):
+    """Saving and loading a bank reads a lazy base's signs from its sign words: the layers' dense weights
+    are not regenerated, and the signs' digest equals the one of the regenerated weight."""
+    from supsup_fast import checkpoint
+    from supsup_fast.checkpoint import model_state
+
+    checkpoint.save_bank(_converted(2), tmp_path / "bank")
+    fresh = sf.convert_(_Net(), SupsupConfig(seed_format=2, density=0.5))
+    linear = [m for m in sf.masked_layers(fresh) if isinstance(m, MaskedLinear)]
+    assert linear and not any(m.weight_resident for m in linear)
+    checkpoint.load_bank(fresh, tmp_path / "bank")
+    assert sf.num_tasks(fresh) == 2 and not any(m.weight_resident for m in linear)
+    for m in linear:
+        seed, layer_id = (int(v) for v in m.base_id.tolist()[:2])
+        lazy = model_state._layer_signs_digest(m, seed, layer_id)
+        assert not m.weight_resident
+        assert lazy == model_state._signs_digest(m.weight)  # reading .weight regenerates it
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("n,k", [(3, 7), (5, 32), (4, 100), (2, 784), (1, 1), (6, 33), (3, 64)])
+def test_sign_words_digest_is_the_weights(version, n, k):
+    from supsup_fast.checkpoint import model_state
+
+    weight = seed_format.signed_constant(11, 3, (n, k), version=version)
+    words = seed_format.sign_words(11, 3, n, k, version)
+    assert model_state._sign_words_digest(words, k) == model_state._signs_digest(weight)
