@@ -40,6 +40,15 @@ def _unique(items: list) -> list:
     return items
 
 
+def _base_key(m: MaskedLayerBase) -> tuple:
+    """What a layer's base weight is, cheaply: its tensor (address, writes) when resident; a lazy base (seed
+    format 2) that is not resident is regenerated from its seed, so its ``base_id`` stands for it (reading
+    ``m.weight`` would regenerate the dense weight on every activate)."""
+    if m.weight_resident:
+        return "weight", m.weight.data_ptr(), m.weight._version
+    return "seed", m.base_id.data_ptr(), m.base_id._version
+
+
 class LazyBank:
     """On-demand access to a bank's tasks: shards read when needed, a device cache with a byte budget.
 
@@ -202,8 +211,7 @@ class LazyBank:
     @staticmethod
     def _model_key(mods) -> list:
         # a tensor's _version counts in-place writes: a changed base weight changes the key
-        return [(name, id(m), m.weight.data_ptr(), m.weight._version) if isinstance(m, MaskedLayerBase)
-                else (name, id(m)) for name, m in mods]
+        return [(name, id(m), *_base_key(m)) if isinstance(m, MaskedLayerBase) else (name, id(m)) for name, m in mods]
 
     def _remember_fingerprint(self, model: nn.Module, mods, fp: tuple) -> None:
         """``fp``: ``(fingerprint, configs)`` of the model, as :func:`model_fingerprint` gives them."""

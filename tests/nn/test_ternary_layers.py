@@ -215,3 +215,21 @@ def test_sign_words_digest_is_the_weights(version, n, k):
     weight = seed_format.signed_constant(11, 3, (n, k), version=version)
     words = seed_format.sign_words(11, 3, n, k, version)
     assert model_state._sign_words_digest(words, k) == model_state._signs_digest(weight)
+
+
+def test_lazy_bank_activates_a_format_2_model_without_its_dense_weights(tmp_path):
+    from supsup_fast.checkpoint import LazyBank
+
+    src = _converted(2)
+    checkpoint_dir = tmp_path / "bank"
+    sf.checkpoint.save_bank(src, checkpoint_dir)
+    fresh = sf.convert_(_Net(), SupsupConfig(seed_format=2, density=0.5))
+    linear = [m for m in sf.masked_layers(fresh) if isinstance(m, MaskedLinear)]
+    bank = LazyBank(checkpoint_dir)
+    for t in (1, 0, 1):
+        bank.activate(fresh, t)
+        assert not any(m.weight_resident for m in linear)
+    x = torch.randn(3, 20)
+    sf.set_task(src, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), src(x), rtol=0, atol=0)
