@@ -89,10 +89,11 @@ def _train_steps(model, x, y, steps, lr=0.05):
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("binariser", ["topk", "threshold"])
-def test_tasks_reproduced_from_bits_after_freezing(name, binariser):
+@pytest.mark.parametrize("seed_format", [1, 2])  # format 2: the ternary kernel, before and after freezing
+def test_tasks_reproduced_from_bits_after_freezing(name, binariser, seed_format):
     build, data, n_out = MODELS[name]
     torch.manual_seed(0)
-    cfg = SupsupConfig(binariser=binariser, density=0.4, seed=3)
+    cfg = SupsupConfig(binariser=binariser, density=0.4, seed=3, seed_format=seed_format)
     model = sf.convert_(build(), cfg)
     x_eval = data()
     recorded = []

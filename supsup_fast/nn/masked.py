@@ -479,6 +479,10 @@ class MaskedLinear(MaskedLayerBase):
         return F.linear(x, weight, self._bias_now())
 
     def _forward_train(self, x, words, scores, score_sign):
+        if not (torch.is_grad_enabled() and scores.requires_grad) and self._ternary_serves(x):
+            # no score gradient to form: the open task runs the kernel its frozen mask will, so what it
+            # outputs now (an evaluation between training steps) is what it outputs once frozen, bit for bit
+            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
         # the op's score gradient (dL/dy^T x) * W is exactly dL/dM, times dM/dS (sign(S) for top-k)
         return ops.masked_linear(x, self._weight_now(), words, self._bias_now(), scores=scores, score_sign=score_sign)
 
