@@ -32,7 +32,8 @@ import torch
 MIN_TASKS = 32
 
 _lock = threading.Lock()
-# id(bank) -> (weak reference to the bank, its (address, shape, version), counts, (alpha, alpha * counts) or None)
+# id(bank) -> [weak reference to the bank, its (address, shape, strides, version), counts in the accumulation
+# type, (alpha, alpha * counts) or None]
 _ENTRIES: dict[int, list] = {}
 
 
@@ -66,7 +67,8 @@ def _counts(kernel: Callable, weight: torch.Tensor, bank: torch.Tensor, acc: tor
     key, state = id(bank), _state(bank)
     with _lock:
         entry = _ENTRIES.get(key)
-        if entry is not None and entry[0]() is bank and entry[1] == state and entry[2].shape == weight.shape:
+        if (entry is not None and entry[0]() is bank and entry[1] == state and entry[2].shape == weight.shape
+                and entry[2].dtype == acc):
             return entry
     # one pass of the kernel itself: every task at alpha = 1 gives each weight's count, exactly
     counts = kernel(torch.ones(weight.shape, dtype=acc), bank, torch.ones(bank.shape[0], dtype=acc))

@@ -58,6 +58,17 @@ def test_bit_identical_to_the_kernel(dtype, shape):
             assert torch.equal(_bits(got), _bits(want))
 
 
+def test_one_bank_under_weights_of_every_accumulation_type():
+    """The counts are kept in one accumulation type: a float32 weight after a float64 one on the same bank
+    (or back) is recounted in its own, and gets its own dtype and the kernel's bits."""
+    bank, alpha = _bank(T, (20, 50)), torch.full((T,), 1.0 / T)
+    fn = _shared_alpha.cached(_kernel())
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.float64):
+        weight = torch.randn(20, 50).to(dtype)
+        got, want = fn(weight, bank, alpha), _kernel()(weight, bank, alpha)
+        assert got.dtype == dtype and torch.equal(_bits(got), _bits(want))
+
+
 def test_counted_once_then_served_without_the_bank():
     weight, bank = torch.randn(20, 50), _bank(T, (20, 50))
     alpha = torch.full((T,), 1.0 / T)
