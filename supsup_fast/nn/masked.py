@@ -463,8 +463,11 @@ class MaskedLinear(MaskedLayerBase):
         if self._ternary_serves(x):
             if not torch.compiler.is_compiling():  # a traced release would guard the graph on the weight's presence
                 self._release_weight()  # GG inference keeps the mask bits only
-            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
+            return self._forward_ternary(x, words)
         return ops.masked_linear(x, self._weight_now(), words, self._bias_now())
+
+    def _forward_ternary(self, x, words):
+        return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
 
     def _forward_rows(self, x, ids):
         if x.dim() < 2:
@@ -482,7 +485,7 @@ class MaskedLinear(MaskedLayerBase):
         if not (torch.is_grad_enabled() and scores.requires_grad) and self._ternary_serves(x):
             # no score gradient to form: the open task runs the kernel its frozen mask will, so what it
             # outputs now (an evaluation between training steps) is what it outputs once frozen, bit for bit
-            return ops.ternary_linear(x, words, self._base_seed, self.layer_id, self._scale, self._bias_now(), 2)
+            return self._forward_ternary(x, words)
         # the op's score gradient (dL/dy^T x) * W is exactly dL/dM, times dM/dS (sign(S) for top-k)
         return ops.masked_linear(x, self._weight_now(), words, self._bias_now(), scores=scores, score_sign=score_sign)
 
