@@ -4,9 +4,9 @@ Every weight is ``+-gain / sqrt(fan_in)`` with its sign taken from a counter-bas
 ``(seed, layer, index)``, so a checkpoint stores the seed instead of the weights and every backend
 regenerates them bit for bit. How the hash is laid out is the seed format, specified once in
 :mod:`supsup_fast.seed_format` (:func:`hash32`, :func:`layer_key` and :func:`signed_constant_signs`
-are re-exported here): version 1, one hash per weight, is what every bank and checkpoint records
-unless it says otherwise (and the default); version 2, one hash per 32-weight word, is the one the
-ternary kernels (:mod:`supsup_fast.ops.ternary`) regenerate cheaply.
+are re-exported here): version 2, one hash per 32-weight word, is the default of new layers, the
+one the ternary kernels (:mod:`supsup_fast.ops.ternary`) regenerate cheaply; version 1, one hash per
+weight, is what a bank or checkpoint that records no version holds.
 
 The hash reads the low 32 bits of the seed and of the layer id (the spec functions are defined
 on any int that way, as the kernels are); the functions that name a base -- :func:`signed_constant`,
@@ -53,7 +53,7 @@ def signed_constant(
 ) -> torch.Tensor:
     """The signed-constant weight of one layer: ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    ``format_version`` is the seed format (1, the default, or 2; :mod:`supsup_fast.seed_format`).
+    ``format_version`` is the seed format (1, or 2, the default; :mod:`supsup_fast.seed_format`).
     Filled by the ``signed_constant_fill_`` (version 1) or ``seeded_fill_`` op: every backend writes
     the same bits as the reference's; the compiled ones without materialising the hash's intermediates.
     """

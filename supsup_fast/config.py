@@ -46,12 +46,14 @@ class SupsupConfig:
         seed: seed of the signed-constant base weights, an int in ``[0, 2**32)`` (:data:`SEED_RANGE`).
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
         seed_format: how the signed-constant base is regenerated from the seed
-            (:mod:`supsup_fast.seed_format`): ``1`` (one hash per weight; the default, and what every
-            bank saved before format 2 holds) or ``2`` (one hash per 32-weight word). With ``2``, a
-            float32 :class:`~supsup_fast.nn.MaskedLinear` on CPU applying one frozen task to a few
-            rows runs the ternary kernel, which reads only the mask words, and its dense weight is
-            materialised only when another path needs it. The two formats are different bases: a
-            bank records its format and refuses a model with the other.
+            (:mod:`supsup_fast.seed_format`): ``2`` (the default; one hash per 32-weight word) or
+            ``1`` (one hash per weight: what every bank saved before format 2 holds, and what every
+            result recorded before 2026-12-02 used). With ``2``, a float32
+            :class:`~supsup_fast.nn.MaskedLinear` on CPU applying one frozen task to a few rows runs
+            the ternary kernel, which reads only the mask words, and its dense weight is
+            materialised only when another path needs it (with ``1`` the same kernel hashes every
+            weight, 32 hashes a word). The two formats are different bases: a bank records its
+            format and refuses a model with the other.
         score_init: ``"kaiming_uniform"`` (``U(+-1/sqrt(fan_in))``) or ``"transfer"`` (a new
             task's scores start at the running mean of the earlier tasks' final scores).
         keep_bias: keep the wrapped layer's bias, frozen. ``None`` (the default) keeps it over a pretrained

@@ -383,7 +383,9 @@ class HiddenMaskedMLP(nn.Module):
     parameters or running statistics (batch statistics in train and eval, so nothing is shared
     across tasks), ``"none"`` skips it. ``activation``: ``"relu"`` or ``"swish"`` (``x
     sigmoid(x)``, the paper's BNNet). Weights are regenerated from ``seed`` with
-    :func:`supsup_fast.base_weights.signed_constant` and never trained.
+    :func:`supsup_fast.base_weights.signed_constant` in seed format 1 (the base of the recorded
+    HopSupSup results; this network masks units, not weights, so format 2's kernel never runs it)
+    and never trained.
     """
 
     def __init__(self, sizes: Sequence[int], seed: int = 0, norm: str = "batch", activation: str = "relu",
@@ -401,7 +403,7 @@ class HiddenMaskedMLP(nn.Module):
         self.sizes, self.norm, self.seed = tuple(sizes), norm, int(seed)
         self.activation, self.gate = activation, gate
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            self.register_buffer(f"weight{i}", signed_constant(seed, i, (fan_out, fan_in)))
+            self.register_buffer(f"weight{i}", signed_constant(seed, i, (fan_out, fan_in), format_version=1))
         self.hidden = tuple(sizes[1:-1])
         self.d = sum(self.hidden)
 

@@ -12,13 +12,14 @@ Triton and SIMD CPU code regenerate the same bits with plain 32-bit integer inst
     s, l  = seed mod 2**32, layer mod 2**32
     key   = H(l ^ H(s))                                  the layer key (both versions)
 
-Version 1 (every bank and checkpoint written before version 2 existed; the default wherever no
-version is recorded): one hash per weight. With ``i`` the weight's row-major flat index::
+Version 1 (every bank and checkpoint written before version 2 existed; what a file that records
+no version holds): one hash per weight. With ``i`` the weight's row-major flat index::
 
     weight (n, k) is +c  iff  H((n*K + k) mod 2**32  ^  key) & 1
 
-Version 2 (made for kernels): one hash per 32-weight word, aligned with the packed mask words,
-so a kernel regenerates the signs of 32 weights with one hash and never reads them::
+Version 2 (made for kernels; the default of new layers): one hash per 32-weight word, aligned
+with the packed mask words, so a kernel regenerates the signs of 32 weights with one hash and
+never reads them::
 
     kr      = H(key ^ 0x243F6A88)        row key      (0x243F6A88, 0x85A308D3: digits of pi)
     kc      = H(key ^ 0x85A308D3)        column key
@@ -46,9 +47,10 @@ import torch
 from .format import WORD_BITS, gemm_shape, words_per_row
 
 SEED_FORMAT_VERSIONS = (1, 2)
-# the version of anything that does not record one (banks and checkpoints written before v2)
-DEFAULT_SEED_FORMAT = 1
-LATEST_SEED_FORMAT = 2
+# what a new layer uses: its signs cost one hash per 32 weights, so the ternary kernel never reads W
+DEFAULT_SEED_FORMAT = 2
+# what a bank, checkpoint or run that records no version holds (all of them were written before v2)
+UNRECORDED_SEED_FORMAT = 1
 
 ROW_SALT = 0x243F6A88
 COLUMN_SALT = 0x85A308D3

@@ -100,8 +100,11 @@ def test_out_of_range_seed_is_refused_everywhere_a_seed_is_taken(seed):
 @pytest.mark.parametrize("seed", [0, 1, 2**31, 2**32 - 1])
 def test_seeds_at_the_ends_of_the_range_regenerate_the_reference_base(seed):
     assert check_seed(seed) == seed and SEED_RANGE == (0, 2**32)
-    want = reference.signed_constant(seed, 2**32 - 1, (5, 33))
-    assert torch.equal(base_weights.signed_constant(seed, 2**32 - 1, (5, 33)), want)
-    out = torch.empty(5, 33)
+    for version in (1, 2):
+        want = reference.signed_constant(seed, 2**32 - 1, (5, 33), format_version=version)
+        assert torch.equal(base_weights.signed_constant(seed, 2**32 - 1, (5, 33), format_version=version), want)
+    assert torch.equal(base_weights.signed_constant(seed, 2**32 - 1, (5, 33)), want)  # format 2 is the default
+    want = reference.signed_constant(seed, 2**32 - 1, (5, 33), format_version=1)
+    out = torch.empty(5, 33)  # the signed_constant_fill_ op is format 1
     torch.ops.supsup_fast.signed_constant_fill_(out, seed, 2**32 - 1, math.sqrt(2.0) / math.sqrt(33))
     assert torch.equal(out, want)

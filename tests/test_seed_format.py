@@ -82,15 +82,16 @@ def test_v1_spec_is_the_reference_hash(seed, layer):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(30, 784), (7, 3, 5, 5), (1, 1), (5, 33)])
 @pytest.mark.parametrize("seed,layer", SEEDS[2:])
-def test_v1_is_unchanged_and_the_default(dtype, shape, seed, layer):
-    want = reference.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype)
+def test_v1_is_unchanged_and_v2_the_default(dtype, shape, seed, layer):
+    want = reference.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype, format_version=1)
     assert torch.equal(seed_format.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype, version=1), want)
-    assert torch.equal(seed_format.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype), want)
+    v2 = seed_format.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype, version=2)
+    assert torch.equal(seed_format.signed_constant(seed, layer, shape, gain=1.3, dtype=dtype), v2)
     # the functions that name a base take seeds in [0, 2**32): the hash reads those 32 bits
     seed, layer = seed % 2**32, layer % 2**32
-    assert torch.equal(base_weights.signed_constant(seed, layer, shape, 1.3, dtype), want)
     assert torch.equal(base_weights.signed_constant(seed, layer, shape, 1.3, dtype, format_version=1), want)
-    assert seed_format.DEFAULT_SEED_FORMAT == 1
+    assert torch.equal(base_weights.signed_constant(seed, layer, shape, 1.3, dtype), v2)
+    assert (seed_format.DEFAULT_SEED_FORMAT, seed_format.UNRECORDED_SEED_FORMAT) == (2, 1)
 
 
 def test_versions_differ_and_bad_versions_are_refused():

@@ -165,14 +165,16 @@ def signed_constant_fill_(out: torch.Tensor, seed: int, layer: int, scale: float
     out.copy_(torch.where(signs, c, -c).to(out.dtype).reshape(out.shape))
 
 
-def signed_constant(seed: int, layer: int, shape, gain: float = math.sqrt(2.0), dtype=torch.float32, device=None):
+def signed_constant(seed: int, layer: int, shape, gain: float = math.sqrt(2.0), dtype=torch.float32, device=None,
+                    format_version: int = seed_format.DEFAULT_SEED_FORMAT):
     """Signed Kaiming constant: every weight is ``+-gain / sqrt(fan_in)``, ``fan_in = prod(shape[1:])``.
 
-    Depends only on ``(seed, layer, index)``, so every backend and device regenerates it bit-identically.
+    Depends only on ``(seed, layer, index)`` and the seed format, so every backend and device
+    regenerates it bit-identically.
     """
     shape = tuple(int(s) for s in shape)
     out = torch.empty(shape, dtype=dtype, device=device)
-    signed_constant_fill_(out, seed, layer, gain / math.sqrt(math.prod(shape[1:])))
+    seeded_fill_(out, seed, layer, gain / math.sqrt(math.prod(shape[1:])), format_version)
     return out
 
 

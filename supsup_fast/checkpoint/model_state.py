@@ -30,7 +30,7 @@ from ..errors import BankFileError, SupsupError
 from ..nn import MaskedLayerBase, TaskBatchNorm, TaskDense, TaskModule
 from ..nn._model import model_device, named_task_modules
 from ..nn.record import find_record, record_of
-from ..seed_format import sign_words
+from ..seed_format import UNRECORDED_SEED_FORMAT, sign_words
 from ._files import check_json, sha256_hex
 from ._manifest import dtype_name
 
@@ -221,8 +221,8 @@ _PER_TASK_KEYS = ("name", "type", "fields")
 #: concern tasks not yet learned (``score_init``) or a capacity checked when tasks are loaded (``max_tasks``).
 _CONFIG_KEYS = ("binariser", "density", "density_schedule", "erdos_renyi_scale", "base", "seed", "gain", "seed_format")
 #: What a bank written before a key existed means by its absence (banks before seed format 2 are format 1)
-_LAYER_DEFAULTS = {"seed_format": 1}
-_CONFIG_DEFAULTS = {"seed_format": 1}
+_LAYER_DEFAULTS = {"seed_format": UNRECORDED_SEED_FORMAT}
+_CONFIG_DEFAULTS = {"seed_format": UNRECORDED_SEED_FORMAT}
 
 
 def _saved(entry: dict, key: str, signed: bool, defaults: dict):

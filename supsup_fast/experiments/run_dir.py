@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from ..errors import SupsupError
+from ..seed_format import UNRECORDED_SEED_FORMAT
 
 RESULTS = "results.json"
 PLOT = "accuracy_vs_tasks.png"
@@ -100,7 +101,7 @@ def resume(out_dir: str, config_cls):
                           f"know: {unknown}")
     saved = dict(res["config"])
     if "seed_format" in known:
-        saved.setdefault("seed_format", 1)  # runs saved before the setting was recorded used seed format 1
+        saved.setdefault("seed_format", UNRECORDED_SEED_FORMAT)  # runs saved before the setting was recorded
     cfg = config_cls(**saved)
     if cfg.scenario == "NNs":
         raise SupsupError(f"--resume {out_dir}: --scenario NNs runs cannot resume (the novelty test's state is not "

@@ -313,7 +313,7 @@ def test_masked_linear_seeded(backend, dtype, lead, n, k):
     seed, layer, scale = 1234, base_weights.layer_id_for("fc1"), 0.37
     x, words = _rand((*lead, k), dtype, 1), _bank(1, n, k, 2)[0]
     bias, g = _rand((n,), dtype, 3), _rand((*lead, n), dtype, 4)
-    weight = ref.signed_constant(seed, layer, (n, k), gain=scale * math.sqrt(k), dtype=dtype)
+    weight = ref.signed_constant(seed, layer, (n, k), gain=scale * math.sqrt(k), dtype=dtype, format_version=1)
 
     def f(x, b):
         return ops.masked_linear_seeded(x, words, seed, layer, scale, b)
@@ -410,7 +410,7 @@ def test_signed_constant_fill_schema():
                           test_utils=("test_schema", "test_autograd_registration"))
     out = torch.empty(4, 6)
     torch.ops.supsup_fast_C.signed_constant_fill_(out, 1, 2, 0.5)
-    assert torch.equal(out, ref.signed_constant(1, 2, (4, 6), gain=0.5 * math.sqrt(6)))
+    assert torch.equal(out, ref.signed_constant(1, 2, (4, 6), gain=0.5 * math.sqrt(6), format_version=1))
 
 
 @needs_ext
