@@ -10,14 +10,33 @@
 // and one vpermilps looks up 2 mask bits of 8 tasks at once (16 lookups per word, ~1.5 vector
 // instructions per mask byte instead of ~3 for bit-to-lane expansion or ~4 for a scalar 256-entry
 // lookup). Work is blocked over words so a block's tables and the bank's block of every task stay
-// in L2 while the rows of v and the task groups stream through. Each (row, task) is summed by one
-// thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64, no
-// AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct bit
-// loop serves.
+// in L2 while the rows of v and the task groups stream through. With AVX-512F (chosen at run
+// time, the masked GEMM's switch) sixteen tasks ride in a zmm and each group of 4 weights has a
+// 16-entry table (its subset sums, one zmm): vpermps reads only the low 4 bits of each lane, so
+// group g's index is the task words shifted by 4g, no mask; 8 (shift, vpermps, add) per word
+// look up 32 bits of 16 tasks, against 16 per word for 8 tasks. The shifts and permutes share the
+// shuffle pipes (Zen 4: ~14 cycles a word), the adds run as FMAs (1 x + s, exact) beside them, and
+// up to 4 rows share the shifts. Zen 4, 2 threads, T = 2500, bank in DRAM: 12-14 GB/s of bank
+// for one row of v (AVX2 path 7-8), 2.4 GB/s for 8 rows (0.9-1.0). Each (row, task) is summed
+// by one thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64,
+// no AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct
+// bit loop serves.
+
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
+// -Wuninitialized then reports after inlining (as in masked_gemm.cpp)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "cpu/avx512.h"
 #include "cpu/bits.h"
+#include "cpu/masked_gemm.h"
 #include "cpu/ops.h"
 
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -417,6 +436,152 @@ void mask_dots_rows(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
 }
 #endif
 
+#if SUPSUP_AVX512_TARGET
+// ---- AVX-512: sixteen tasks per vector, 4 weights per lookup ----
+constexpr int64_t kWideBlockWords = 128;   // words per block: 64 KB of tables per row, 512 B of each task
+constexpr int64_t kWideStepWords = 16;     // one 16x16 transpose of task words; fp32 sums go to fp64 this often
+constexpr int64_t kWideRowChunk = 4;       // rows whose tables are built together (and share index shifts)
+constexpr int64_t kWideMinTasks = 12;      // below this the tables (8 per word and row) do not pay
+constexpr int64_t kWideRowsMaxTasks = 16;  // from 3 rows on, row tiles (mask_dots_rows) win below this
+constexpr int64_t kWidePrefetch = 2;       // task groups ahead
+
+// The 8 tables of one word of v: table g holds the 16 subset sums of (a0..a3) = v[4g..4g+3]
+// (entry b: ((0 + a_i1) + a_i2) + ... over the set bits i1 < i2 < ... of b); vpermps reads the
+// low 4 bits of each lane's index, so group g's index is the word shifted right by 4g.
+template <typename T>
+SUPSUP_AVX512_FN inline void wide_tables(const T* src, int nb, float* tab) {
+  alignas(64) float x[kWordBits];
+  for (int i = 0; i < nb; ++i) x[i] = static_cast<float>(src[i]);
+  for (int i = nb; i < kWordBits; ++i) x[i] = 0.f;
+  for (int g = 0; g < 8; ++g) {
+    const float* a = x + 4 * g;
+    __m512 t = _mm512_maskz_mov_ps(0xAAAA, _mm512_set1_ps(a[0]));
+    t = _mm512_mask_add_ps(t, 0xCCCC, t, _mm512_set1_ps(a[1]));
+    t = _mm512_mask_add_ps(t, 0xF0F0, t, _mm512_set1_ps(a[2]));
+    t = _mm512_mask_add_ps(t, 0xFF00, t, _mm512_set1_ps(a[3]));
+    _mm512_store_ps(tab + 16 * g, t);
+  }
+}
+
+// One step (cnt <= 16 words) of 16 tasks for rt rows sharing the index shifts: w[i] holds word i
+// of the tasks, tb[r * rs + 128 i + 16 g] row r's table g of word i. Row r's sums go to a[16 r].
+// Every row adds in the same order whatever rt is (group g into s[g % 4], word by word).
+template <int RT>
+SUPSUP_AVX512_FN inline void wide_step(const __m512i* w, int cnt, const float* tb, int64_t rs, double* a) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 s[RT][4];
+  for (auto& sr : s)
+    for (auto& x : sr) x = _mm512_setzero_ps();
+  for (int i = 0; i < cnt; ++i, tb += 128) {
+    const __m512i x = _mm512_load_si512(w + i);
+    for (int g = 0; g < 8; ++g) {
+      const __m512i idx = g == 0 ? x : _mm512_srli_epi32(x, 4 * g);
+      // the sums go through the FMA units (1 t + s, exact as t + s), beside the permutes and shifts
+      for (int r = 0; r < RT; ++r)
+        s[r][g & 3] =
+            _mm512_fmadd_ps(one, _mm512_permutexvar_ps(idx, _mm512_load_ps(tb + r * rs + 16 * g)), s[r][g & 3]);
+    }
+  }
+  for (int r = 0; r < RT; ++r) {
+    const __m512 t = _mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_add_ps(s[r][2], s[r][3]));
+    double* ar = a + 16 * r;
+    _mm512_storeu_pd(ar, _mm512_add_pd(_mm512_loadu_pd(ar), _mm512_cvtps_pd(_mm512_castps512_ps256(t))));
+    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
+    _mm512_storeu_pd(ar + 8, _mm512_add_pd(_mm512_loadu_pd(ar + 8), _mm512_cvtps_pd(hi)));
+  }
+}
+
+// Items [i0, i1) of mask_dots_wide (item = g * r_count + r: task group g, row r) into acc.
+template <typename T>
+SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int64_t r_count, int64_t t_count,
+                                          int64_t n, int64_t k, int64_t i0, int64_t i1, float* tab, double* acc) {
+  alignas(64) static const uint32_t zeros[kWideBlockWords] = {};
+  const int64_t nw = words_per_row(k), task_words = n * nw;
+  const int64_t g0 = i0 / r_count, g1 = (i1 - 1) / r_count + 1;
+  const int64_t rlo = g1 - g0 > 1 ? 0 : i0 % r_count, rhi = g1 - g0 > 1 ? r_count : (i1 - 1) % r_count + 1;
+  constexpr int64_t rs = kWideBlockWords * 128;  // floats of one row's tables
+  alignas(64) __m512i w[kWideStepWords];
+  int64_t off[kWideBlockWords];
+  int nbits[kWideBlockWords];
+  for (int64_t j0 = 0; j0 < task_words; j0 += kWideBlockWords) {
+    const int64_t bw = std::min(kWideBlockWords, task_words - j0);
+    for (int64_t jj = 0; jj < bw; ++jj) {
+      const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
+      off[jj] = row * k + wi * kWordBits;
+      nbits[jj] = bits_in_word(wi, k);
+    }
+    for (int64_t c0 = rlo; c0 < rhi; c0 += kWideRowChunk) {
+      const int64_t c1 = std::min(rhi, c0 + kWideRowChunk);
+      for (int64_t r = c0; r < c1; ++r)
+        for (int64_t jj = 0; jj < bw; ++jj)
+          wide_tables(vp + r * n * k + off[jj], nbits[jj], tab + (r - c0) * rs + jj * 128);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t ra = std::max(c0, i0 - g * r_count), rb = std::min(c1, i1 - g * r_count);
+        if (ra >= rb) continue;
+        const uint32_t* p[16];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t t = g * 16 + i;
+          p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
+        }
+        if (g + kWidePrefetch < g1) {
+          for (int i = 0; i < 16; ++i) {
+            const int64_t t = (g + kWidePrefetch) * 16 + i;
+            if (t >= t_count) break;
+            const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
+            for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
+          }
+        }
+        for (int64_t s0 = 0; s0 < bw; s0 += kWideStepWords) {
+          const int cnt = static_cast<int>(std::min(kWideStepWords, bw - s0));
+          const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+          // word s0 + i of the 16 tasks in w[i]: 16 loads and a 16x16 transpose
+          __m512 x[16];
+          for (int i = 0; i < 16; ++i) x[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, p[i] + s0));
+          transpose16(x);
+          for (int i = 0; i < 16; ++i) _mm512_store_si512(w + i, _mm512_castps_si512(x[i]));
+          const float* tb = tab + (ra - c0) * rs + s0 * 128;
+          double* a = acc + (g * r_count + ra) * 16;
+          for (int64_t r = ra; r < rb; r += 4, tb += 4 * rs, a += 64) {
+            switch (std::min<int64_t>(4, rb - r)) {
+              case 1:
+                wide_step<1>(w, cnt, tb, rs, a);
+                break;
+              case 2:
+                wide_step<2>(w, cnt, tb, rs, a);
+                break;
+              case 3:
+                wide_step<3>(w, cnt, tb, rs, a);
+                break;
+              default:
+                wide_step<4>(w, cnt, tb, rs, a);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// out[r, t] = <v_r, M_t> for fp32-accumulated v, sixteen tasks per vector (AVX-512F).
+template <typename T>
+void mask_dots_wide(const T* vp, const uint32_t* bits, int64_t r_count, int64_t t_count, int64_t n, int64_t k,
+                    double* total) {
+  const int64_t groups = (t_count + 15) / 16, items = groups * r_count;
+  std::vector<double> acc(static_cast<size_t>(items * 16), 0.0);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t grain = std::max<int64_t>(1, (items + threads - 1) / threads);
+  const int64_t chunk = std::min(r_count, kWideRowChunk);
+  at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
+    const size_t bytes = static_cast<size_t>(chunk * kWideBlockWords * 128) * sizeof(float);
+    std::unique_ptr<float, decltype(&std::free)> tab(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+    TORCH_CHECK(tab != nullptr, "mask_dots: out of memory allocating ", bytes, " bytes of tables");
+    mask_dots_wide_part<T>(vp, bits, r_count, t_count, n, k, i0, i1, tab.get(), acc.data());
+  });
+  for (int64_t r = 0; r < r_count; ++r)
+    for (int64_t t = 0; t < t_count; ++t) total[r * t_count + t] = acc[((t / 16) * r_count + r) * 16 + t % 16];
+}
+#endif
+
 }  // namespace
 
 at::Tensor superpose(const at::Tensor& weight, const at::Tensor& bank, const at::Tensor& alpha) {
@@ -479,15 +644,32 @@ at::Tensor mask_dots(const at::Tensor& v, const at::Tensor& bank) {
   std::vector<double> total(static_cast<size_t>(r_count * t_count), 0.0);
   const uint32_t* bits = word_ptr(bk);
   const bool tables = t_count >= kTableMinTasks;
+#if SUPSUP_AVX512_TARGET
+  const bool wide = t_count >= kWideMinTasks && masked_gemm_available();  // same switch as the masked GEMM
+#else
+  [[maybe_unused]] const bool wide = false;
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vv.scalar_type(), "mask_dots", [&] {
     using A = acc_t<scalar_t>;
     const scalar_t* vp = vv.data_ptr<scalar_t>();
 #if SUPSUP_AVX2
     if constexpr (std::is_same_v<A, float>) {
-      if (r_count >= kRowsMinRows && t_count < kRowsMaxTasks) {
+      if (r_count >= kRowsMinRows && t_count < (wide ? kWideRowsMaxTasks : kRowsMaxTasks)) {
         mask_dots_rows<scalar_t>(vp, bits, r_count, t_count, n, k, total.data());
         return;
       }
+    }
+#endif
+#if SUPSUP_AVX512_TARGET
+    if constexpr (std::is_same_v<A, float>) {
+      if (wide) {
+        mask_dots_wide<scalar_t>(vp, bits, r_count, t_count, n, k, total.data());
+        return;
+      }
+    }
+#endif
+#if SUPSUP_AVX2
+    if constexpr (std::is_same_v<A, float>) {
       if (t_count >= kLaneMinTasks) {
         mask_dots_lanes<scalar_t>(vp, bits, r_count, t_count, n, k, total.data());
         return;

@@ -279,6 +279,34 @@ def test_mask_dots(backend, dtype, tasks, v_shape):
     _check(gv, ev, dtype)
 
 
+@needs_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# tasks around the 16-task vectors of the AVX-512 path and its threshold; words per task below,
+# across and past the 16-word steps and 128-word blocks, with partial words
+@pytest.mark.parametrize("tasks", [11, 12, 15, 16, 17, 33, 47, 48, 250])
+@pytest.mark.parametrize("v_shape", [(1, 1, 1), (2, 1, 33), (8, 3, 70), (1, 5, 1000), (3, 7, 600)])
+def test_mask_dots_avx512(avx512_switch, dtype, tasks, v_shape):
+    """The AVX-512 mask_dots (16 tasks a vector) against float64 and the path it replaces; the same bits
+    at 1 and 2 threads."""
+    _C = avx512_switch
+    n, k = v_shape[-2:]
+    v, bank = _rand(v_shape, dtype, tasks), _bank(tasks, n, k, 2, density=0.4)
+    exact = ref.mask_dots(v.double(), bank)
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for enabled in (True, False):
+            _C.set_avx512_enabled(enabled)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results[enabled, threads] = ops.mask_dots(v, bank)
+    finally:
+        torch.set_num_threads(before)
+    for out in results.values():
+        _check(out, exact, dtype)
+    assert torch.equal(results[True, 1], results[True, 2])
+
+
 def test_mask_dots_is_superpose_gradient(backend):
     # d/dalpha of <g, W * sum_t alpha_t M_t> = mask_dots(g * W)
     w, bank, g = _rand((6, 50), torch.float64, 1), _bank(64, 6, 50, 2), _rand((6, 50), torch.float64, 3)
