@@ -265,7 +265,7 @@ def check_fingerprint(saved: dict, model_fp: dict, path: str, *, saved_configs: 
                     what = "sign pattern of the signed-constant base" if k == "signs_sha256" else k
                     raise BankFileError(
                         f"{path} belongs to a different model: {kind.rstrip('s')} '{eb['name']}' has {what} "
-                        f"{va!r} in the bank and {vb!r} in the model"
+                        f"{va!r} in the bank and {vb!r} in the model" + _seed_format_hint(k, va)
                     )
     if "dense" in saved and "dense" in model_fp:
         _check_dense(saved["dense"], model_fp["dense"], path)
@@ -304,8 +304,15 @@ def _check_configs(saved: dict, saved_configs: list, model_fp: dict, model_confi
             if va != b.get(k):
                 raise BankFileError(
                     f"{path} was saved from a model configured differently: layer '{eb['name']}' has {k} "
-                    f"{va!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})"
+                    f"{va!r} in the bank and {b.get(k)!r} in the model (SupsupConfig.{k})" + _seed_format_hint(k, va)
                 )
+
+
+def _seed_format_hint(key: str, saved) -> str:
+    # the default seed format changed from 1 to 2: say how to open a bank saved with the old one
+    if key != "seed_format":
+        return ""
+    return f"; convert the model with SupsupConfig(seed_format={saved!r}) to load this bank"
 
 
 # ======================================================================================

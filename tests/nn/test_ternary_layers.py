@@ -179,7 +179,7 @@ def test_banks_refuse_a_model_of_the_other_format(tmp_path, saved, loaded):
     from supsup_fast import checkpoint
 
     checkpoint.save_bank(_converted(saved), tmp_path / "bank")
-    with pytest.raises(BankFileError, match="seed_format"):
+    with pytest.raises(BankFileError, match=rf"seed_format {saved} in the bank .* SupsupConfig\(seed_format={saved}\)"):
         checkpoint.load_bank(_converted(loaded), tmp_path / "bank")
     same = _converted(saved)
     checkpoint.load_bank(same, tmp_path / "bank")
