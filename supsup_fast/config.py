@@ -47,8 +47,8 @@ class SupsupConfig:
         gain: gain of the signed Kaiming constant (``sqrt(2)`` suits ReLU).
         seed_format: how the signed-constant base is regenerated from the seed
             (:mod:`supsup_fast.seed_format`): ``2`` (the default; one hash per 32-weight word) or
-            ``1`` (one hash per weight: what every bank saved before format 2 holds, and what every
-            result recorded before 2026-12-02 used). With ``2``, a float32
+            ``1`` (one hash per weight: the default until 2026-12-02, so what banks saved and
+            results recorded before then hold; a file records which). With ``2``, a float32
             :class:`~supsup_fast.nn.MaskedLinear` on CPU applying one frozen task to a few rows runs
             the ternary kernel, which reads only the mask words, and its dense weight is
             materialised only when another path needs it (with ``1`` the same kernel hashes every
