@@ -196,6 +196,40 @@ inline A dot_bits(const A* v, const uint32_t* words, int64_t bw) {
   return s;
 }
 
+// Word jj of a block starting at flat word j0 of a task: its first weight in v's row-major [N, K]
+// and how many of its bits are weights (the last word of a row may be partial).
+inline void block_offsets(int64_t j0, int64_t bw, int64_t nw, int64_t k, int64_t* off, int* nbits) {
+  for (int64_t jj = 0; jj < bw; ++jj) {
+    const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
+    off[jj] = row * k + wi * kWordBits;
+    nbits[jj] = bits_in_word(wi, k);
+  }
+}
+
+#if SUPSUP_AVX2 || SUPSUP_AVX512_TARGET
+// Block j0 of the G tasks of group g; tasks past t_count read zeros.
+template <int G>
+inline void group_words(const uint32_t* bits, int64_t task_words, int64_t t_count, int64_t g, int64_t j0,
+                        const uint32_t* zeros, const uint32_t** p) {
+  for (int i = 0; i < G; ++i) {
+    const int64_t t = g * G + i;
+    p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
+  }
+}
+
+// Block j0 (bw words) of the G tasks of group g into L1, one prefetch per 64-byte line.
+template <int G>
+inline void prefetch_group(const uint32_t* bits, int64_t task_words, int64_t t_count, int64_t g, int64_t j0,
+                           int64_t bw) {
+  for (int i = 0; i < G; ++i) {
+    const int64_t t = g * G + i;
+    if (t >= t_count) break;
+    const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
+    for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
+  }
+}
+#endif
+
 #if SUPSUP_AVX2
 template <>
 inline float dot_bits<float>(const float* v, const uint32_t* words, int64_t bw) {
@@ -266,29 +300,15 @@ void mask_dots_lanes(const T* vp, const uint32_t* bits, int64_t r_count, int64_t
     int nbits[kLaneBlockWords];
     for (int64_t j0 = 0; j0 < task_words; j0 += kLaneBlockWords) {
       const int64_t bw = std::min(kLaneBlockWords, task_words - j0);
-      for (int64_t jj = 0; jj < bw; ++jj) {
-        const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
-        off[jj] = row * k + wi * kWordBits;
-        nbits[jj] = bits_in_word(wi, k);
-      }
+      block_offsets(j0, bw, nw, k, off, nbits);
       for (int64_t r = r0; r < r1; ++r) {
         const T* vr = vp + r * n * k;
         for (int64_t jj = 0; jj < bw; ++jj) lane_tables(vr + off[jj], nbits[jj], tab + jj * 128);
         const int64_t g0 = std::max(i0, r * groups) - r * groups, g1 = std::min(i1, (r + 1) * groups) - r * groups;
         for (int64_t g = g0; g < g1; ++g) {
           const uint32_t* p[8];
-          for (int i = 0; i < 8; ++i) {
-            const int64_t t = g * 8 + i;
-            p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
-          }
-          if (g + kLanePrefetch < g1) {
-            for (int i = 0; i < 8; ++i) {
-              const int64_t t = (g + kLanePrefetch) * 8 + i;
-              if (t >= t_count) break;
-              const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
-              for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
-            }
-          }
+          group_words<8>(bits, task_words, t_count, g, j0, zeros, p);
+          if (g + kLanePrefetch < g1) prefetch_group<8>(bits, task_words, t_count, g + kLanePrefetch, j0, bw);
           __m256d d0 = _mm256_setzero_pd(), d1 = _mm256_setzero_pd();
           const float* tb = tab;  // advanced by SUPSUP_WORD
           for (int64_t s0 = 0; s0 < bw; s0 += kLaneFlushWords) {
@@ -374,11 +394,7 @@ void mask_dots_rows(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
       const int64_t bw = std::min(kRowsBlockWords, task_words - j0);
       int64_t off[kRowsBlockWords];
       int nbits[kRowsBlockWords];
-      for (int64_t jj = 0; jj < bw; ++jj) {
-        const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
-        off[jj] = row * k + wi * kWordBits;
-        nbits[jj] = bits_in_word(wi, k);
-      }
+      block_offsets(j0, bw, nw, k, off, nbits);
       for (int64_t rr = 0; rr < (rt1 - rt0) * kRowTile; ++rr) {
         const int64_t r = rt0 * kRowTile + rr;
         float* dst = vb.data() + rr * stride;
@@ -505,11 +521,7 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
   int nbits[kWideBlockWords];
   for (int64_t j0 = 0; j0 < task_words; j0 += kWideBlockWords) {
     const int64_t bw = std::min(kWideBlockWords, task_words - j0);
-    for (int64_t jj = 0; jj < bw; ++jj) {
-      const int64_t j = j0 + jj, row = j / nw, wi = j % nw;
-      off[jj] = row * k + wi * kWordBits;
-      nbits[jj] = bits_in_word(wi, k);
-    }
+    block_offsets(j0, bw, nw, k, off, nbits);
     for (int64_t c0 = rlo; c0 < rhi; c0 += kWideRowChunk) {
       const int64_t c1 = std::min(rhi, c0 + kWideRowChunk);
       for (int64_t r = c0; r < c1; ++r)
@@ -519,18 +531,8 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
         const int64_t ra = std::max(c0, i0 - g * r_count), rb = std::min(c1, i1 - g * r_count);
         if (ra >= rb) continue;
         const uint32_t* p[16];
-        for (int i = 0; i < 16; ++i) {
-          const int64_t t = g * 16 + i;
-          p[i] = t < t_count ? bits + t * task_words + j0 : zeros;
-        }
-        if (g + kWidePrefetch < g1) {
-          for (int i = 0; i < 16; ++i) {
-            const int64_t t = (g + kWidePrefetch) * 16 + i;
-            if (t >= t_count) break;
-            const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
-            for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
-          }
-        }
+        group_words<16>(bits, task_words, t_count, g, j0, zeros, p);
+        if (g + kWidePrefetch < g1) prefetch_group<16>(bits, task_words, t_count, g + kWidePrefetch, j0, bw);
         for (int64_t s0 = 0; s0 < bw; s0 += kWideStepWords) {
           const int cnt = static_cast<int>(std::min(kWideStepWords, bw - s0));
           const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
