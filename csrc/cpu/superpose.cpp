@@ -15,12 +15,14 @@
 // 16-entry table (its subset sums, one zmm): vpermps reads only the low 4 bits of each lane, so
 // group g's index is the task words shifted by 4g, no mask; 8 (shift, vpermps, add) per word
 // look up 32 bits of 16 tasks, against 16 per word for 8 tasks. The shifts and permutes share the
-// shuffle pipes (Zen 4: ~14 cycles a word), the adds run as FMAs (1 x + s, exact) beside them, and
-// up to 4 rows share the shifts. Zen 4, 2 threads, T = 2500, bank in DRAM: 12-14 GB/s of bank
-// for one row of v (AVX2 path 7-8), 2.4 GB/s for 8 rows (0.9-1.0). Each (row, task) is summed
-// by one thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64,
-// no AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct
-// bit loop serves.
+// shuffle pipes, the adds run as FMAs (1 x + s, exact) beside them (bench/lookup_ceiling.cpp times
+// this mix alone), and up to 4 rows share the shifts; one row keeps the transposed words in
+// registers instead. Each thread prefetches the task groups 6 ahead into L2 (measured 8-16%
+// faster than 2 ahead into L1). Zen 4, 2 threads, T = 2500, bank in DRAM: 12-15 GB/s of bank for
+// one row of v (AVX2 path 7-8), 2.4 GB/s for 8 rows (0.9-1.0). Each (row, task) is summed by one
+// thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64, no
+// AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct bit
+// loop serves.
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
@@ -217,15 +219,16 @@ inline void group_words(const uint32_t* bits, int64_t task_words, int64_t t_coun
   }
 }
 
-// Block j0 (bw words) of the G tasks of group g into L1, one prefetch per 64-byte line.
-template <int G>
+// Block j0 (bw words) of the G tasks of group g into L1 (Hint = _MM_HINT_T0) or L2 (_MM_HINT_T1), one
+// prefetch per 64-byte line.
+template <int G, decltype(_MM_HINT_T0) Hint = _MM_HINT_T0>
 inline void prefetch_group(const uint32_t* bits, int64_t task_words, int64_t t_count, int64_t g, int64_t j0,
                            int64_t bw) {
   for (int i = 0; i < G; ++i) {
     const int64_t t = g * G + i;
     if (t >= t_count) break;
     const char* line = reinterpret_cast<const char*>(bits + t * task_words + j0);
-    for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, _MM_HINT_T0);
+    for (int64_t o = 0; o < bw; o += 16) _mm_prefetch(line + 4 * o, Hint);
   }
 }
 #endif
@@ -454,12 +457,18 @@ void mask_dots_rows(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
 
 #if SUPSUP_AVX512_TARGET
 // ---- AVX-512: sixteen tasks per vector, 4 weights per lookup ----
-constexpr int64_t kWideBlockWords = 128;   // words per block: 64 KB of tables per row, 512 B of each task
-constexpr int64_t kWideStepWords = 16;     // one 16x16 transpose of task words; fp32 sums go to fp64 this often
-constexpr int64_t kWideRowChunk = 4;       // rows whose tables are built together (and share index shifts)
-constexpr int64_t kWideMinTasks = 12;      // below this the tables (8 per word and row) do not pay
-constexpr int64_t kWideRowsMaxTasks = 16;  // from 3 rows on, row tiles (mask_dots_rows) win below this
-constexpr int64_t kWidePrefetch = 2;       // task groups ahead
+constexpr int64_t kWideBlockWords = 128;        // words per block: 64 KB of tables per row, 512 B of each task
+constexpr int64_t kWideOneRowBlockWords = 256;  // one row: 128 KB of tables, 1 KB of each task per block
+constexpr int64_t kWideStepWords = 16;          // one 16x16 transpose of task words; fp32 sums go to fp64 this often
+constexpr int64_t kWideRowChunk = 4;            // rows whose tables are built together (and share index shifts)
+constexpr int64_t kWideMinTasks = 12;           // below this the tables (8 per word and row) do not pay
+constexpr int64_t kWideRowsMaxTasks = 16;       // from 3 rows on, row tiles (mask_dots_rows) win below this
+constexpr int64_t kWidePrefetch = 6;            // task groups ahead, into L2
+
+// One row's tables fit L2 at twice the block, and longer runs of each task's words stream better.
+inline int64_t wide_block_words(int64_t r_count) {
+  return r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords;
+}
 
 // The 8 tables of one word of v: table g holds the 16 subset sums of (a0..a3) = v[4g..4g+3]
 // (entry b: ((0 + a_i1) + a_i2) + ... over the set bits i1 < i2 < ... of b); vpermps reads the
@@ -507,20 +516,47 @@ SUPSUP_AVX512_FN inline void wide_step(const __m512i* w, int cnt, const float* t
   }
 }
 
+// A full step (16 words of 16 tasks) for one row, the transposed words x[i] kept in registers (wide_step
+// stores them for the rows that share them): the same sums in the same order as wide_step<1>.
+SUPSUP_AVX512_FN inline void wide_step_row(const __m512* x, const float* tb, double* a) {
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define SUPSUP_LOOKUP(g) \
+  _mm512_permutexvar_ps((g) == 0 ? w : _mm512_srli_epi32(w, 4 * (g)), _mm512_load_ps(tb + 16 * (g)))
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i, tb += 128) {
+    const __m512i w = _mm512_castps_si512(x[i]);
+    s0 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(0), s0);
+    s1 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(1), s1);
+    s2 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(2), s2);
+    s3 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(3), s3);
+    s0 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(4), s0);
+    s1 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(5), s1);
+    s2 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(6), s2);
+    s3 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(7), s3);
+  }
+#undef SUPSUP_LOOKUP
+  const __m512 t = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+  _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), _mm512_cvtps_pd(_mm512_castps512_ps256(t))));
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
+  _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8), _mm512_cvtps_pd(hi)));
+}
+
 // Items [i0, i1) of mask_dots_wide (item = g * r_count + r: task group g, row r) into acc.
 template <typename T>
 SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int64_t r_count, int64_t t_count,
                                           int64_t n, int64_t k, int64_t i0, int64_t i1, float* tab, double* acc) {
-  alignas(64) static const uint32_t zeros[kWideBlockWords] = {};
+  alignas(64) static const uint32_t zeros[kWideOneRowBlockWords] = {};
   const int64_t nw = words_per_row(k), task_words = n * nw;
   const int64_t g0 = i0 / r_count, g1 = (i1 - 1) / r_count + 1;
   const int64_t rlo = g1 - g0 > 1 ? 0 : i0 % r_count, rhi = g1 - g0 > 1 ? r_count : (i1 - 1) % r_count + 1;
-  constexpr int64_t rs = kWideBlockWords * 128;  // floats of one row's tables
+  const int64_t block = wide_block_words(r_count);
+  const int64_t rs = block * 128;  // floats of one row's tables
   alignas(64) __m512i w[kWideStepWords];
-  int64_t off[kWideBlockWords];
-  int nbits[kWideBlockWords];
-  for (int64_t j0 = 0; j0 < task_words; j0 += kWideBlockWords) {
-    const int64_t bw = std::min(kWideBlockWords, task_words - j0);
+  int64_t off[kWideOneRowBlockWords];
+  int nbits[kWideOneRowBlockWords];
+  for (int64_t j0 = 0; j0 < task_words; j0 += block) {
+    const int64_t bw = std::min(block, task_words - j0);
     block_offsets(j0, bw, nw, k, off, nbits);
     for (int64_t c0 = rlo; c0 < rhi; c0 += kWideRowChunk) {
       const int64_t c1 = std::min(rhi, c0 + kWideRowChunk);
@@ -532,7 +568,8 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
         if (ra >= rb) continue;
         const uint32_t* p[16];
         group_words<16>(bits, task_words, t_count, g, j0, zeros, p);
-        if (g + kWidePrefetch < g1) prefetch_group<16>(bits, task_words, t_count, g + kWidePrefetch, j0, bw);
+        if (g + kWidePrefetch < g1)
+          prefetch_group<16, _MM_HINT_T1>(bits, task_words, t_count, g + kWidePrefetch, j0, bw);
         for (int64_t s0 = 0; s0 < bw; s0 += kWideStepWords) {
           const int cnt = static_cast<int>(std::min(kWideStepWords, bw - s0));
           const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
@@ -540,9 +577,13 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
           __m512 x[16];
           for (int i = 0; i < 16; ++i) x[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, p[i] + s0));
           transpose16(x);
-          for (int i = 0; i < 16; ++i) _mm512_store_si512(w + i, _mm512_castps_si512(x[i]));
           const float* tb = tab + (ra - c0) * rs + s0 * 128;
           double* a = acc + (g * r_count + ra) * 16;
+          if (rb - ra == 1 && cnt == kWideStepWords) {
+            wide_step_row(x, tb, a);
+            continue;
+          }
+          for (int i = 0; i < 16; ++i) _mm512_store_si512(w + i, _mm512_castps_si512(x[i]));
           for (int64_t r = ra; r < rb; r += 4, tb += 4 * rs, a += 64) {
             switch (std::min<int64_t>(4, rb - r)) {
               case 1:
@@ -574,7 +615,7 @@ void mask_dots_wide(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
   const int64_t grain = std::max<int64_t>(1, (items + threads - 1) / threads);
   const int64_t chunk = std::min(r_count, kWideRowChunk);
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    const size_t bytes = static_cast<size_t>(chunk * kWideBlockWords * 128) * sizeof(float);
+    const size_t bytes = static_cast<size_t>(chunk * wide_block_words(r_count) * 128) * sizeof(float);
     std::unique_ptr<float, decltype(&std::free)> tab(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
     TORCH_CHECK(tab != nullptr, "mask_dots: out of memory allocating ", bytes, " bytes of tables");
     mask_dots_wide_part<T>(vp, bits, r_count, t_count, n, k, i0, i1, tab.get(), acc.data());
