@@ -488,6 +488,14 @@ SUPSUP_AVX512_FN inline void wide_tables(const T* src, int nb, float* tab) {
   }
 }
 
+// a[0..15] += the four partial sums of 16 tasks, added as (s0 + s1) + (s2 + s3) in fp32, then in fp64.
+SUPSUP_AVX512_FN inline void add_sums(__m512 s0, __m512 s1, __m512 s2, __m512 s3, double* a) {
+  const __m512 t = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
+  _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), _mm512_cvtps_pd(_mm512_castps512_ps256(t))));
+  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
+  _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8), _mm512_cvtps_pd(hi)));
+}
+
 // One step (cnt <= 16 words) of 16 tasks for rt rows sharing the index shifts: w[i] holds word i
 // of the tasks, tb[r * rs + 128 i + 16 g] row r's table g of word i. Row r's sums go to a[16 r].
 // Every row adds in the same order whatever rt is (group g into s[g % 4], word by word).
@@ -507,13 +515,7 @@ SUPSUP_AVX512_FN inline void wide_step(const __m512i* w, int cnt, const float* t
             _mm512_fmadd_ps(one, _mm512_permutexvar_ps(idx, _mm512_load_ps(tb + r * rs + 16 * g)), s[r][g & 3]);
     }
   }
-  for (int r = 0; r < RT; ++r) {
-    const __m512 t = _mm512_add_ps(_mm512_add_ps(s[r][0], s[r][1]), _mm512_add_ps(s[r][2], s[r][3]));
-    double* ar = a + 16 * r;
-    _mm512_storeu_pd(ar, _mm512_add_pd(_mm512_loadu_pd(ar), _mm512_cvtps_pd(_mm512_castps512_ps256(t))));
-    const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
-    _mm512_storeu_pd(ar + 8, _mm512_add_pd(_mm512_loadu_pd(ar + 8), _mm512_cvtps_pd(hi)));
-  }
+  for (int r = 0; r < RT; ++r) add_sums(s[r][0], s[r][1], s[r][2], s[r][3], a + 16 * r);
 }
 
 // A full step (16 words of 16 tasks) for one row, the transposed words x[i] kept in registers (wide_step
@@ -536,10 +538,7 @@ SUPSUP_AVX512_FN inline void wide_step_row(const __m512* x, const float* tb, dou
     s3 = _mm512_fmadd_ps(one, SUPSUP_LOOKUP(7), s3);
   }
 #undef SUPSUP_LOOKUP
-  const __m512 t = _mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3));
-  _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a), _mm512_cvtps_pd(_mm512_castps512_ps256(t))));
-  const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1));
-  _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8), _mm512_cvtps_pd(hi)));
+  add_sums(s0, s1, s2, s3, a);
 }
 
 // Items [i0, i1) of mask_dots_wide (item = g * r_count + r: task group g, row r) into acc.
