@@ -216,12 +216,33 @@ at::Tensor scratch_masked_weight(const at::Tensor& weight, const at::Tensor& mas
   return out;
 }
 
+// MKL's thread-local thread count: the C entry that mkl_service.h names mkl_set_num_threads_local (the
+// lower-case symbol itself is the Fortran one, taking a pointer). torch's x86 builds link MKL and export
+// it; weak, so a build with another BLAS leaves it null.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// One BLAS thread for the calls made while it lives (on this thread only), where the BLAS is MKL.
+// Inside a parallel region MKL may still split a tile's sum: measured on a Xeon, a 5 x 250 tile over
+// 1000 rows rounded one way at 1, 3 and 4 threads and others at 2 and 8.
+class OneBlasThread {
+ public:
+  OneBlasThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int prev_;
+};
+
 // a [R, Q] @ b [Q, C] (any strides) into a new contiguous [R, C] whose bits do not depend on the
 // thread count. The platform GEMM, left to itself, may split the sum over Q across threads (it does
 // for outputs of a few rows, as a weight gradient of a narrow layer over many rows), and 1 and 2
 // threads then round differently. Here the output is cut into fixed tiles -- at most 256 x 256, at
-// least two whenever it has two elements -- and each tile is one GEMM call run inside the parallel
-// region, where the BLAS runs single-threaded: each tile is summed the same way whatever the
+// least two whenever it has two elements -- and each tile is one single-threaded GEMM call
+// (OneBlasThread) run inside the parallel region: each tile is summed the same way whatever the
 // number of threads.
 at::Tensor deterministic_mm(const at::Tensor& a, const at::Tensor& b) {
   const int64_t r = a.size(0), q = a.size(1), c = b.size(1);
@@ -253,6 +274,7 @@ at::Tensor deterministic_mm(const at::Tensor& a, const at::Tensor& b) {
       const int64_t r0 = i * r / tr, r1 = (i + 1) * r / tr, c0 = j * c / tc, c1 = (j + 1) * c / tc;
       at::Tensor tile = out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
       c10::AutoGradMode no_grad(false);  // a kernel: autograd is recorded around it, never through it
+      const OneBlasThread one_thread;
       at::mm_out(tile, a.narrow(0, r0, r1 - r0), b.narrow(1, c0, c1 - c0));
     }
   });
