@@ -17,12 +17,14 @@
 // look up 32 bits of 16 tasks, against 16 per word for 8 tasks. The shifts and permutes share the
 // shuffle pipes, the adds run as FMAs (1 x + s, exact) beside them (bench/lookup_ceiling.cpp times
 // this mix alone), and up to 4 rows share the shifts; one row keeps the transposed words in
-// registers instead. Each thread prefetches the task groups 6 ahead into L2 (measured 8-16%
-// faster than 2 ahead into L1). Zen 4, 2 threads, T = 2500, bank in DRAM: 12-15 GB/s of bank for
-// one row of v (AVX2 path 7-8), 2.4 GB/s for 8 rows (0.9-1.0). Each (row, task) is summed by one
-// thread in a fixed order, so results do not depend on the thread count. Elsewhere (fp64, no
-// AVX2) 256-entry tables per byte serve; few tasks make tables not worth building: a direct bit
-// loop serves.
+// registers instead. One row's blocks are 1024 words (a page of each task, 512 KB of tables); each
+// step prefetches into L2 the line the next task group will need at that step, so the bank's stream
+// rides along the lookups. Xeon (480 MB L3), 2 threads, T = 2500, one row of v, bank in DRAM: a
+// 1024x784 layer in 17 ms (15 GB/s of bank; 25 ms with 256-word blocks and each group's lines
+// prefetched at once), of which the lookups alone (bank in L1) take 11 ms and the bank's stream
+// alone 15. Each (row, task) is summed by one thread in a fixed order, so results do not depend on
+// the thread count. Elsewhere (fp64, no AVX2) 256-entry tables per byte serve; few tasks make
+// tables not worth building: a direct bit loop serves.
 
 #if defined(__GNUC__) && !defined(__clang__)
 // GCC 12's AVX-512 headers seed some intrinsics with an "undefined" vector, which its own
@@ -457,17 +459,28 @@ void mask_dots_rows(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
 
 #if SUPSUP_AVX512_TARGET
 // ---- AVX-512: sixteen tasks per vector, 4 weights per lookup ----
-constexpr int64_t kWideBlockWords = 128;        // words per block: 64 KB of tables per row, 512 B of each task
-constexpr int64_t kWideOneRowBlockWords = 256;  // one row: 128 KB of tables, 1 KB of each task per block
-constexpr int64_t kWideStepWords = 16;          // one 16x16 transpose of task words; fp32 sums go to fp64 this often
-constexpr int64_t kWideRowChunk = 4;            // rows whose tables are built together (and share index shifts)
-constexpr int64_t kWideMinTasks = 12;           // below this the tables (8 per word and row) do not pay
-constexpr int64_t kWideRowsMaxTasks = 16;       // from 3 rows on, row tiles (mask_dots_rows) win below this
-constexpr int64_t kWidePrefetch = 6;            // task groups ahead, into L2
+constexpr int64_t kWideBlockWords = 128;         // words per block: 64 KB of tables per row, 512 B of each task
+constexpr int64_t kWideOneRowBlockWords = 1024;  // one row: 512 KB of tables, 4 KB (a page) of each task per block
+constexpr int64_t kWideStepWords = 16;           // one 16x16 transpose of task words; fp32 sums go to fp64 this often
+constexpr int64_t kWideRowChunk = 4;             // rows whose tables are built together (and share index shifts)
+constexpr int64_t kWideMinTasks = 12;            // below this the tables (8 per word and row) do not pay
+constexpr int64_t kWideRowsMaxTasks = 16;        // from 3 rows on, row tiles (mask_dots_rows) win below this
+constexpr int64_t kWidePrefetch = 1;             // task groups ahead, into L2, one line per task and step
 
-// One row's tables fit L2 at twice the block, and longer runs of each task's words stream better.
-inline int64_t wide_block_words(int64_t r_count) {
-  return r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords;
+// One row's tables fit L2 at the larger block, and longer runs of each task's words stream better.
+// (A layer smaller than a block is one block: its tables take no more room than it needs.)
+inline int64_t wide_block_words(int64_t r_count, int64_t task_words) {
+  return std::min(r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords, task_words);
+}
+
+// Step s0 of a block reads line s0 / 16 of each task of its group; the same line of the 16 tasks of group g
+// goes to L2 now. Spread over the steps, the prefetches ride along the lookups (a burst of a whole group's
+// lines at once stalls them: 30% slower for a 1024x784 layer at T = 2500).
+SUPSUP_AVX512_FN inline void prefetch_step(const uint32_t* bits, int64_t task_words, int64_t t_count, int64_t g,
+                                           int64_t word) {
+  const int64_t t1 = std::min(t_count, 16 * g + 16);
+  for (int64_t t = 16 * g; t < t1; ++t)
+    _mm_prefetch(reinterpret_cast<const char*>(bits + t * task_words + word), _MM_HINT_T1);
 }
 
 // The 8 tables of one word of v: table g holds the 16 subset sums of (a0..a3) = v[4g..4g+3]
@@ -549,7 +562,7 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
   const int64_t nw = words_per_row(k), task_words = n * nw;
   const int64_t g0 = i0 / r_count, g1 = (i1 - 1) / r_count + 1;
   const int64_t rlo = g1 - g0 > 1 ? 0 : i0 % r_count, rhi = g1 - g0 > 1 ? r_count : (i1 - 1) % r_count + 1;
-  const int64_t block = wide_block_words(r_count);
+  const int64_t block = wide_block_words(r_count, task_words);
   const int64_t rs = block * 128;  // floats of one row's tables
   alignas(64) __m512i w[kWideStepWords];
   int64_t off[kWideOneRowBlockWords];
@@ -567,11 +580,10 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
         if (ra >= rb) continue;
         const uint32_t* p[16];
         group_words<16>(bits, task_words, t_count, g, j0, zeros, p);
-        if (g + kWidePrefetch < g1)
-          prefetch_group<16, _MM_HINT_T1>(bits, task_words, t_count, g + kWidePrefetch, j0, bw);
         for (int64_t s0 = 0; s0 < bw; s0 += kWideStepWords) {
           const int cnt = static_cast<int>(std::min(kWideStepWords, bw - s0));
           const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+          if (g + kWidePrefetch < g1) prefetch_step(bits, task_words, t_count, g + kWidePrefetch, j0 + s0);
           // word s0 + i of the 16 tasks in w[i]: 16 loads and a 16x16 transpose
           __m512 x[16];
           for (int i = 0; i < 16; ++i) x[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, p[i] + s0));
@@ -614,7 +626,8 @@ void mask_dots_wide(const T* vp, const uint32_t* bits, int64_t r_count, int64_t 
   const int64_t grain = std::max<int64_t>(1, (items + threads - 1) / threads);
   const int64_t chunk = std::min(r_count, kWideRowChunk);
   at::parallel_for(0, items, grain, [&](int64_t i0, int64_t i1) {
-    const size_t bytes = static_cast<size_t>(chunk * wide_block_words(r_count) * 128) * sizeof(float);
+    const size_t bytes =
+        static_cast<size_t>(chunk * wide_block_words(r_count, n * words_per_row(k)) * 128) * sizeof(float);
     std::unique_ptr<float, decltype(&std::free)> tab(static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
     TORCH_CHECK(tab != nullptr, "mask_dots: out of memory allocating ", bytes, " bytes of tables");
     mask_dots_wide_part<T>(vp, bits, r_count, t_count, n, k, i0, i1, tab.get(), acc.data());

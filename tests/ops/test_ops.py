@@ -282,9 +282,10 @@ def test_mask_dots(backend, dtype, tasks, v_shape):
 @needs_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 # tasks around the 16-task vectors of the AVX-512 path and its threshold; words per task below,
-# across and past the 16-word steps and 128-word blocks, with partial words
+# across and past the 16-word steps, the 128-word blocks of several rows and the 1024-word blocks of
+# one row (37 x 900: 1073 words, a partial last step), with partial words
 @pytest.mark.parametrize("tasks", [11, 12, 15, 16, 17, 33, 47, 48, 250])
-@pytest.mark.parametrize("v_shape", [(1, 1, 1), (2, 1, 33), (8, 3, 70), (1, 5, 1000), (3, 7, 600)])
+@pytest.mark.parametrize("v_shape", [(1, 1, 1), (2, 1, 33), (8, 3, 70), (1, 5, 1000), (3, 7, 600), (1, 37, 900)])
 def test_mask_dots_avx512(avx512_switch, dtype, tasks, v_shape):
     """The AVX-512 mask_dots (16 tasks a vector) against float64 and the path it replaces; the same bits
     at 1 and 2 threads."""
