@@ -468,9 +468,10 @@ constexpr int64_t kWideRowsMaxTasks = 16;        // from 3 rows on, row tiles (m
 constexpr int64_t kWidePrefetch = 1;             // task groups ahead, into L2, one line per task and step
 
 // One row's tables fit L2 at the larger block, and longer runs of each task's words stream better.
-// (A layer smaller than a block is one block: its tables take no more room than it needs.)
+// (A layer smaller than a block is one block: its tables take no more room than it needs; an empty one still
+// gets a table's room, so its allocation is never of 0 bytes.)
 inline int64_t wide_block_words(int64_t r_count, int64_t task_words) {
-  return std::min(r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords, task_words);
+  return std::clamp<int64_t>(task_words, 1, r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords);
 }
 
 // Step s0 of a block reads line s0 / 16 of each task of its group; the same line of the 16 tasks of group g
