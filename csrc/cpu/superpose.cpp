@@ -474,16 +474,6 @@ inline int64_t wide_block_words(int64_t r_count, int64_t task_words) {
   return std::clamp<int64_t>(task_words, 1, r_count == 1 ? kWideOneRowBlockWords : kWideBlockWords);
 }
 
-// Step s0 of a block reads line s0 / 16 of each task of its group; the same line of the 16 tasks of group g
-// goes to L2 now. Spread over the steps, the prefetches ride along the lookups (a burst of a whole group's
-// lines at once stalls them: 30% slower for a 1024x784 layer at T = 2500).
-SUPSUP_AVX512_FN inline void prefetch_step(const uint32_t* bits, int64_t task_words, int64_t t_count, int64_t g,
-                                           int64_t word) {
-  const int64_t t1 = std::min(t_count, 16 * g + 16);
-  for (int64_t t = 16 * g; t < t1; ++t)
-    _mm_prefetch(reinterpret_cast<const char*>(bits + t * task_words + word), _MM_HINT_T1);
-}
-
 // The 8 tables of one word of v: table g holds the 16 subset sums of (a0..a3) = v[4g..4g+3]
 // (entry b: ((0 + a_i1) + a_i2) + ... over the set bits i1 < i2 < ... of b); vpermps reads the
 // low 4 bits of each lane's index, so group g's index is the word shifted right by 4g.
@@ -584,7 +574,11 @@ SUPSUP_AVX512_FN void mask_dots_wide_part(const T* vp, const uint32_t* bits, int
         for (int64_t s0 = 0; s0 < bw; s0 += kWideStepWords) {
           const int cnt = static_cast<int>(std::min(kWideStepWords, bw - s0));
           const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
-          if (g + kWidePrefetch < g1) prefetch_step(bits, task_words, t_count, g + kWidePrefetch, j0 + s0);
+          // step s0 reads line s0 / 16 of each task: the same line of the next group's tasks goes to L2 now.
+          // Spread over the steps, the prefetches ride along the lookups (a burst of a whole group's lines at
+          // once stalls them: 30% slower for a 1024x784 layer at T = 2500).
+          if (g + kWidePrefetch < g1)
+            prefetch_group<16, _MM_HINT_T1>(bits, task_words, t_count, g + kWidePrefetch, j0 + s0, 1);
           // word s0 + i of the 16 tasks in w[i]: 16 loads and a 16x16 transpose
           __m512 x[16];
           for (int i = 0; i < 16; ++i) x[i] = _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, p[i] + s0));
